@@ -1,0 +1,357 @@
+/*
+ * core.c: userfaultfd(2), the uffd ioctls, PAGEMAP_SCAN, pidfd_getfd, madvise/mprotect and
+ * buffer addresses.  Blocking or page-table-walking calls run with the GIL released.
+ */
+#include "pw.h"
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL pagewatch_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int do_ioctl(int fd, unsigned long req, void *arg)
+{
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = ioctl(fd, req, arg);
+    Py_END_ALLOW_THREADS
+    return r;
+}
+
+/* ---- userfaultfd ------------------------------------------------------------------ */
+
+static PyObject *py_userfaultfd(PyObject *self, PyObject *args)
+{
+    int flags;
+    if (!PyArg_ParseTuple(args, "i:userfaultfd", &flags))
+        return NULL;
+    long fd = syscall(__NR_userfaultfd, flags);
+    if (fd < 0)
+        return pw_raise_errno(errno, "userfaultfd(2)");
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *py_userfaultfd_dev(PyObject *self, PyObject *args)
+{
+    int flags;
+    if (!PyArg_ParseTuple(args, "i:userfaultfd_dev", &flags))
+        return NULL;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return pw_raise_errno(errno, "open(/dev/userfaultfd)");
+    int fd = ioctl(dev, PW_USERFAULTFD_IOC_NEW, flags);
+    int err = errno;
+    close(dev);
+    if (fd < 0)
+        return pw_raise_errno(err, "ioctl(USERFAULTFD_IOC_NEW)");
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *py_uffdio_api(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long features;
+    if (!PyArg_ParseTuple(args, "iK:uffdio_api", &fd, &features))
+        return NULL;
+    struct pw_uffdio_api api = {.api = PW_UFFD_API, .features = features};
+    if (do_ioctl(fd, PW_UFFDIO_API, &api) < 0)
+        return pw_raise_errno(errno, "ioctl(UFFDIO_API)");
+    return Py_BuildValue("(KK)", (unsigned long long)api.features,
+                         (unsigned long long)api.ioctls);
+}
+
+static PyObject *py_uffdio_register(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long start, len, mode;
+    if (!PyArg_ParseTuple(args, "iKKK:uffdio_register", &fd, &start, &len, &mode))
+        return NULL;
+    struct pw_uffdio_register reg = {.range = {start, len}, .mode = mode};
+    if (do_ioctl(fd, PW_UFFDIO_REGISTER, &reg) < 0)
+        return pw_raise_errno(errno, "ioctl(UFFDIO_REGISTER)");
+    return PyLong_FromUnsignedLongLong(reg.ioctls);
+}
+
+static PyObject *py_uffdio_unregister(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long start, len;
+    if (!PyArg_ParseTuple(args, "iKK:uffdio_unregister", &fd, &start, &len))
+        return NULL;
+    struct pw_uffdio_range range = {start, len};
+    if (do_ioctl(fd, PW_UFFDIO_UNREGISTER, &range) < 0)
+        return pw_raise_errno(errno, "ioctl(UFFDIO_UNREGISTER)");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_uffdio_writeprotect(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long start, len, mode;
+    if (!PyArg_ParseTuple(args, "iKKK:uffdio_writeprotect", &fd, &start, &len, &mode))
+        return NULL;
+    struct pw_uffdio_writeprotect wp = {.range = {start, len}, .mode = mode};
+    if (do_ioctl(fd, PW_UFFDIO_WRITEPROTECT, &wp) < 0)
+        return pw_raise_errno(errno, "ioctl(UFFDIO_WRITEPROTECT)");
+    Py_RETURN_NONE;
+}
+
+/* ---- PAGEMAP_SCAN ----------------------------------------------------------------- */
+
+/*
+ * One ioctl exactly, as the kernel sees it: for tests of the kernel's own behaviour and
+ * for probing.  vec_addr == -1 means "use a buffer of vec_len regions that we allocate";
+ * any other value is passed through as the vec pointer (0 for NULL, ~0 for the probe).
+ * Returns (ret, walk_end, regions[:ret] as an (n, 3) uint64 array).
+ */
+static PyObject *py_pagemap_scan_once(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "start", "end", "flags", "category_mask",
+                             "category_inverted", "category_anyof_mask", "return_mask",
+                             "max_pages", "vec_len", "vec_addr", "size", NULL};
+    int fd;
+    unsigned long long start, end, flags = 0, cmask = 0, cinv = 0, cany = 0, rmask = 0,
+                                    max_pages = 0, vec_len = 0, size = sizeof(struct pw_pm_scan_arg);
+    long long vec_addr = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKK|KKKKKKKLK:pagemap_scan_once", kwlist, &fd,
+                                     &start, &end, &flags, &cmask, &cinv, &cany, &rmask,
+                                     &max_pages, &vec_len, &vec_addr, &size))
+        return NULL;
+    npy_intp dims[2] = {vec_addr == -1 ? (npy_intp)vec_len : 0, 3};
+    PyArrayObject *out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_UINT64, 0);
+    if (!out)
+        return NULL;
+    /* A larger struct than the kernel knows is rejected by it (size must be exact); pad
+     * the buffer so a caller testing that cannot make us read past our own memory. */
+    unsigned char storage[256] = {0};
+    struct pw_pm_scan_arg *arg = (struct pw_pm_scan_arg *)storage;
+    *arg = (struct pw_pm_scan_arg){
+        .size = size, .flags = flags, .start = start, .end = end,
+        .vec = vec_addr == -1 ? (uint64_t)(uintptr_t)PyArray_DATA(out) : (uint64_t)vec_addr,
+        .vec_len = vec_len, .max_pages = max_pages, .category_inverted = cinv,
+        .category_mask = cmask, .category_anyof_mask = cany, .return_mask = rmask,
+    };
+    int ret = do_ioctl(fd, PW_PAGEMAP_SCAN, arg);
+    if (ret < 0) {
+        Py_DECREF(out);
+        return pw_raise_errno(errno, "ioctl(PAGEMAP_SCAN)");
+    }
+    PyObject *regions = PySequence_GetSlice((PyObject *)out, 0, vec_addr == -1 ? ret : 0);
+    Py_DECREF(out);
+    if (!regions)
+        return NULL;
+    return Py_BuildValue("(iKN)", ret, (unsigned long long)arg->walk_end, regions);
+}
+
+/*
+ * The tracking loop: PAGEMAP_SCAN until walk_end == end, max_pages pages were found, or the
+ * kernel makes no progress (a partial hugetlb page under WP_MATCHING).  The output grows
+ * as needed; runs that a stop split are merged back when their categories are equal.
+ * Returns (regions as an (n, 3) uint64 array, walk_end, pages found).  Without output
+ * (want_output false) the kernel is passed vec = NULL, vec_len = 0.
+ */
+static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "start", "end", "flags", "category_mask",
+                             "category_inverted", "category_anyof_mask", "return_mask",
+                             "max_pages", "capacity", "want_output", NULL};
+    int fd, want_output = 1;
+    unsigned long long start, end, flags = 0, cmask = 0, cinv = 0, cany = 0, rmask = 0,
+                                    max_pages = 0, capacity = 256;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKK|KKKKKKKp:pagemap_scan", kwlist, &fd, &start,
+                                     &end, &flags, &cmask, &cinv, &cany, &rmask, &max_pages,
+                                     &capacity, &want_output))
+        return NULL;
+    if (capacity < 16)
+        capacity = 16;
+    npy_intp cap = want_output ? (npy_intp)capacity : 0;
+    struct pw_page_region *buf = NULL;
+    if (cap) {
+        buf = PyMem_RawMalloc(cap * sizeof(*buf));
+        if (!buf)
+            return PyErr_NoMemory();
+    }
+    npy_intp n = 0;
+    unsigned long long found = 0, cursor = start;
+    int err = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    while (cursor < end) {
+        if (max_pages && found >= max_pages)
+            break;
+        if (want_output && n == cap) {
+            npy_intp ncap = cap * 2;
+            struct pw_page_region *nb = PyMem_RawRealloc(buf, ncap * sizeof(*buf));
+            if (!nb) {
+                err = ENOMEM;
+                break;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        struct pw_pm_scan_arg arg = {
+            .size = sizeof(arg), .flags = flags, .start = cursor, .end = end,
+            .vec = want_output ? (uint64_t)(uintptr_t)(buf + n) : 0,
+            .vec_len = want_output ? (uint64_t)(cap - n) : 0,
+            .max_pages = max_pages ? max_pages - found : 0,
+            .category_inverted = cinv, .category_mask = cmask,
+            .category_anyof_mask = cany, .return_mask = rmask,
+        };
+        int ret = ioctl(fd, PW_PAGEMAP_SCAN, &arg);
+        if (ret < 0) {
+            err = errno;
+            break;
+        }
+        for (int i = 0; i < ret; i++) {
+            struct pw_page_region r = buf[n + i];
+            found += (r.end - r.start) / (unsigned long long)sysconf(_SC_PAGESIZE);
+        }
+        /* Merge the first new run into the last old one when the stop split a run. */
+        if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
+            buf[n - 1].categories == buf[n].categories) {
+            buf[n - 1].end = buf[n].end;
+            memmove(buf + n, buf + n + 1, (ret - 1) * sizeof(*buf));
+            ret -= 1;
+        }
+        n += ret;
+        if (arg.walk_end <= cursor && ret == 0) {
+            /* No progress: the kernel backed out (partial hugetlb page); report where. */
+            break;
+        }
+        cursor = arg.walk_end;
+    }
+    Py_END_ALLOW_THREADS
+
+    if (err) {
+        PyMem_RawFree(buf);
+        return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
+    }
+    npy_intp dims[2] = {n, 3};
+    PyArrayObject *out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_UINT64, 0);
+    if (out && n)
+        memcpy(PyArray_DATA(out), buf, n * sizeof(*buf));
+    PyMem_RawFree(buf);
+    if (!out)
+        return NULL;
+    if (cursor > end)
+        cursor = end;
+    return Py_BuildValue("(NKK)", out, cursor, found);
+}
+
+/* ---- pidfd, memory, buffers ------------------------------------------------------- */
+
+static PyObject *py_pidfd_getfd(PyObject *self, PyObject *args)
+{
+    int pidfd, targetfd, flags = 0;
+    if (!PyArg_ParseTuple(args, "ii|i:pidfd_getfd", &pidfd, &targetfd, &flags))
+        return NULL;
+    long fd = syscall(__NR_pidfd_getfd, pidfd, targetfd, flags);
+    if (fd < 0)
+        return pw_raise_errno(errno, "pidfd_getfd(2)");
+    return PyLong_FromLong(fd);
+}
+
+static PyObject *py_madvise(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int advice;
+    if (!PyArg_ParseTuple(args, "KKi:madvise", &addr, &len, &advice))
+        return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = madvise((void *)(uintptr_t)addr, len, advice);
+    Py_END_ALLOW_THREADS
+    if (r < 0)
+        return pw_raise_errno(errno, "madvise(2)");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_mprotect(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int prot;
+    if (!PyArg_ParseTuple(args, "KKi:mprotect", &addr, &len, &prot))
+        return NULL;
+    if (mprotect((void *)(uintptr_t)addr, len, prot) < 0)
+        return pw_raise_errno(errno, "mprotect(2)");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_msync(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len;
+    int flags;
+    if (!PyArg_ParseTuple(args, "KKi:msync", &addr, &len, &flags))
+        return NULL;
+    if (msync((void *)(uintptr_t)addr, len, flags) < 0)
+        return pw_raise_errno(errno, "msync(2)");
+    Py_RETURN_NONE;
+}
+
+/*
+ * buffer_info(obj) -> (address, nbytes, readonly).  Raises BufferError for an object that
+ * is not one C-contiguous block (the tracker needs one address range).
+ */
+static PyObject *py_buffer_info(PyObject *self, PyObject *obj)
+{
+    Py_buffer view;
+    int readonly = 0;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear();
+        if (PyObject_GetBuffer(obj, &view, PyBUF_ANY_CONTIGUOUS) < 0)
+            return NULL;
+        readonly = 1;
+    }
+    PyObject *res = Py_BuildValue("(KnO)", (unsigned long long)(uintptr_t)view.buf, view.len,
+                                  readonly ? Py_True : Py_False);
+    PyBuffer_Release(&view);
+    return res;
+}
+
+/* Fill [addr, addr+len) with byte `value` at `stride` intervals, GIL released: a writer
+ * that runs in C while Python threads call collect. */
+static PyObject *py_poke(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, len, stride;
+    int value;
+    if (!PyArg_ParseTuple(args, "KKKi:poke", &addr, &len, &stride, &value))
+        return NULL;
+    if (stride == 0)
+        stride = 1;
+    Py_BEGIN_ALLOW_THREADS
+    volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)addr;
+    for (unsigned long long off = 0; off < len; off += stride)
+        p[off] = (unsigned char)value;
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef pw_core_methods[] = {
+    {"userfaultfd", py_userfaultfd, METH_VARARGS, "userfaultfd(flags) -> fd, via the syscall."},
+    {"userfaultfd_dev", py_userfaultfd_dev, METH_VARARGS,
+     "userfaultfd_dev(flags) -> fd, via /dev/userfaultfd and USERFAULTFD_IOC_NEW."},
+    {"uffdio_api", py_uffdio_api, METH_VARARGS, "uffdio_api(fd, features) -> (features, ioctls)."},
+    {"uffdio_register", py_uffdio_register, METH_VARARGS,
+     "uffdio_register(fd, start, len, mode) -> ioctls."},
+    {"uffdio_unregister", py_uffdio_unregister, METH_VARARGS, "uffdio_unregister(fd, start, len)."},
+    {"uffdio_writeprotect", py_uffdio_writeprotect, METH_VARARGS,
+     "uffdio_writeprotect(fd, start, len, mode)."},
+    {"pagemap_scan_once", (PyCFunction)(void (*)(void))py_pagemap_scan_once,
+     METH_VARARGS | METH_KEYWORDS, "One PAGEMAP_SCAN ioctl -> (ret, walk_end, regions)."},
+    {"pagemap_scan", (PyCFunction)(void (*)(void))py_pagemap_scan, METH_VARARGS | METH_KEYWORDS,
+     "PAGEMAP_SCAN looped until done -> (regions, walk_end, pages)."},
+    {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, targetfd, flags=0) -> fd."},
+    {"madvise", py_madvise, METH_VARARGS, "madvise(addr, len, advice)."},
+    {"msync", py_msync, METH_VARARGS, "msync(addr, len, flags): ENOMEM if not all mapped."},
+    {"mprotect", py_mprotect, METH_VARARGS, "mprotect(addr, len, prot)."},
+    {"buffer_info", py_buffer_info, METH_O, "buffer_info(obj) -> (address, nbytes, readonly)."},
+    {"poke", py_poke, METH_VARARGS, "poke(addr, len, stride, value): write bytes, GIL released."},
+    {NULL, NULL, 0, NULL},
+};

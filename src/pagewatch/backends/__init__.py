@@ -1,0 +1,5 @@
+"""One module per way of tracking writes, all behind :class:`base.Backend`."""
+
+from .base import BACKENDS, Backend, BackendInfo, Region, backend_class, backends, choose
+
+__all__ = ["BACKENDS", "Backend", "BackendInfo", "Region", "backend_class", "backends", "choose"]

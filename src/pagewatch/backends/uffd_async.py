@@ -1,0 +1,174 @@
+"""``uffd-async``: userfaultfd async write-protect + PAGEMAP_SCAN (Linux >= 6.7).
+
+A write to a protected page is resolved inside the kernel's fault handler, which clears
+the page's uffd-wp bit: no signal, no thread, no message.  ``collect(reset=True)`` is one
+PAGEMAP_SCAN with ``PM_SCAN_WP_MATCHING``: the kernel reports the pages without the bit
+and sets it again under the page-table lock, so no write falls between get and reset.
+
+All trackers of this process share one userfaultfd (the kernel allows one per VMA) and
+one written-bit per page; the :class:`~.base.Hub` keeps them independent.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from .. import _native
+from ..errors import PagewatchError
+from ..kernel.constants import MADV_NOHUGEPAGE, PageCategory, UffdFeature
+from ..kernel.pagemap import Pagemap, _scan
+from ..kernel.uffd import Userfaultfd
+from ._memory import check_mapped
+from .base import Hub, HubBackend, Region
+
+_WRITTEN = int(PageCategory.WRITTEN)
+_FEATURES = int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED)
+
+
+class _UffdHub(Hub):
+    def __init__(self) -> None:
+        super().__init__()
+        self.uffd: Userfaultfd | None = None
+        self.pagemap: Pagemap | None = None
+
+    def open(self) -> tuple[Userfaultfd, Pagemap]:
+        if self.uffd is None or self.uffd.closed:
+            self.uffd = Userfaultfd(_FEATURES)
+            self.pagemap = Pagemap("self")
+        assert self.pagemap is not None
+        return self.uffd, self.pagemap
+
+    def covered(self, exclude: HubBackend, start: int, end: int) -> np.ndarray:
+        """``bool`` per page of ``[start, end)``: covered by another live member."""
+        from ..kernel.constants import PAGE_SIZE
+
+        cov = np.zeros((end - start) // PAGE_SIZE, dtype=bool)
+        for m in list(self.members):
+            if m is exclude or m.closed:
+                continue
+            lo, hi = max(start, m.region.start), min(end, m.region.end)
+            if lo < hi:
+                cov[(lo - start) // PAGE_SIZE:(hi - start) // PAGE_SIZE] = True
+        return cov
+
+    def after_fork_in_child(self) -> None:
+        # The uffd and /proc/self/pagemap fd still point at the parent's memory.
+        for m in list(self.members):
+            m.closed = True
+        self.members.clear()
+        self.uffd = None
+        self.pagemap = None
+        self.lock = threading.RLock()
+        self.pid = os.getpid()
+
+
+def _runs_of(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
+    from ..kernel.constants import PAGE_SIZE
+
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    s = np.flatnonzero(edges == 1)
+    e = np.flatnonzero(edges == -1)
+    return [(start + a * PAGE_SIZE, start + b * PAGE_SIZE) for a, b in zip(s.tolist(),
+                                                                           e.tolist(), strict=False)]
+
+
+class UffdAsync(HubBackend):
+    name = "uffd-async"
+    rank = 0
+    summary = "userfaultfd async write-protect + PAGEMAP_SCAN get-and-reset (Linux 6.7+)"
+    hub = _UffdHub()
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        from ..kernel.probe import probe_wp_async
+
+        return probe_wp_async()
+
+    def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
+        super().__init__(region, huge_pages=huge_pages)
+        hub = self.hub
+        with hub.lock:
+            uffd, self._pagemap = hub.open()
+            self._uffd = uffd
+            if huge_pages == "split":
+                # New THPs would make written-state 2 MiB coarse until the first write splits
+                # them; the kernel splits the existing ones on write.
+                try:
+                    _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
+                except OSError:
+                    pass
+            covered = hub.covered(self, region.start, region.end)
+            fresh = _runs_of(~covered, region.start)
+            done: list[tuple[int, int]] = []
+            try:
+                for s, e in fresh:
+                    uffd.register(s, e - s)
+                    done.append((s, e))
+                    # WP_UNPOPULATED: never-touched pages get a marker too.
+                    uffd.writeprotect(s, e - s, True)
+            except BaseException:
+                for s, e in done:
+                    try:
+                        uffd.unregister(s, e - s)
+                    except OSError:
+                        pass
+                raise
+            # Pages another tracker already covers: take their written state into that
+            # tracker's pending set before protecting them for us (a reset, for the others).
+            for s, e in _runs_of(covered, region.start):
+                got = self._scan(s, e, reset=True)
+                hub.harvest(self, got)
+            self._join()
+
+    def _scan(self, start: int, end: int, reset: bool, max_pages: int = 0) -> np.ndarray:
+        regions, _, _ = _scan(self._pagemap, start, end, _WRITTEN, 0, 0, _WRITTEN, reset, True,
+                              max_pages, 256, True)
+        return regions[:, :2].astype(np.int64)
+
+    def _get(self, reset: bool) -> np.ndarray:
+        self._check_alive()
+        return self._scan(self.region.start, self.region.end, reset)
+
+    def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
+        out = [self._scan(int(s), int(e), reset=True) for s, e in runs.tolist()]
+        return np.concatenate(out) if out else np.empty((0, 2), np.int64)
+
+    def _collect_some(self, max_pages: int):  # type: ignore[no-untyped-def]
+        if not self.pending.any():
+            # The kernel's own max_pages: exact, and it protects only what it reports.
+            self._check_alive()
+            got = self._scan(self.region.start, self.region.end, True, max_pages) if max_pages \
+                else np.empty((0, 2), np.int64)
+            self.hub.harvest(self, got)
+            return self._result(got)
+        return super()._collect_some(max_pages)
+
+    def _check_alive(self) -> None:
+        if os.getpid() != self.hub.pid:
+            raise PagewatchError("this tracker belongs to the parent process: after fork() "
+                                 "the child must create its own tracker")
+        check_mapped(self.region)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        hub = self.hub
+        with hub.lock:
+            self.closed = True
+            self._leave()
+            if os.getpid() != hub.pid:
+                return
+            covered = hub.covered(self, self.region.start, self.region.end)
+            for s, e in _runs_of(~covered, self.region.start):
+                try:
+                    self._uffd.unregister(s, e - s)
+                except OSError:
+                    pass  # unmapped meanwhile: nothing left to unregister
+
+
+os.register_at_fork(after_in_child=UffdAsync.hub.after_fork_in_child)
+
+BACKEND = UffdAsync

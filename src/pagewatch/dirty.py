@@ -1,0 +1,180 @@
+"""DirtyPages: the one result type, runs of written pages as a numpy array."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .kernel.constants import PAGE_SIZE
+
+__all__ = ["DirtyPages"]
+
+
+def _normalise(runs: np.ndarray) -> np.ndarray:
+    """Sort runs and merge the ones that touch or overlap."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    runs = runs[runs[:, 1] > runs[:, 0]]
+    if len(runs) <= 1:
+        return np.ascontiguousarray(runs)
+    runs = runs[np.argsort(runs[:, 0], kind="stable")]
+    # A run starts a new group when it begins after every earlier run ended.
+    ends = np.maximum.accumulate(runs[:, 1])
+    new = np.empty(len(runs), dtype=bool)
+    new[0] = True
+    new[1:] = runs[1:, 0] > ends[:-1]
+    starts = runs[new, 0]
+    group_end = np.maximum.reduceat(runs[:, 1], np.flatnonzero(new))
+    return np.ascontiguousarray(np.stack([starts, group_end], axis=1))
+
+
+class DirtyPages:
+    """The pages of a tracked region that were written, as sorted runs.
+
+    Parameters
+    ----------
+    runs
+        ``int64 (n, 2)`` array of ``[first, end)`` page indices relative to ``base``.
+        Overlapping or touching runs are merged.
+    base
+        Address of page 0 of the tracked region (page-aligned).
+    npages
+        Number of pages in the tracked region.
+    page_size
+        Bytes per page.
+
+    Notes
+    -----
+    A target that does not start on a page boundary is tracked at the pages that cover it:
+    page 0 starts at ``base``, which is the target's address rounded down to a page.
+    """
+
+    __slots__ = ("_runs", "base", "npages", "page_size")
+
+    def __init__(self, runs: np.ndarray, base: int, npages: int,
+                 page_size: int = PAGE_SIZE) -> None:
+        self._runs = _normalise(runs)
+        self.base = base
+        self.npages = npages
+        self.page_size = page_size
+        if len(self._runs) and (self._runs[0, 0] < 0 or self._runs[-1, 1] > npages):
+            raise ValueError(f"runs {self._runs[0, 0]}..{self._runs[-1, 1]} fall outside the "
+                             f"region's {npages} pages")
+
+    # ---- constructors -------------------------------------------------------------
+    @classmethod
+    def empty(cls, base: int, npages: int, page_size: int = PAGE_SIZE) -> DirtyPages:
+        return cls(np.empty((0, 2), np.int64), base, npages, page_size)
+
+    @classmethod
+    def from_regions(cls, regions: np.ndarray, base: int, npages: int,
+                     page_size: int = PAGE_SIZE) -> DirtyPages:
+        """From PAGEMAP_SCAN rows ``(start, end, categories)`` of absolute addresses,
+        clipped to the region."""
+        r = np.asarray(regions, dtype=np.uint64).reshape(-1, 3)[:, :2].astype(np.int64)
+        runs = (r - base) // page_size
+        runs[:, 1] = (r[:, 1] - base + page_size - 1) // page_size
+        return cls(np.clip(runs, 0, npages), base, npages, page_size)
+
+    @classmethod
+    def from_bitmap(cls, bitmap: np.ndarray, base: int,
+                    page_size: int = PAGE_SIZE) -> DirtyPages:
+        """From one bool per page."""
+        b = np.asarray(bitmap, dtype=bool).ravel()
+        edges = np.diff(np.concatenate(([0], b.view(np.int8), [0])))
+        starts = np.flatnonzero(edges == 1)
+        ends = np.flatnonzero(edges == -1)
+        return cls(np.stack([starts, ends], axis=1), base, len(b), page_size)
+
+    @classmethod
+    def from_pages(cls, pages: np.ndarray, base: int, npages: int,
+                   page_size: int = PAGE_SIZE) -> DirtyPages:
+        """From page indices (any order, repeats allowed)."""
+        p = np.unique(np.asarray(pages, dtype=np.int64))
+        if not len(p):
+            return cls.empty(base, npages, page_size)
+        brk = np.flatnonzero(np.diff(p) != 1) + 1
+        starts = p[np.concatenate(([0], brk))]
+        ends = p[np.concatenate((brk - 1, [len(p) - 1]))] + 1
+        return cls(np.stack([starts, ends], axis=1), base, npages, page_size)
+
+    # ---- views ----------------------------------------------------------------------
+    @property
+    def runs(self) -> np.ndarray:
+        """``int64 (n, 2)`` ``[first, end)`` page indices (read-only view)."""
+        v = self._runs.view()
+        v.flags.writeable = False
+        return v
+
+    def __len__(self) -> int:
+        """Number of written pages."""
+        return int((self._runs[:, 1] - self._runs[:, 0]).sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the written pages."""
+        return len(self) * self.page_size
+
+    def pages(self) -> np.ndarray:
+        """``int64`` index of every written page, ascending."""
+        if not len(self._runs):
+            return np.empty(0, np.int64)
+        lengths = self._runs[:, 1] - self._runs[:, 0]
+        offs = np.repeat(self._runs[:, 0] - np.concatenate(([0], np.cumsum(lengths)[:-1])),
+                         lengths)
+        return offs + np.arange(int(lengths.sum()), dtype=np.int64)
+
+    def offsets(self) -> np.ndarray:
+        """``int64`` byte offset (from ``base``) of every written page."""
+        return self.pages() * self.page_size
+
+    def addresses(self) -> np.ndarray:
+        """``uint64`` address of every written page."""
+        return (self.pages() * self.page_size + self.base).astype(np.uint64)
+
+    def bitmap(self) -> np.ndarray:
+        """One bool per page of the region, True where written."""
+        b = np.zeros(self.npages, dtype=bool)
+        for s, e in self._runs:
+            b[s:e] = True
+        return b
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` in bytes of each run of written pages."""
+        ps = self.page_size
+        for s, e in self._runs.tolist():
+            yield s * ps, (e - s) * ps
+
+    def __contains__(self, offset: object) -> bool:
+        """Whether the byte ``offset`` (from ``base``) lies in a written page."""
+        if not isinstance(offset, (int, np.integer)):
+            return False
+        page = int(offset) // self.page_size
+        i = int(np.searchsorted(self._runs[:, 0], page, side="right")) - 1
+        return i >= 0 and page < int(self._runs[i, 1])
+
+    def _check_same(self, other: DirtyPages) -> None:
+        if (self.base, self.npages, self.page_size) != (other.base, other.npages,
+                                                         other.page_size):
+            raise ValueError("DirtyPages of different regions cannot be combined")
+
+    def __or__(self, other: DirtyPages) -> DirtyPages:
+        self._check_same(other)
+        return DirtyPages(np.concatenate([self._runs, other._runs]), self.base, self.npages,
+                          self.page_size)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DirtyPages):
+            return NotImplemented
+        return (self.base, self.npages, self.page_size) == (
+            other.base, other.npages, other.page_size) and np.array_equal(self._runs,
+                                                                          other._runs)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return bool(len(self._runs))
+
+    def __repr__(self) -> str:
+        return (f"<DirtyPages {len(self)} of {self.npages} pages in {len(self._runs)} runs "
+                f"at {self.base:#x}>")

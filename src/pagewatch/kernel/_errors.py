@@ -1,0 +1,42 @@
+"""Turning a failed system call into a pagewatch error that says what to do."""
+
+from __future__ import annotations
+
+import errno
+
+from ..errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
+
+
+def proc_open_error(exc: OSError, pid: int | str, what: str) -> PagewatchError:
+    """The error for a failed open of ``/proc/PID/<what>``."""
+    if exc.errno in (errno.ENOENT, errno.ESRCH):
+        return TargetGone(f"process {pid} does not exist (or has exited): /proc/{pid}/{what}",
+                          exc.errno)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(
+            f"no permission to open /proc/{pid}/{what}: it needs ptrace read access to the "
+            "process (same user and a Yama ptrace_scope that allows it, or CAP_SYS_PTRACE)",
+            exc.errno,
+        )
+    return PagewatchError(f"cannot open /proc/{pid}/{what}: {exc.strerror}", exc.errno)
+
+
+def scan_error(exc: OSError, start: int, end: int, flags: int) -> PagewatchError:
+    """The error for a failed PAGEMAP_SCAN ioctl."""
+    rng = f"[{start:#x}, {end:#x})"
+    if exc.errno == errno.ENOTTY:
+        return Unsupported("PAGEMAP_SCAN", "this kernel has no PAGEMAP_SCAN ioctl (it came in "
+                           "Linux 6.7)", "Use the soft-dirty, uffd-sync, mprotect or compare "
+                           "backend", exc.errno)
+    if exc.errno == errno.EPERM and flags & 2:
+        return InvalidRange(f"part of {rng} is not registered for async write-protect (was it "
+                            "remapped, unmapped and mapped again, or inherited over fork?): "
+                            "register it again or create a new tracker", exc.errno)
+    if exc.errno == errno.EFAULT:
+        return InvalidRange(f"{rng} is outside the address space the kernel accepts", exc.errno)
+    if exc.errno == errno.EINVAL:
+        return InvalidRange(f"PAGEMAP_SCAN rejected the arguments for {rng} (unaligned start or "
+                            "a category bit this kernel does not know)", exc.errno)
+    if exc.errno in (errno.ESRCH, errno.ENOENT):
+        return TargetGone("the process whose pagemap this is has exited", exc.errno)
+    return PagewatchError(f"PAGEMAP_SCAN of {rng} failed: {exc.strerror}", exc.errno)

@@ -1,0 +1,70 @@
+"""``/proc/PID/maps`` as dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._errors import proc_open_error
+
+__all__ = ["Mapping", "maps", "find_mapping"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str  #: e.g. "rw-p"
+    offset: int
+    dev: str
+    inode: int
+    path: str  #: file path, "[heap]", "[stack]", ... or "" for anonymous memory
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def private(self) -> bool:
+        return self.perms[3] == "p"
+
+
+def _parse(line: str) -> Mapping:
+    parts = line.split(maxsplit=5)
+    lo, hi = parts[0].split("-")
+    return Mapping(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3],
+                   int(parts[4]), parts[5].rstrip("\n") if len(parts) > 5 else "")
+
+
+def maps(pid: int | str = "self") -> list[Mapping]:
+    """Every mapping of the process, in address order."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return [_parse(line) for line in f if line.strip()]
+    except OSError as exc:
+        raise proc_open_error(exc, pid, "maps") from exc
+
+
+def find_mapping(address: int, pid: int | str = "self") -> Mapping | None:
+    """The mapping that holds ``address``, or None."""
+    for m in maps(pid):
+        if m.start <= address < m.end:
+            return m
+    return None

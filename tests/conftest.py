@@ -1,0 +1,48 @@
+"""Shared fixtures: anonymous mappings with known addresses, and backend parametrisation."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import pytest
+
+from pagewatch import _native
+from pagewatch.kernel.constants import PAGE_SIZE
+
+
+class Mem:
+    """An anonymous private mapping with its address."""
+
+    def __init__(self, npages: int, flags: int = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                 prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> None:
+        self.npages = npages
+        self.size = npages * PAGE_SIZE
+        self.map = mmap.mmap(-1, self.size, flags=flags, prot=prot)
+        self.addr: int = _native.buffer_info(self.map)[0]
+
+    def page(self, i: int) -> int:
+        return self.addr + i * PAGE_SIZE
+
+    def write(self, i: int, value: int = 1) -> None:
+        self.map[i * PAGE_SIZE] = value
+
+    def close(self) -> None:
+        self.map.close()
+
+
+@pytest.fixture
+def mem() -> Iterator[type[Mem]]:
+    made: list[Mem] = []
+
+    def make(npages: int, **kw: int) -> Mem:
+        m = Mem(npages, **kw)
+        made.append(m)
+        return m
+
+    yield make  # type: ignore[misc]
+    for m in made:
+        try:
+            m.close()
+        except (BufferError, ValueError):
+            pass
