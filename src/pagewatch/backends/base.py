@@ -267,7 +267,10 @@ def choose(name: str = "auto") -> tuple[type[Backend], str]:
             raise Unsupported(f"backend {env!r} (from PAGEWATCH_BACKEND)", why)
         return cls, f"PAGEWATCH_BACKEND={env}: {why}"
     if name != "auto":
-        cls = backend_class(name)
+        try:
+            cls = backend_class(name)
+        except ImportError as exc:
+            raise Unsupported(f"backend {name!r}", f"not built: {exc}") from exc
         ok, why = cls.available()
         if not ok:
             alts = [b.name for b in backends() if b.available]
