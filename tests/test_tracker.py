@@ -221,7 +221,7 @@ def test_a_write_by_the_kernel_is_reported(backend: str) -> None:
             os.close(fd)
         s1.close()
         s2.close()
-    
+
 
 # ---- independent trackers ----------------------------------------------------------------
 
