@@ -52,8 +52,11 @@ class DirtyPages:
     __slots__ = ("_runs", "base", "npages", "page_size")
 
     def __init__(self, runs: np.ndarray, base: int, npages: int,
-                 page_size: int = PAGE_SIZE) -> None:
-        self._runs = _normalise(runs)
+                 page_size: int = PAGE_SIZE, *, normalised: bool = False) -> None:
+        # normalised=True: the caller vouches the runs are sorted, disjoint and not touching
+        # (PAGEMAP_SCAN output is), which skips a sort on the collect path.
+        self._runs = (np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2) if normalised
+                      else _normalise(runs))
         self.base = base
         self.npages = npages
         self.page_size = page_size
@@ -160,6 +163,10 @@ class DirtyPages:
 
     def __or__(self, other: DirtyPages) -> DirtyPages:
         self._check_same(other)
+        if not len(other._runs):
+            return self
+        if not len(self._runs):
+            return other
         return DirtyPages(np.concatenate([self._runs, other._runs]), self.base, self.npages,
                           self.page_size)
 

@@ -62,6 +62,9 @@ class Region:
         return self.length // PAGE_SIZE
 
 
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
 class Backend(abc.ABC):
     """One way of tracking writes to a :class:`Region` (see the module docstring)."""
 
@@ -97,13 +100,18 @@ class Backend(abc.ABC):
     def _empty(self) -> DirtyPages:
         return DirtyPages.empty(self.region.start, self.region.npages)
 
-    def _result(self, runs: np.ndarray) -> DirtyPages:
-        """DirtyPages from absolute ``[start, end)`` address runs."""
+    def _result(self, runs: np.ndarray, sorted_runs: bool = False) -> DirtyPages:
+        """DirtyPages from absolute ``[start, end)`` address runs (``sorted_runs``: sorted,
+        disjoint and page-aligned, as PAGEMAP_SCAN returns them)."""
         r = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-        pages = np.clip((r - self.region.start) // PAGE_SIZE, 0, self.region.npages)
-        pages[:, 1] = np.clip((r[:, 1] - self.region.start + PAGE_SIZE - 1) // PAGE_SIZE, 0,
-                              self.region.npages)
-        return DirtyPages(pages, self.region.start, self.region.npages)
+        pages = r - self.region.start
+        if sorted_runs:  # page-aligned and inside the region: a shift is enough
+            pages >>= _PAGE_SHIFT
+        else:
+            pages += np.array([0, PAGE_SIZE - 1], dtype=np.int64)
+            pages //= PAGE_SIZE
+            np.clip(pages, 0, self.region.npages, out=pages)
+        return DirtyPages(pages, self.region.start, self.region.npages, normalised=sorted_runs)
 
 
 class Hub:
@@ -142,6 +150,7 @@ class HubBackend(Backend):
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
         self.pending = np.zeros(region.npages, dtype=bool)
+        self.has_pending = False  # spares a scan of the bitmap on every collect
 
     def _join(self) -> None:
         self.hub.members.add(self)
@@ -153,9 +162,20 @@ class HubBackend(Backend):
         lo = np.clip((runs[:, 0] - self.region.start) // PAGE_SIZE, 0, self.region.npages)
         hi = np.clip((runs[:, 1] - self.region.start + PAGE_SIZE - 1) // PAGE_SIZE, 0,
                      self.region.npages)
-        for a, b in zip(lo.tolist(), hi.tolist(), strict=False):
+        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
             if a < b:
                 self.pending[a:b] = True
+                self.has_pending = True
+
+    def _pending_pages(self) -> DirtyPages:
+        if not self.has_pending:
+            return self._empty()
+        return DirtyPages.from_bitmap(self.pending, self.region.start)
+
+    def _clear_pending(self) -> None:
+        if self.has_pending:
+            self.pending[:] = False
+            self.has_pending = False
 
     @abc.abstractmethod
     def _get(self, reset: bool) -> np.ndarray: ...
@@ -171,7 +191,7 @@ class HubBackend(Backend):
         self._check_open()
         with self.hub.lock:
             self.hub.harvest(self, self._get(reset=True))
-            self.pending[:] = False
+            self._clear_pending()
 
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         self._check_open()
@@ -182,10 +202,9 @@ class HubBackend(Backend):
                 got = self._get(reset)
                 if reset:
                     self.hub.harvest(self, got)
-                result = self._result(got) | DirtyPages.from_bitmap(self.pending,
-                                                                    self.region.start)
+                result = self._result(got, sorted_runs=True) | self._pending_pages()
                 if reset:
-                    self.pending[:] = False
+                    self._clear_pending()
             else:
                 result = self._collect_some(max_pages)
         if max_pages is not None and not reset:
@@ -194,13 +213,14 @@ class HubBackend(Backend):
 
     def _collect_some(self, max_pages: int) -> DirtyPages:
         """The first ``max_pages`` written pages, resetting only those."""
-        everything = self._result(self._get(reset=False)) | DirtyPages.from_bitmap(
-            self.pending, self.region.start)
+        everything = self._result(self._get(reset=False), sorted_runs=True) | \
+            self._pending_pages()
         chosen = _first_pages(everything, max_pages)
         if len(chosen):
             runs = chosen.runs * PAGE_SIZE + self.region.start
             self.hub.harvest(self, self._reset_runs(runs))
             self.pending[chosen.bitmap()] = False
+            self.has_pending = bool(self.pending.any())
         return chosen
 
 

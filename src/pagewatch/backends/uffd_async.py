@@ -137,13 +137,13 @@ class UffdAsync(HubBackend):
         return np.concatenate(out) if out else np.empty((0, 2), np.int64)
 
     def _collect_some(self, max_pages: int):  # type: ignore[no-untyped-def]
-        if not self.pending.any():
+        if not self.has_pending:
             # The kernel's own max_pages: exact, and it protects only what it reports.
             self._check_alive()
             got = self._scan(self.region.start, self.region.end, True, max_pages) if max_pages \
                 else np.empty((0, 2), np.int64)
             self.hub.harvest(self, got)
-            return self._result(got)
+            return self._result(got, sorted_runs=True)
         return super()._collect_some(max_pages)
 
     def _check_alive(self) -> None:
