@@ -42,8 +42,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 def aligned(npages: int) -> mmap.mmap:
-    """Page-aligned anonymous memory, so page i of the tracker is page i of the target."""
-    return mmap.mmap(-1, npages * PAGE_SIZE)
+    """Page-aligned private anonymous memory (what numpy arrays live in), so page i of the
+    tracker is page i of the target."""
+    return mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def pages_of(d: pw.DirtyPages) -> set[int]:
@@ -74,6 +75,27 @@ def test_collect_reports_exactly_the_pages_written(backend: str, pattern: str) -
         for p in PATTERNS[pattern]:
             a[p * PAGE_SIZE + 123] = 2
         assert pages_of(t.collect()) == set(PATTERNS[pattern])
+        assert pages_of(t.collect()) == set()
+
+
+@pytest.mark.parametrize("kind", ["shared-anonymous", "file-shared", "file-private"])
+def test_shared_and_file_mappings_are_tracked(backend: str, kind: str, tmp_path: object) -> None:
+    size = 32 * PAGE_SIZE
+    if kind == "shared-anonymous":
+        m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    else:
+        path = os.path.join(str(tmp_path), "data")
+        with open(path, "wb") as f:
+            f.write(b"\x01" * size)
+        with open(path, "r+b") as f:
+            m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED if kind == "file-shared"
+                          else mmap.MAP_PRIVATE)
+    m[:] = b"\x01" * size
+    with pw.Tracker(m, backend=backend) as t:
+        t.reset()
+        for p in (0, 7, 31):
+            m[p * PAGE_SIZE + 1] = 2
+        assert pages_of(t.collect()) == {0, 7, 31}
         assert pages_of(t.collect()) == set()
 
 
