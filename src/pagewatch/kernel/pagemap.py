@@ -109,7 +109,10 @@ def _check_range(start: int, end: int) -> int:
     if end < start:
         raise InvalidRange(f"end {end:#x} is below start {start:#x}")
     # The kernel rounds end up to a page; so do we, so walk_end can be compared with it.
-    return -(-end // PAGE_SIZE) * PAGE_SIZE
+    end = -(-end // PAGE_SIZE) * PAGE_SIZE
+    if end >= 1 << 64:  # would wrap in the 64-bit struct field and scan a different range
+        raise InvalidRange(f"end {end:#x} does not fit in a 64-bit address")
+    return end
 
 
 def _fd_of(target: int | str | _HasFileno) -> tuple[int, Pagemap | None]:

@@ -46,9 +46,12 @@ class Userfaultfd:
     Parameters
     ----------
     features
-        :class:`UffdFeature` bits to ask for.  ``features`` then holds what the kernel
-        granted; a requested bit it did not grant raises :class:`Unsupported` (before 2024
-        kernels granted silently less, so the returned mask is always checked).
+        :class:`UffdFeature` bits to ask for.  ``features`` then holds the bits enabled on
+        this fd: the requested ones, plus ``WP_UNPOPULATED`` which the kernel turns on with
+        ``WP_ASYNC``.  ``available`` holds every bit this kernel offers (what UFFDIO_API
+        returns: the kernel enables only the requested ones).  A requested bit it does not
+        offer raises :class:`Unsupported` (before 2024 kernels accepted it silently, so the
+        returned mask is always checked).
     fd
         An existing userfaultfd (for example one taken from another process with
         ``pidfd_getfd``) to adopt instead of creating one.  Its memory is that of the process
@@ -83,7 +86,11 @@ class Userfaultfd:
             self.close()
             raise Unsupported(f"userfaultfd features {UffdFeature(missing)!r}",
                               "the kernel did not grant them")
-        self.features = UffdFeature(granted)
+        enabled = int(features)
+        if enabled & UffdFeature.WP_ASYNC:  # the kernel implies it (fs/userfaultfd.c)
+            enabled |= int(UffdFeature.WP_UNPOPULATED)
+        self.features = UffdFeature(enabled)
+        self.available = UffdFeature(granted)
         self.ioctls = ioctls
 
     def fileno(self) -> int:
