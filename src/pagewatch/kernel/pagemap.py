@@ -8,13 +8,14 @@ caller never sees those stops.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from typing import Protocol
 
 import numpy as np
 
 from .. import _native
-from ..errors import InvalidRange, PagewatchError
+from ..errors import InvalidRange, PagewatchError, TargetGone
 from ._errors import proc_open_error, scan_error
 from .constants import (
     PAGE_SIZE,
@@ -298,7 +299,16 @@ def decode_pagemap(entries: np.ndarray) -> PagemapBits:
 def clear_refs(pid: int | str, value: int) -> None:
     """Write ``value`` to ``/proc/PID/clear_refs`` (4 clears every soft-dirty bit)."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write(f"{value}\n")
+        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise proc_open_error(exc, pid, "clear_refs") from exc
+    try:
+        os.write(fd, f"{value}\n".encode())
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TargetGone(f"process {pid} exited before clear_refs", exc.errno) from exc
+        raise PagewatchError(f"/proc/{pid}/clear_refs refused {value!r}: {exc.strerror} "
+                             "(valid values are 1 to 5; 4 clears the soft-dirty bits)",
+                             exc.errno) from exc
+    finally:
+        os.close(fd)

@@ -80,7 +80,8 @@ class Userfaultfd:
             raise Unsupported(
                 f"userfaultfd features {UffdFeature(features)!r}",
                 "UFFDIO_API refused them (this kernel lacks one: WP_ASYNC came in 6.7, "
-                "WP_UNPOPULATED in 6.4, WP_HUGETLBFS_SHMEM in 5.19)", errno=exc.errno) from exc
+                "WP_UNPOPULATED in 6.4, WP_HUGETLBFS_SHMEM in 5.19; or, for an adopted fd, "
+                "its one UFFDIO_API was already done)", errno=exc.errno) from exc
         missing = int(features) & ~granted
         if missing:
             self.close()
