@@ -1,0 +1,167 @@
+"""What runs on each kernel of the matrix (inside the VM, or on the host for the host column).
+
+``python -m tests.vm.guest --label 6.1 --out DIR [--vm] [-- PYTEST ARGS]`` checks the kernel
+(``uname -r``, whether soft-dirty really works through ``/proc/self/pagemap``, whether hugetlb
+pages can be reserved), runs ``pagewatch probe`` (text and ``--json``) and then pytest with the
+:mod:`tests.vm.report` plugin.  Everything lands in ``DIR/guest.json`` and ``DIR/tests.json``;
+the host judges it.  Exits 0 unless it could not write its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PAGEMAP_SOFT_DIRTY_BIT = 55
+
+
+def _uptime() -> float | None:
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def soft_dirty_check() -> dict[str, Any]:
+    """Clear soft-dirty bits, write a page, read bit 55 of its pagemap entry before and after."""
+    page = mmap.PAGESIZE
+    m = mmap.mmap(-1, page)
+    try:
+        m[0] = 1
+        cbuf = ctypes.c_char.from_buffer(m)
+        addr = ctypes.addressof(cbuf)
+        del cbuf
+
+        def bit() -> bool:
+            with open("/proc/self/pagemap", "rb") as f:
+                f.seek(addr // page * 8)
+                entry = int.from_bytes(f.read(8), "little")
+            return bool(entry >> PAGEMAP_SOFT_DIRTY_BIT & 1)
+
+        before = bit()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("4")
+        except OSError as exc:
+            return {"works": False, "detail": f"writing 4 to /proc/self/clear_refs: {exc}"}
+        after_clear = bit()
+        m[0] = 2
+        after_write = bit()
+    finally:
+        m.close()
+    works = after_write and not after_clear
+    detail = (f"bit 55: {int(before)} after first write, {int(after_clear)} after clear_refs=4, "
+              f"{int(after_write)} after a second write")
+    return {"works": works, "detail": detail}
+
+
+def hugetlb_check() -> dict[str, Any]:
+    """Reserve four more hugetlb pages, read back how many the kernel gave, restore."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    try:
+        old = int(path.read_text())
+        path.write_text(str(old + 4))
+        got = int(path.read_text())
+        path.write_text(str(old))
+    except (OSError, ValueError) as exc:
+        return {"works": False, "detail": f"{path}: {exc}"}
+    return {"works": got >= old + 4, "detail": f"nr_hugepages {old} -> {got} -> {old}"}
+
+
+def _pagewatch_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "pagewatch"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "pagewatch.cli"]
+
+
+def run_probe() -> dict[str, Any]:
+    """``pagewatch probe`` and ``pagewatch probe --json``; absence or failure is recorded."""
+    result: dict[str, Any] = {"command": " ".join([*_pagewatch_cmd(), "probe"])}
+    for key, extra in (("text", []), ("json", ["--json"])):
+        try:
+            proc = subprocess.run([*_pagewatch_cmd(), "probe", *extra], capture_output=True,
+                                  text=True, timeout=180)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            result[key] = {"rc": None, "error": str(exc)}
+            continue
+        entry: dict[str, Any] = {"rc": proc.returncode, "stdout": proc.stdout[-20000:],
+                                 "stderr": proc.stderr[-4000:]}
+        if key == "json" and proc.returncode == 0:
+            try:
+                entry["data"] = json.loads(proc.stdout)
+            except ValueError as exc:
+                entry["error"] = f"not JSON: {exc}"
+        result[key] = entry
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.vm.guest")
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--vm", action="store_true", help="running inside a throw-away VM")
+    ap.add_argument("--booted", type=float, default=None,
+                    help="/proc/uptime when the VM's shell started (boot time)")
+    ap.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    pytest_args = list(args.pytest_args)
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("guest.json", "tests.json"):
+        (out / stale).unlink(missing_ok=True)
+
+    info: dict[str, Any] = {
+        "label": args.label,
+        "uname": os.uname().release,
+        "in_vm": args.vm,
+        "booted": args.booted,
+        "uptime_at_start": _uptime(),
+        "python": sys.version.split()[0],
+        "nproc": os.cpu_count(),
+    }
+    print(f"pagewatch-vm[{args.label}]: uname -r = {info['uname']}; shell up at "
+          f"{info['booted']} s, Python at {info['uptime_at_start']} s", flush=True)
+    info["soft_dirty"] = soft_dirty_check()
+    info["hugetlb"] = hugetlb_check() if args.vm else {"works": None, "detail": "not tried on host"}
+    print(f"pagewatch-vm[{args.label}]: soft-dirty via /proc/self/pagemap: "
+          f"{'works' if info['soft_dirty']['works'] else 'does not work'} "
+          f"({info['soft_dirty']['detail']}); hugetlb: {info['hugetlb']['detail']}", flush=True)
+
+    t0 = time.monotonic()
+    info["probe"] = run_probe()
+    info["probe_seconds"] = round(time.monotonic() - t0, 2)
+    text = info["probe"].get("text", {})
+    print(f"pagewatch-vm[{args.label}]: $ {info['probe']['command']}  (rc={text.get('rc')})",
+          flush=True)
+    print((text.get("stdout") or "") + (text.get("stderr") or text.get("error") or ""),
+          flush=True)
+
+    report = out / "tests.json"
+    cmd = [sys.executable, "-m", "pytest", "-p", "tests.vm.report",
+           f"--pagewatch-report={report}", "-p", "no:cacheprovider", "-q", "-rfE", *pytest_args]
+    print(f"pagewatch-vm[{args.label}]: $ {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    rc = subprocess.call(cmd)
+    info["pytest"] = {"rc": rc, "seconds": round(time.monotonic() - t0, 2), "args": cmd[1:]}
+    info["uptime_at_end"] = _uptime()
+    tmp = out / "guest.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(out / "guest.json")
+    print(f"pagewatch-vm[{args.label}]: pytest rc={rc} in {info['pytest']['seconds']} s",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
