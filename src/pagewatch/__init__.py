@@ -13,12 +13,13 @@ from .backends.base import Region, backends
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel.probe import Capabilities, Capability, probe
+from .process import ProcessDirty, ProcessTracker
 from .tracker import Tracker, track
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tracker", "track", "Region", "DirtyPages", "backends", "probe", "Capabilities",
-    "Capability", "PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange",
+    "Tracker", "track", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
+    "probe", "Capabilities", "Capability", "PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange",
     "TargetGone", "__version__",
 ]

@@ -1,4 +1,6 @@
 # Type stub of the C extension (src/native/*.c).  One section per C file.
+from typing import Any
+
 import numpy as np
 
 # ---- core.c ---------------------------------------------------------------------------
@@ -77,3 +79,13 @@ def sd_read(
     out: np.ndarray, exclude_tid: int = 0,
 ) -> tuple[int, int, int]: ...
 def sd_signal() -> int: ...
+
+# ---- inject.c -------------------------------------------------------------------------
+def inject_userfaultfd(
+    tid: int, pidfd: int, gadget: int, flags: list[int], timeout_ms: int,
+) -> tuple[int, list[tuple[int, int]], dict[str, Any]]: ...
+def inject_syscall(
+    tid: int, gadget: int, nr: int, args: tuple[int, int, int, int, int, int], timeout_ms: int,
+) -> tuple[int, dict[str, Any]]: ...
+def ptrace_traceme() -> None: ...
+def ptrace_detach(pid: int, sig: int = 0) -> None: ...

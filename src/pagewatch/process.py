@@ -1,0 +1,967 @@
+"""ProcessTracker: which pages *another* process writes, while it runs.
+
+How (``uffd-async``, Linux 6.7+)
+--------------------------------
+A userfaultfd acts on the memory of the process that created it, and whoever holds the file
+descriptor may register and write-protect that memory; ``/proc/PID/pagemap`` then scans it.
+So pagewatch
+
+1. stops one thread of the target for a fraction of a millisecond with ``PTRACE_SEIZE`` +
+   ``PTRACE_INTERRUPT``, runs ``userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)``
+   inside it (through an existing ``syscall`` instruction of its ``[vdso]``: no byte of the
+   target is written), takes the new descriptor with ``pidfd_getfd(2)``, runs ``close()`` of
+   the target's copy, restores its registers and signal mask exactly and detaches (an
+   interrupted ``read()`` or ``nanosleep()`` is restarted by the kernel as if nothing
+   happened; see ``src/native/inject.c``);
+2. registers every tracked mapping for *async* write-protect and protects it.  A write is then
+   resolved inside the kernel's fault handler: nothing of ours sits on the target's fault
+   path, the target never waits for us, and if pagewatch dies the kernel drops the
+   registration and the target goes on;
+3. collects with one ``PAGEMAP_SCAN`` per mapping (``PM_SCAN_WP_MATCHING |
+   PM_SCAN_CHECK_WPASYNC``): the written pages are reported and protected again atomically.
+
+At every collect ``/proc/PID/maps`` is read again: mappings that appeared since (``mmap``,
+``brk``, ``mprotect`` to writable, a grown stack) are registered and reported *whole* the first
+time they are seen -- every page that holds data of its own (present or swapped, not the zero
+page, not an unmodified page of a file), since nothing tells what was written before we saw
+it; mappings that went away are dropped.  Mappings that cannot be registered are listed in
+``skipped`` with the reason (another userfaultfd holds them, a kind of memory uffd-wp does not
+support, ...).
+
+Fallback (``soft-dirty``)
+-------------------------
+Where the kernel has soft-dirty bits (``CONFIG_MEM_SOFT_DIRTY``, x86-64 and a few others, not
+arm64) and async write-protect is missing: ``clear_refs`` 4 + pagemap bit 55.  Its reset is not
+atomic: a write that lands between the read of the bits and the reset is lost, and the reset
+is process-wide (it also resets any other soft-dirty user of the target, such as CRIU).
+
+Events
+------
+* **fork**: the child is not tracked (its memory is a copy without our registration); the
+  parent keeps being tracked, copy-on-write faults included.
+* **exec**: the tracked memory is gone with the old program: :class:`TargetExec` (a
+  :class:`~pagewatch.errors.TargetGone`).  Attach again to track the new program (``pagewatch
+  run`` and ``record`` do that for you).
+* **exit**: :class:`~pagewatch.errors.TargetGone`; writes after the last collect cannot be
+  seen (the kernel tears the page tables down at exit).  ``collected`` holds what the failed
+  collect gathered before it noticed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections.abc
+import dataclasses
+import errno
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
+
+import numpy as np
+
+from . import _native
+from .dirty import DirtyPages
+from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
+from .kernel._errors import proc_open_error
+from .kernel.constants import (
+    PAGE_SIZE,
+    PM_PRESENT,
+    PM_SOFT_DIRTY,
+    PM_SWAP,
+    UFFD_USER_MODE_ONLY,
+    PageCategory,
+    UffdFeature,
+)
+from .kernel.maps import Mapping, _parse
+from .kernel.pagemap import Pagemap, _scan, clear_refs
+from .kernel.uffd import Userfaultfd
+
+__all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec", "BACKENDS"]
+
+#: the ways to track another process, best first
+BACKENDS = ("uffd-async", "soft-dirty")
+
+#: kernel-provided mappings that are never tracked
+SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]"})
+
+_WRITTEN = int(PageCategory.WRITTEN)
+_WPALLOWED = int(PageCategory.WPALLOWED)
+_HOLDS_DATA = int(PageCategory.PRESENT | PageCategory.SWAPPED)
+_NOT_OWN_DATA = int(PageCategory.FILE | PageCategory.PFNZERO)
+_CAP_SYS_PTRACE = 19
+_EMPTY_RUNS = np.empty((0, 2), np.int64)
+
+
+class TargetExec(TargetGone):
+    """The process executed a new program: the memory that was tracked is gone.
+
+    Create a new :class:`ProcessTracker` to track the new program.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedMapping:
+    """A mapping that could not be tracked, and why."""
+
+    mapping: Mapping
+    reason: str
+    errno: int | None = None
+
+    def __str__(self) -> str:
+        m = self.mapping
+        return f"{m.start:#x}-{m.end:#x} {m.perms} {m.path or '(anonymous)'}: {self.reason}"
+
+
+class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
+    """What one collect found: for each tracked mapping, the pages written.
+
+    A read-only mapping ``Mapping -> DirtyPages`` (each ``DirtyPages`` has ``base`` = the
+    mapping's start and covers the whole mapping) with the totals and the context.
+
+    Attributes
+    ----------
+    pid
+        The process.
+    time
+        ``time.monotonic()`` when the collect ended.
+    elapsed
+        Seconds since the previous reset (or the attach).
+    new
+        Mappings seen for the first time at this collect; they are reported whole (every page
+        that holds data of its own), as nothing tells what was written before.
+    skipped
+        Mappings that could not be tracked, with the reason.
+    backend
+        ``"uffd-async"`` or ``"soft-dirty"``.
+    """
+
+    def __init__(self, pid: int, entries: dict[Mapping, DirtyPages], *, time: float,
+                 elapsed: float, new: frozenset[Mapping] = frozenset(),
+                 skipped: tuple[SkippedMapping, ...] = (), backend: str = "") -> None:
+        self.pid = pid
+        self._entries = entries
+        self.time = time
+        self.elapsed = elapsed
+        self.new = new
+        self.skipped = skipped
+        self.backend = backend
+
+    def __getitem__(self, key: Mapping) -> DirtyPages:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[Mapping]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        """Number of tracked mappings (written or not); see ``pages`` for the total."""
+        return len(self._entries)
+
+    @property
+    def pages(self) -> int:
+        """Pages written, all mappings together."""
+        return sum(len(d) for d in self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the written pages."""
+        return self.pages * PAGE_SIZE
+
+    def written(self) -> dict[Mapping, DirtyPages]:
+        """Only the mappings with at least one written page."""
+        return {m: d for m, d in self._entries.items() if d}
+
+    def top(self, n: int = 10) -> list[tuple[Mapping, DirtyPages]]:
+        """The ``n`` mappings with the most written pages, most first."""
+        items = sorted(self.written().items(), key=lambda kv: (-len(kv[1]), kv[0].start))
+        return items[:n]
+
+    def by_path(self) -> dict[str, int]:
+        """Written pages per mapping name (``path``, ``[heap]``, ``""`` for anonymous)."""
+        out: dict[str, int] = collections.defaultdict(int)
+        for m, d in self._entries.items():
+            if d:
+                out[m.path] += len(d)
+        return dict(out)
+
+    def addresses(self) -> np.ndarray:
+        """``uint64`` address of every written page, ascending."""
+        parts = [d.addresses() for d in self._entries.values() if d]
+        if not parts:
+            return np.empty(0, np.uint64)
+        return np.sort(np.concatenate(parts))
+
+    def find(self, address: int) -> tuple[Mapping, DirtyPages] | None:
+        """The mapping holding ``address`` and its written pages, or None."""
+        for m, d in self._entries.items():
+            if m.start <= address < m.end:
+                return m, d
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary: totals and, per written mapping, the runs of written pages
+        as ``[first page, page count]`` relative to the mapping's start."""
+        maps_out = []
+        for m, d in sorted(self.written().items(), key=lambda kv: kv[0].start):
+            runs = d.runs
+            maps_out.append({
+                "start": m.start, "end": m.end, "perms": m.perms, "path": m.path,
+                "pages": len(d), "new": m in self.new,
+                "runs": np.stack([runs[:, 0], runs[:, 1] - runs[:, 0]], axis=1).tolist(),
+            })
+        return {"pid": self.pid, "backend": self.backend, "elapsed": round(self.elapsed, 6),
+                "pages": self.pages, "bytes": self.nbytes, "mappings_tracked": len(self),
+                "mappings": maps_out}
+
+    def __repr__(self) -> str:
+        return (f"<ProcessDirty pid={self.pid} {self.pages} pages written in "
+                f"{len(self.written())} of {len(self)} mappings over {self.elapsed:.3f} s>")
+
+
+# ---- permission and liveness helpers ------------------------------------------------------
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _status(pid: int | str) -> dict[str, str]:
+    text = _read_text(f"/proc/{pid}/status") or ""
+    out = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
+
+
+def _thread_state(pid: int, tid: int) -> str:
+    text = _read_text(f"/proc/{pid}/task/{tid}/stat")
+    if not text:
+        return "X"
+    return text.rpartition(")")[2].split()[0]
+
+
+def _has_cap_sys_ptrace() -> bool:
+    try:
+        return bool(int(_status("self").get("CapEff", "0"), 16) >> _CAP_SYS_PTRACE & 1)
+    except ValueError:
+        return False
+
+
+def _is_descendant(pid: int) -> bool:
+    me = os.getpid()
+    for _ in range(4096):
+        if pid == me:
+            return True
+        try:
+            pid = int(_status(pid).get("PPid", "0"))
+        except ValueError:
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
+def why_no_ptrace(pid: int) -> str:
+    """Why attaching to ``pid`` with ptrace is refused, as precisely as /proc tells, and what
+    to do about it."""
+    st = _status(pid)
+    tracer = int(st.get("TracerPid", "0") or 0)
+    if tracer:
+        comm = (_read_text(f"/proc/{tracer}/comm") or "?").strip()
+        return (f"process {pid} is already traced by process {tracer} ({comm}), and a process "
+                "can have only one tracer: detach that debugger or strace first")
+    privileged = _has_cap_sys_ptrace()
+    scope_text = _read_text("/proc/sys/kernel/yama/ptrace_scope")
+    scope = int(scope_text) if scope_text and scope_text.strip().isdigit() else None
+    if scope == 3:
+        return ("Yama kernel.yama.ptrace_scope=3 forbids every ptrace attach until reboot; "
+                "start the program under 'pagewatch run' instead (which needs it too) or "
+                "reboot with a lower ptrace_scope")
+    if scope == 2 and not privileged:
+        return ("Yama kernel.yama.ptrace_scope=2 lets only CAP_SYS_PTRACE attach: run "
+                "pagewatch as root (sudo) or lower the setting with "
+                "'sysctl kernel.yama.ptrace_scope=1'")
+    uids = st.get("Uid", "").split()
+    me = os.geteuid()
+    if uids and not privileged and any(int(u) != me for u in uids[:3]):
+        return (f"process {pid} belongs to uid {uids[0]} (effective {uids[1]}) and pagewatch "
+                f"runs as uid {me} without CAP_SYS_PTRACE: run pagewatch as the same user, "
+                "or as root (sudo)")
+    if scope == 1 and not privileged and not _is_descendant(pid):
+        return ("Yama kernel.yama.ptrace_scope=1 lets a process attach only to its "
+                "descendants: start the program under 'pagewatch run', run pagewatch with "
+                "CAP_SYS_PTRACE (sudo), or set 'sysctl kernel.yama.ptrace_scope=0'")
+    return (f"ptrace attach to process {pid} was refused: it may be non-dumpable (a setuid or "
+            "setgid program, or prctl(PR_SET_DUMPABLE, 0)) or an LSM (SELinux, AppArmor) "
+            "forbids it; run pagewatch as root (CAP_SYS_PTRACE)")
+
+
+def _find_gadget(pid: int) -> int:
+    """Address of a ``syscall`` instruction (0f 05) in the target, read-only: the [vdso] has
+    several (its fallbacks), else any executable mapping does."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            ms = [_parse(line) for line in f if line.strip()]
+    except OSError as exc:
+        raise proc_open_error(exc, pid, "maps") from exc
+    if not ms:
+        raise TargetGone(f"process {pid} has no memory (a kernel thread, or it is exiting)")
+    candidates = [m for m in ms if m.path == "[vdso]"]
+    candidates += [m for m in ms if m.executable and m.readable
+                   and m.path not in SPECIAL_MAPPINGS]
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(why_no_ptrace(pid), exc.errno) from exc
+        raise proc_open_error(exc, pid, "mem") from exc
+    try:
+        for i, m in enumerate(candidates):
+            try:
+                data = os.pread(fd, min(m.size, 16 << 20), m.start)
+            except OSError:
+                continue
+            if i == 0 and m.path == "[vdso]" and data[:5] != b"\x7fELF\x02":
+                raise Unsupported(f"tracking process {pid}", "it runs 32-bit code (its vDSO "
+                                  "is not a 64-bit ELF)")
+            at = data.find(b"\x0f\x05")
+            if at >= 0:
+                return m.start + at
+    finally:
+        os.close(fd)
+    raise Unsupported(f"tracking process {pid}", "no syscall instruction found in its "
+                      "executable memory to run the injected userfaultfd(2) call")
+
+
+def _pick_thread(pid: int) -> int:
+    """The thread to inject into: the main one, unless it has exited."""
+    if _thread_state(pid, pid) not in "ZX":
+        return pid
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError as exc:
+        raise TargetGone(f"process {pid} has exited", exc.errno) from exc
+    for tid in tids:
+        if _thread_state(pid, tid) not in "ZX":
+            return tid
+    raise TargetGone(f"process {pid} is exiting")
+
+
+def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """Create a userfaultfd in process ``pid`` and take it; returns ``(fd, info)``.
+
+    ``info`` has ``stop_ms`` (how long the target thread was stopped), ``wait_ms`` (until it
+    stopped), ``flags`` (the userfaultfd(2) flags that worked) and ``tid``.
+    """
+    if pid == os.getpid():
+        raise PagewatchError("a process cannot ptrace itself: use pagewatch.Tracker to track "
+                             "this process's own memory")
+    st = _status(pid)
+    if not st:
+        raise TargetGone(f"process {pid} does not exist (or has exited)", errno.ESRCH)
+    if st.get("Seccomp", "0") == "2":
+        raise Unsupported(
+            f"userfaultfd injection into process {pid}",
+            "it runs under a seccomp filter, which could kill it for an unexpected "
+            "userfaultfd(2) call", "Start it without the filter, or use the soft-dirty "
+            "backend where the kernel has it")
+    gadget = _find_gadget(pid)
+    tid = _pick_thread(pid)
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd, tries, raw = _native.inject_userfaultfd(tid, pidfd, gadget,
+                                                    [flags | UFFD_USER_MODE_ONLY, flags],
+                                                    int(timeout * 1000))
+    except NotImplementedError as exc:
+        raise Unsupported("userfaultfd injection", str(exc)) from exc
+    except OSError as exc:
+        what = exc.filename or "ptrace"
+        if exc.errno == errno.ESRCH:
+            raise TargetGone(f"process {pid} exited while pagewatch attached ({what})",
+                             exc.errno) from exc
+        if exc.errno == errno.EPERM and "SEIZE" in str(what):
+            raise PermissionDenied(why_no_ptrace(pid), exc.errno) from exc
+        if exc.errno == errno.ETIMEDOUT:
+            raise PagewatchError(
+                f"thread {tid} of process {pid} did not stop within {timeout:g} s (it is in an "
+                "uninterruptible sleep, state D, or a vfork parent waiting for its child): "
+                "try again, or with a longer timeout", exc.errno) from exc
+        if exc.errno == errno.ENOEXEC:
+            raise Unsupported(f"tracking process {pid}", "it runs 32-bit code") from exc
+        raise PagewatchError(f"injecting userfaultfd(2) into process {pid} failed at "
+                             f"{what}: {exc.strerror}", exc.errno) from exc
+    info = {"tid": tid, "stop_ms": raw["stop_ns"] / 1e6, "wait_ms": raw["wait_ns"] / 1e6,
+            "tries": tries, "flags": None}
+    if raw.get("detach_errno"):
+        # The target was left as it was only if the restore worked: say it loudly.
+        if fd >= 0:
+            os.close(fd)
+        raise PagewatchError(f"restoring process {pid} after the injection failed at "
+                             f"{raw['detach_what']}: {os.strerror(raw['detach_errno'])}",
+                             raw["detach_errno"])
+    if fd < 0:
+        errs = [f"flags {fl:#x}: {errno.errorcode.get(-r, -r)}" for fl, r in tries]
+        if raw.get("getfd_errno"):
+            e = raw["getfd_errno"]
+            raise PermissionDenied(f"pidfd_getfd(2) could not take the userfaultfd of process "
+                                   f"{pid} ({os.strerror(e)}): it needs the same ptrace "
+                                   "permission as attaching", e)
+        raise Unsupported(f"userfaultfd in process {pid}",
+                          "the target's userfaultfd(2) calls failed (" + "; ".join(errs) +
+                          "): the kernel lacks CONFIG_USERFAULTFD or a policy forbids it",
+                          "Use the soft-dirty backend where the kernel has it",
+                          -tries[-1][1] if tries else None)
+    info["flags"] = next(fl for fl, r in tries if r >= 0)
+    return fd, info
+
+
+# ---- the tracker ------------------------------------------------------------------------
+
+
+def _selector(mappings: str | Callable[[Mapping], bool]) -> Callable[[Mapping], bool]:
+    if callable(mappings):
+        user = mappings
+        return lambda m: m.path not in SPECIAL_MAPPINGS and bool(user(m))
+    if mappings == "writable":
+        return lambda m: m.writable and m.path not in SPECIAL_MAPPINGS
+    if mappings == "private":
+        return lambda m: m.writable and m.private and m.path not in SPECIAL_MAPPINGS
+    raise ValueError(f"mappings={mappings!r}: use 'writable' (every writable mapping, private "
+                     "or shared), 'private' (writable private ones) or a function "
+                     "Mapping -> bool")
+
+
+_sd_cache: tuple[bool, str] | None = None
+
+
+def soft_dirty_available() -> tuple[bool, str]:
+    """Whether soft-dirty bits work on this kernel (tried once, in a child process)."""
+    global _sd_cache
+    if _sd_cache is None:
+        from .kernel.probe import _probe_soft_dirty
+
+        c = _probe_soft_dirty()
+        _sd_cache = (c.available, c.reason)
+    return _sd_cache
+
+
+def _runs_of(regions: np.ndarray) -> np.ndarray:
+    return np.asarray(regions, dtype=np.uint64).reshape(-1, 3)[:, :2].astype(np.int64)
+
+
+class _Intervals:
+    """Sorted, disjoint ``[start, end)`` address ranges: the ranges we registered."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, int]] = []
+
+    def add(self, start: int, end: int) -> None:
+        keep = [(s, e) for s, e in self.runs if e < start or s > end]
+        for s, e in self.runs:
+            if not (e < start or s > end):
+                start, end = min(start, s), max(end, e)
+        keep.append((start, end))
+        self.runs = sorted(keep)
+
+    def remove(self, start: int, end: int) -> None:
+        out = []
+        for s, e in self.runs:
+            if e <= start or s >= end:
+                out.append((s, e))
+                continue
+            if s < start:
+                out.append((s, start))
+            if e > end:
+                out.append((end, e))
+        self.runs = out
+
+    def within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` in the set."""
+        i = bisect.bisect_right(self.runs, (start, start)) - 1
+        out = []
+        for s, e in self.runs[max(i, 0):]:
+            if s >= end:
+                break
+            if e > start:
+                out.append((max(s, start), min(e, end)))
+        return out
+
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` not in the set."""
+        out, cur = [], start
+        for s, e in self.within(start, end):
+            if s > cur:
+                out.append((cur, s))
+            cur = e
+        if cur < end:
+            out.append((cur, end))
+        return out
+
+    def keep_only(self, ranges: list[tuple[int, int]]) -> None:
+        """Drop what lies outside ``ranges`` (sorted): unmapped memory."""
+        out = []
+        for a, b in ranges:
+            out += self.within(a, b)
+        merged: list[tuple[int, int]] = []
+        for s, e in out:
+            if merged and merged[-1][1] >= s:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        self.runs = merged
+
+
+class ProcessTracker:
+    """Which pages another process writes.
+
+    Parameters
+    ----------
+    pid
+        The process.  Needs ptrace permission: the same user (and a Yama ``ptrace_scope`` that
+        allows it) or ``CAP_SYS_PTRACE``.
+    backend
+        ``"auto"`` (``uffd-async``, else ``soft-dirty``), ``"uffd-async"`` or ``"soft-dirty"``.
+    mappings
+        ``"writable"`` (every writable mapping, private or shared; the default),
+        ``"private"`` (writable private mappings only) or a function ``Mapping -> bool``.
+        The kernel's ``[vvar]``, ``[vdso]`` and ``[vsyscall]`` are never tracked.
+    timeout
+        Seconds to wait for the target thread to stop at attach.
+    strict
+        Raise :class:`~pagewatch.errors.Unsupported` when a mapping cannot be tracked, instead
+        of listing it in ``skipped``.
+
+    Examples
+    --------
+    >>> with ProcessTracker(pid) as p:            # doctest: +SKIP
+    ...     time.sleep(1)
+    ...     d = p.collect()
+    ...     for mapping, pages in d.top(3):
+    ...         print(mapping.path, len(pages))
+    """
+
+    def __init__(self, pid: int, backend: str = "auto",
+                 mappings: str | Callable[[Mapping], bool] = "writable", *,
+                 timeout: float = 5.0, strict: bool = False) -> None:
+        self.pid = int(pid)
+        self._select = _selector(mappings)
+        self.strict = strict
+        self.closed = False
+        self._lock = threading.RLock()
+        self._fds: list[int] = []
+        self._uffd: Userfaultfd | None = None
+        self._pagemap: Pagemap | None = None
+        #: mappings that could not be tracked, keyed by (start, end)
+        self._skipped: dict[tuple[int, int], SkippedMapping] = {}
+        #: ranges registered with our userfaultfd
+        self._ours = _Intervals()
+        #: absolute ``[start, end)`` runs reported at first sight, kept until a reset
+        self._pending = _EMPTY_RUNS
+        #: ptrace stop of the target at attach: ``stop_ms``, ``wait_ms``, ``tid``, ``flags``
+        self.attach_info: dict[str, Any] = {}
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError as exc:
+            raise TargetGone(f"process {self.pid} does not exist (or has exited)",
+                             exc.errno) from exc
+        except OSError as exc:
+            raise PagewatchError(f"pidfd_open({self.pid}) failed: {exc.strerror}",
+                                 exc.errno) from exc
+        try:
+            self._open(backend, timeout)
+        except BaseException:
+            self._release()
+            raise
+        self._last_reset = time.monotonic()
+
+    # ---- attach --------------------------------------------------------------------------
+    def _open(self, backend: str, timeout: float) -> None:
+        # maps and pagemap are opened first: they stay bound to this program's memory, so an
+        # exec later (or during the attach) is noticed when they read empty.
+        try:
+            self._maps_fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise proc_open_error(exc, self.pid, "maps") from exc
+        self._fds.append(self._maps_fd)
+        self._pagemap = Pagemap(self.pid)
+        if backend not in ("auto", *BACKENDS):
+            raise ValueError(f"unknown backend {backend!r} for a process: choose "
+                             f"{', '.join(BACKENDS)} or 'auto'")
+        env = os.environ.get("PAGEWATCH_BACKEND")
+        if backend == "auto" and env in BACKENDS:
+            backend = env
+        reasons: list[str] = []
+        if backend in ("auto", "uffd-async"):
+            from .kernel.probe import probe_wp_async
+
+            ok, why = probe_wp_async()
+            if ok:
+                try:
+                    self._attach_uffd(timeout)
+                    self.backend = "uffd-async"
+                    self.backend_reason = ("asked for" if backend != "auto" else
+                                           "best available") + f": {why}"
+                    return
+                except Unsupported as exc:
+                    if backend != "auto":
+                        raise
+                    reasons.append(f"uffd-async: {exc}")
+            elif backend == "uffd-async":
+                raise Unsupported("the uffd-async backend", why,
+                                  "Use backend='soft-dirty' where the kernel has it")
+            else:
+                reasons.append(f"uffd-async: {why}")
+        ok, why = soft_dirty_available()
+        if ok:
+            self._attach_soft_dirty()
+            self.backend = "soft-dirty"
+            self.backend_reason = ("asked for" if backend != "auto" else "fallback") + (
+                f": {why}" + (f" (not {'; '.join(reasons)})" if reasons else ""))
+            return
+        reasons.append(f"soft-dirty: {why}")
+        raise Unsupported(f"tracking the writes of process {self.pid}",
+                          "neither way works here: " + "; ".join(reasons),
+                          "It needs Linux 6.7+ (userfaultfd WP_ASYNC + PAGEMAP_SCAN) or a "
+                          "kernel with CONFIG_MEM_SOFT_DIRTY")
+
+    def _attach_uffd(self, timeout: float) -> None:
+        fd, info = take_userfaultfd(self.pid, self._pidfd, timeout)
+        self.attach_info = info
+        self._uffd = Userfaultfd(int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED), fd=fd)
+        ms = self._read_maps()  # TargetExec if it exec'd while we attached
+        for m in ms:
+            self._register(m, [(m.start, m.end)], first_sight=False)
+        self._check_strict()
+
+    def _attach_soft_dirty(self) -> None:
+        self._read_maps()
+        clear_refs(self.pid, 4)
+
+    # ---- maps and liveness -----------------------------------------------------------------
+    def _read_maps(self) -> list[Mapping]:
+        """The tracked program's mappings that are selected, in address order."""
+        return [m for m in self._read_all_maps() if self._select(m)]
+
+    def _read_all_maps(self) -> list[Mapping]:
+        """Every mapping of the tracked program (read through the file opened at attach, so
+        that it is the same program's memory: empty once it exits or execs)."""
+        chunks = []
+        try:
+            os.lseek(self._maps_fd, 0, os.SEEK_SET)
+            while True:
+                b = os.read(self._maps_fd, 1 << 16)
+                if not b:
+                    break
+                chunks.append(b)
+        except OSError as exc:
+            self._raise_gone(exc.errno)
+        text = b"".join(chunks).decode(errors="replace")
+        if not text:
+            self._raise_gone(None)
+        return [_parse(line) for line in text.splitlines() if line.strip()]
+
+    def _alive(self) -> bool:
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        r, _, _ = select.select([self._pidfd], [], [], 0)
+        return not r
+
+    def _raise_gone(self, err: int | None, collected: ProcessDirty | None = None
+                    ) -> NoReturn:
+        """The memory we track is gone: say whether the process exited or exec'd."""
+        if self._alive():
+            fresh = _read_text(f"/proc/{self.pid}/maps")
+            if fresh:
+                raise TargetExec(f"process {self.pid} executed a new program: the memory "
+                                 "that was tracked is gone; attach again to track the new "
+                                 "program", err, collected)
+        raise TargetGone(f"process {self.pid} has exited", err or errno.ESRCH, collected)
+
+    # ---- registration (uffd-async) ---------------------------------------------------------
+    def _scan(self, start: int, end: int, **kw: Any) -> np.ndarray:
+        assert self._pagemap is not None
+        regions, _, _ = _scan(self._pagemap, start, end, kw.get("category_mask", 0),
+                              kw.get("category_inverted", 0), kw.get("category_anyof_mask", 0),
+                              kw.get("return_mask", 0), kw.get("wp_matching", False),
+                              kw.get("check_wpasync", False), 0, 256, True)
+        return regions
+
+    def _unregistered(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Runs of ``[start, end)`` whose VMAs carry no async write-protect registration:
+        holes of unregistered VMAs have no WPALLOWED category, so they match inverted."""
+        rows = self._scan(start, end, category_mask=_WPALLOWED, category_inverted=_WPALLOWED)
+        return [(int(a), int(b)) for a, b in _runs_of(rows).tolist()]
+
+    def _own_data(self, m: Mapping, start: int, end: int, mask: int, anyof: int) -> np.ndarray:
+        """Runs of pages that hold data of their own: for a private mapping, not the zero
+        page and not an unmodified page of the file."""
+        rows = self._scan(start, end, category_mask=mask, category_anyof_mask=anyof,
+                          return_mask=_NOT_OWN_DATA)
+        if m.private:
+            rows = rows[(rows[:, 2] & np.uint64(_NOT_OWN_DATA)) == 0]
+        return _runs_of(rows)
+
+    def _register(self, m: Mapping, parts: list[tuple[int, int]], first_sight: bool
+                  ) -> tuple[np.ndarray, bool]:
+        """Register and protect ``parts`` of ``m``; returns what to report for them the first
+        time (nothing at attach: tracking starts there) and whether any was registered."""
+        assert self._uffd is not None
+        found = []
+        registered = False
+        for s, e in parts:
+            if (s, e) in self._skipped:
+                continue
+            try:
+                self._uffd.register(s, e - s)
+            except PagewatchError as exc:
+                if exc.errno != errno.ENOMEM:  # ENOMEM: unmapped meanwhile, seen next time
+                    self._skip(m, s, e, exc)
+                continue
+            self._ours.add(s, e)
+            registered = True
+            # Before protecting: pages holding data (after, uffd-wp markers read as swapped).
+            if first_sight:
+                found.append(self._own_data(m, s, e, 0, _HOLDS_DATA))
+            try:
+                self._uffd.writeprotect(s, e - s)  # WP_UNPOPULATED: empty pages too
+            except PagewatchError:
+                continue  # unmapped meanwhile
+            if first_sight:
+                # Pages written between that look and the protection.
+                found.append(self._own_data(m, s, e, int(PageCategory.PRESENT), 0))
+        return (np.concatenate(found) if found else _EMPTY_RUNS), registered
+
+    def _skip(self, m: Mapping, s: int, e: int, exc: PagewatchError) -> None:
+        part = m if (s, e) == (m.start, m.end) else dataclasses.replace(m, start=s, end=e)
+        if exc.errno == errno.EBUSY:
+            reason = ("already registered with another userfaultfd (the target's own, or "
+                      "another tracker's; the kernel allows one per mapping): it cannot be "
+                      "tracked until that one unregisters it")
+        elif exc.errno == errno.EINVAL:
+            reason = ("the kernel refuses write-protect on this kind of memory (VM_PFNMAP/IO "
+                      "device memory, DAX, or an unaligned hugetlb range)")
+        elif exc.errno == errno.EPERM:
+            reason = "the mapping may never become writable (no VM_MAYWRITE)"
+        else:
+            reason = str(exc)
+        self._skipped[(s, e)] = SkippedMapping(part, reason, exc.errno)
+
+    def _check_strict(self) -> None:
+        if self.strict and self._skipped:
+            raise Unsupported(f"tracking every selected mapping of process {self.pid}",
+                              "; ".join(str(s) for s in self._skipped.values()),
+                              "Pass strict=False to track the others and list these in "
+                              "'skipped'")
+
+    def _collect_uffd(self, m: Mapping, reset: bool) -> tuple[np.ndarray, bool]:
+        """Written runs of mapping ``m``, and whether part of it was seen for the first time."""
+        new, is_new = self._register(m, self._ours.missing(m.start, m.end), first_sight=True)
+        for _attempt in range(3):
+            try:
+                got = [_runs_of(self._scan(s, e, category_mask=_WRITTEN, return_mask=_WRITTEN,
+                                           wp_matching=reset, check_wpasync=True))
+                       for s, e in self._ours.within(m.start, m.end)]
+                break
+            except InvalidRange as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+            # A range we registered was unmapped and mapped again (or moved by mremap): its
+            # new VMA is not registered.  Register it as new and scan again.
+            for s, e in self._ours.within(m.start, m.end):
+                for a, b in self._unregistered(s, e):
+                    self._ours.remove(a, b)
+            more, _ = self._register(m, self._ours.missing(m.start, m.end), first_sight=True)
+            new = np.concatenate([new, more])
+            is_new = True
+        else:
+            # The target keeps remapping this range: report all of it rather than miss a write.
+            return np.array([[m.start, m.end]], np.int64), True
+        if not reset and len(new):
+            self._pending = np.concatenate([self._pending, new])
+            new = _EMPTY_RUNS
+        return np.concatenate([new, *got]) if got else new, is_new
+
+    # ---- soft-dirty --------------------------------------------------------------------------
+    def _collect_soft_dirty(self, m: Mapping) -> np.ndarray:
+        assert self._pagemap is not None
+        fd = self._pagemap.fileno()
+        out = []
+        step = 1 << 16  # pages per read: 512 KiB of entries
+        for first in range(m.start // PAGE_SIZE, m.end // PAGE_SIZE, step):
+            n = min(step, m.end // PAGE_SIZE - first)
+            try:
+                data = os.pread(fd, n * 8, first * 8)
+            except OSError as exc:
+                if exc.errno in (errno.ESRCH, errno.ENOENT):
+                    self._raise_gone(exc.errno)
+                raise PagewatchError(f"reading the pagemap of process {self.pid} failed: "
+                                     f"{exc.strerror}", exc.errno) from exc
+            e = np.frombuffer(data, dtype=np.uint64)
+            hit = ((e & np.uint64(PM_SOFT_DIRTY)) != 0) & (
+                (e & np.uint64(PM_PRESENT | PM_SWAP)) != 0)
+            pages = np.flatnonzero(hit).astype(np.int64) + first
+            if len(pages):
+                brk = np.flatnonzero(np.diff(pages) != 1) + 1
+                starts = pages[np.concatenate(([0], brk))]
+                ends = pages[np.concatenate((brk - 1, [len(pages) - 1]))] + 1
+                out.append(np.stack([starts, ends], axis=1) * PAGE_SIZE)
+        return np.concatenate(out) if out else _EMPTY_RUNS
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def skipped(self) -> list[SkippedMapping]:
+        """Mappings (or parts) that could not be tracked, with the reason."""
+        return list(self._skipped.values())
+
+    @property
+    def attach_stop_ms(self) -> float | None:
+        """How long the target thread was stopped for the injection, in milliseconds."""
+        v = self.attach_info.get("stop_ms")
+        return float(v) if v is not None else None
+
+    def mappings(self) -> list[Mapping]:
+        """The selected mappings of the target, now."""
+        self._check_open()
+        return self._read_maps()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this ProcessTracker is closed")
+
+    def collect(self, reset: bool = True) -> ProcessDirty:
+        """The pages written since the last reset (or the attach), per mapping.
+
+        With ``reset=True`` (the default) they are reported and protected again atomically
+        (``uffd-async``): a write racing the collect is reported by this collect or the next.
+
+        Raises
+        ------
+        TargetGone
+            The process exited (:class:`TargetExec`: it executed a new program); its
+            ``collected`` holds what this collect found before noticing.
+        """
+        self._check_open()
+        with self._lock:
+            everything = self._read_all_maps()
+            ms = [m for m in everything if self._select(m)]
+            self._forget_unmapped(everything)
+            new: set[Mapping] = set()
+            done: list[tuple[Mapping, np.ndarray]] = []
+            try:
+                for m in ms:
+                    if self.backend == "uffd-async":
+                        runs, is_new = self._collect_uffd(m, reset)
+                        if is_new:
+                            new.add(m)
+                    else:
+                        runs = self._collect_soft_dirty(m)
+                    done.append((m, runs))
+                if self.backend == "soft-dirty" and reset:
+                    clear_refs(self.pid, 4)
+            except TargetGone as exc:
+                partial = self._result(done, new, reset)
+                self._raise_gone(exc.errno, partial)
+            result = self._result(done, new, reset)
+            # An exit or exec during the scans leaves them empty: make sure we saw memory.
+            try:
+                os.lseek(self._maps_fd, 0, os.SEEK_SET)
+                alive = bool(os.read(self._maps_fd, 1))
+            except OSError:
+                alive = False
+            if not alive:
+                self._raise_gone(None, result)
+            self._check_strict()
+            return result
+
+    def _forget_unmapped(self, everything: list[Mapping]) -> None:
+        spans = [(m.start, m.end) for m in everything if self._select(m)]
+        self._ours.keep_only(spans)
+        live = _Intervals()
+        for a, b in spans:
+            live.add(a, b)
+        for key in [k for k in self._skipped if live.missing(*k)]:
+            del self._skipped[key]
+
+    def _result(self, done: list[tuple[Mapping, np.ndarray]], new: set[Mapping],
+                reset: bool) -> ProcessDirty:
+        now = time.monotonic()
+        pending = self._pending
+        entries = {}
+        for m, runs in done:
+            if len(pending):
+                inside = pending[(pending[:, 1] > m.start) & (pending[:, 0] < m.end)]
+                if len(inside):
+                    runs = np.concatenate([runs, inside])
+            npages = (m.end - m.start) // PAGE_SIZE
+            lo = np.clip((runs[:, 0] - m.start) // PAGE_SIZE, 0, npages)
+            hi = np.clip((runs[:, 1] - m.start + PAGE_SIZE - 1) // PAGE_SIZE, 0, npages)
+            entries[m] = DirtyPages(np.stack([lo, hi], axis=1), m.start, npages)
+        result = ProcessDirty(self.pid, entries, time=now, elapsed=now - self._last_reset,
+                              new=frozenset(new), skipped=tuple(self._skipped.values()),
+                              backend=self.backend)
+        if reset:
+            self._pending = _EMPTY_RUNS
+            self._last_reset = now
+        return result
+
+    def reset(self) -> None:
+        """Forget what was written so far."""
+        self.collect(reset=True)
+
+    def close(self) -> None:
+        """Stop tracking.
+
+        Closing the userfaultfd makes the kernel unregister every range it registered and
+        (Linux 6.9+, 6.8.10, 6.6.31) drop the write-protection: the target's memory is left as
+        it was.  (On older kernels the stale protection costs one extra, silently resolved
+        fault per page later written.)  Ranges are not unregistered one by one: a range that
+        was unmapped and mapped again may belong to the target's own userfaultfd by now.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._release()
+
+    def _release(self) -> None:
+        if self._uffd is not None:
+            self._uffd.close()
+        if self._pagemap is not None:
+            self._pagemap.close()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        if getattr(self, "_pidfd", -1) >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def __enter__(self) -> ProcessTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"backend={getattr(self, 'backend', '?')}"
+        return f"<ProcessTracker pid={self.pid} {state}>"
