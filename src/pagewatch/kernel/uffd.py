@@ -129,9 +129,10 @@ class Userfaultfd:
                 raise InvalidRange(f"{rng} cannot be registered: a mapping there is not "
                                    "writable (no VM_MAYWRITE)", exc.errno) from exc
             if exc.errno == errno.EINVAL:
-                raise InvalidRange(f"{rng} cannot be registered for write-protect: a mapping "
-                                   "of a kind uffd-wp does not support on this kernel, or not "
-                                   "aligned to its huge page size", exc.errno) from exc
+                raise InvalidRange(f"{rng} cannot be registered for write-protect: nothing "
+                                   "is mapped there, or a mapping of a kind uffd-wp does not "
+                                   "support on this kernel, or not aligned to its huge page "
+                                   "size", exc.errno) from exc
             raise PagewatchError(f"UFFDIO_REGISTER of {rng} failed: {exc.strerror}",
                                  exc.errno) from exc
         if mode & RegisterMode.WP and not ioctls & (1 << UffdIoctl.WRITEPROTECT):
