@@ -588,10 +588,14 @@ class ProcessTracker:
         # exec later (or during the attach) is noticed when they read empty.
         try:
             self._maps_fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            self._fds.append(self._maps_fd)
+            self._pagemap = Pagemap(self.pid)
+        except PermissionDenied as exc:
+            raise PermissionDenied(why_no_ptrace(self.pid), exc.errno) from exc
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDenied(why_no_ptrace(self.pid), exc.errno) from exc
             raise proc_open_error(exc, self.pid, "maps") from exc
-        self._fds.append(self._maps_fd)
-        self._pagemap = Pagemap(self.pid)
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"unknown backend {backend!r} for a process: choose "
                              f"{', '.join(BACKENDS)} or 'auto'")

@@ -1,0 +1,1 @@
+"""Target programs for the ProcessTracker tests (compiled by the tests themselves)."""

@@ -1,0 +1,95 @@
+"""Helpers shared by the ProcessTracker tests: build and drive the target programs."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def duration(default: float = 1.5) -> float:
+    """How long concurrency tests run (env PAGEWATCH_TEST_SECONDS scales them)."""
+    return float(os.environ.get("PAGEWATCH_TEST_SECONDS", default))
+
+
+@functools.cache
+def build(name: str = "pattern") -> Path:
+    """Compile ``tests/targets/<name>.c`` once per session into a temporary folder."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("the process tests need a C compiler (cc)")
+    out = Path(tempfile.mkdtemp(prefix="pagewatch-targets-")) / name
+    subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(HERE / f"{name}.c")],
+                   check=True)
+    return out
+
+
+class Target:
+    """A running target program driven one command line at a time."""
+
+    def __init__(self, argv: list[str], **kw: object) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1, **kw)  # type: ignore[call-overload]
+        self.pid = self.proc.pid
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> str:
+        assert self.proc.stdout is not None
+        out: str = self.proc.stdout.readline()
+        if not out:
+            raise EOFError(f"target {self.pid} closed its output (exit code "
+                           f"{self.proc.poll()})")
+        return out.strip()
+
+    def cmd(self, line: str) -> str:
+        self.send(line)
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def pattern_target() -> Target:
+    return Target([str(build("pattern")), "cmd"])
+
+
+def python_target(code: str) -> Target:
+    return Target([sys.executable, "-c", code])
+
+
+def stop(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and wait until every thread is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rpartition(")")[2].split()[0])
+            except OSError:
+                continue
+        if states and all(s in "TtZX" for s in states):
+            return
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop")
