@@ -210,6 +210,19 @@ static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, 
             err = errno;
             break;
         }
+        int got = ret;
+        if (n > 0 && ret > 0) { /* a stale walk_end repeats runs: see core.c */
+            uint64_t held = buf[n - 1].end;
+            int skip = 0;
+            while (skip < ret && buf[n + skip].end <= held)
+                skip++;
+            if (skip < ret && buf[n + skip].start < held)
+                buf[n + skip].start = held;
+            if (skip) {
+                memmove(buf + n, buf + n + skip, (ret - skip) * sizeof(*buf));
+                ret -= skip;
+            }
+        }
         for (int i = 0; i < ret; i++)
             found += (buf[n + i].end - buf[n + i].start) / ps;
         if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
@@ -219,7 +232,7 @@ static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, 
             ret--;
         }
         n += ret;
-        if (arg.walk_end <= cursor && ret == 0) {
+        if (arg.walk_end <= cursor && got == 0) {
             err = EAGAIN; /* no progress: a partial hugetlb page */
             break;
         }

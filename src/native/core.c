@@ -207,6 +207,24 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
             err = errno;
             break;
         }
+        /* Linux (6.18 at least) can return a walk_end behind where the call stopped:
+         * do_pagemap_scan() keeps the walk_end of an internal restart (its 512-run bounce
+         * buffer filled) when its last internal walk completes, so the next call reports
+         * runs again.  Drop what lies below the end of the runs held: the output stays in
+         * address order without repeats (each dropped page is in it already). */
+        int got = ret;
+        if (n > 0 && ret > 0) {
+            unsigned long long held = buf[n - 1].end;
+            int skip = 0;
+            while (skip < ret && buf[n + skip].end <= held)
+                skip++;
+            if (skip < ret && buf[n + skip].start < held)
+                buf[n + skip].start = held;
+            if (skip) {
+                memmove(buf + n, buf + n + skip, (ret - skip) * sizeof(*buf));
+                ret -= skip;
+            }
+        }
         for (int i = 0; i < ret; i++) {
             struct pw_page_region r = buf[n + i];
             found += (r.end - r.start) / (unsigned long long)sysconf(_SC_PAGESIZE);
@@ -219,7 +237,7 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
             ret -= 1;
         }
         n += ret;
-        if (arg.walk_end <= cursor && ret == 0) {
+        if (arg.walk_end <= cursor && got == 0) {
             /* No progress: the kernel backed out (partial hugetlb page); report where. */
             break;
         }
