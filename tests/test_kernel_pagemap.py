@@ -1569,3 +1569,69 @@ def test_an_unregistered_vma_inside_the_range_fails_check_wpasync(
     assert exc.value.errno == errno.EPERM
     assert runs(get(pm, a, 0, 2), a) == [(0, 2)]
     assert runs(get(pm, a, 4, 6), a) == [(4, 6)]
+
+
+# =============================================================================================
+# Soft-dirty: pagemap bit 55 and PAGE_IS_SOFT_DIRTY (the selftest soft-dirty.c's cross-check)
+# =============================================================================================
+
+def _why_no_soft_dirty() -> str:
+    """'' when CONFIG_MEM_SOFT_DIRTY is on: every new VMA then shows VmFlags 'sd'."""
+    a = Area.map(1)
+    try:
+        current = False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    current = lo <= a.addr < hi
+                elif current and line.startswith("VmFlags:"):
+                    if "sd" in line.split()[1:]:
+                        return ""
+                    break
+    finally:
+        a.unmap()
+    return ("no soft-dirty: new mappings carry no VM_SOFTDIRTY flag (kernel built without "
+            "CONFIG_MEM_SOFT_DIRTY, or an arch without it)")
+
+
+NO_SOFT_DIRTY = _why_no_soft_dirty()
+needs_soft_dirty = pytest.mark.skipif(bool(NO_SOFT_DIRTY), reason=NO_SOFT_DIRTY or "n/a")
+
+
+def _soft_dirty_after_clear_and_write(with_scan: bool) -> str:
+    """In a child (clear_refs is process-wide): clear, write page 1 of 4, report bit 55 and,
+    with ``with_scan``, the pages PAGEMAP_SCAN calls SOFT_DIRTY."""
+    def child() -> str:
+        a = Area.map(4)
+        a.fill()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("4\n")
+        a.write(1)
+        bits = decode_pagemap(read_pagemap("self", a.addr, a.end)).soft_dirty.tolist()
+        out = f"bits={bits}"
+        if with_scan:
+            sd = int(PageCategory.SOFT_DIRTY)
+            got = pagemap_scan("self", a.addr, a.end, category_mask=sd, return_mask=sd)
+            out += f" scan={runs(got, a)}"
+        return out
+
+    return _in_child(child)
+
+
+@needs_soft_dirty
+def test_soft_dirty_bit_55_is_cleared_by_clear_refs_and_set_by_a_write() -> None:
+    assert _soft_dirty_after_clear_and_write(False) == "bits=[False, True, False, False]"
+
+
+@needs_soft_dirty
+@needs_scan
+def test_soft_dirty_category_agrees_with_pagemap_bit_55(pm: Pagemap, area: Callable[..., Area],
+                                                        ) -> None:
+    try:
+        pagemap_scan_once(pm, 0, 0, category_mask=int(PageCategory.SOFT_DIRTY))
+    except OSError:
+        pytest.skip("PAGEMAP_SCAN has no PAGE_IS_SOFT_DIRTY here (it came in Linux 6.8)")
+    assert _soft_dirty_after_clear_and_write(True) == (
+        "bits=[False, True, False, False] scan=[(1, 2)]")
