@@ -492,3 +492,25 @@ def test_a_closed_pagemap_is_refused() -> None:
     with pytest.raises(ValueError, match="closed"):
         pm.fileno()
     pm.close()
+
+
+@pytest.mark.skipif(not HAS_SCAN, reason="no PAGEMAP_SCAN here (Linux 6.7+)")
+def test_scan_through_a_pagemap_whose_process_exited_raises_target_gone() -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    with Pagemap(pid) as pm:
+        with open(f"/proc/{pid}/maps") as f:
+            stack = [line for line in f if "[stack]" in line][0]
+        lo, hi = (int(x, 16) for x in stack.split()[0].split("-"))
+        assert len(pagemap_scan(pm, lo, hi, category_mask=8, return_mask=8)) > 0
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+        with pytest.raises(TargetGone, match="exited") as exc:
+            pagemap_scan(pm, lo, hi, return_mask=8)
+        assert exc.value.errno == errno.ESRCH
