@@ -177,6 +177,8 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
             return PyErr_NoMemory();
     }
     npy_intp n = 0;
+    /* Hoisted: sysconf() per run cost ~90 us per collect of 16k runs. */
+    const unsigned long long page = (unsigned long long)sysconf(_SC_PAGESIZE);
     unsigned long long found = 0, cursor = start;
     int err = 0;
 
@@ -225,10 +227,8 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
                 ret -= skip;
             }
         }
-        for (int i = 0; i < ret; i++) {
-            struct pw_page_region r = buf[n + i];
-            found += (r.end - r.start) / (unsigned long long)sysconf(_SC_PAGESIZE);
-        }
+        for (int i = 0; i < ret; i++)
+            found += (buf[n + i].end - buf[n + i].start) / page;
         /* Merge the first new run into the last old one when the stop split a run. */
         if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
             buf[n - 1].categories == buf[n].categories) {
