@@ -24,7 +24,9 @@ At every collect ``/proc/PID/maps`` is read again: mappings that appeared since 
 ``brk``, ``mprotect`` to writable, a grown stack) are registered and reported *whole* the first
 time they are seen -- every page that holds data of its own (present or swapped, not the zero
 page, not an unmodified page of a file), since nothing tells what was written before we saw
-it; mappings that went away are dropped.  Mappings that cannot be registered are listed in
+it; memory that replaced tracked memory at the same addresses (``munmap`` + ``mmap``,
+``mmap(MAP_FIXED)``, as malloc does with its arenas) is reported in full, zero pages included,
+as its old content is gone; mappings that went away are dropped.  Mappings that cannot be registered are listed in
 ``skipped`` with the reason (another userfaultfd holds them, a kind of memory uffd-wp does not
 support, ...).
 
@@ -782,12 +784,15 @@ class ProcessTracker:
                 if exc.errno != errno.EPERM:
                     raise
             # A range we registered was unmapped and mapped again (or moved by mremap): its
-            # new VMA is not registered.  Register it as new and scan again.
-            for s, e in self._ours.within(m.start, m.end):
-                for a, b in self._unregistered(s, e):
-                    self._ours.remove(a, b)
+            # new VMA is not registered.  Its old content is gone, so all of it is reported
+            # (a page that held data and now reads zero has changed too).  Register it, scan
+            # again.
+            replaced = [r for s, e in self._ours.within(m.start, m.end)
+                        for r in self._unregistered(s, e)]
+            for a, b in replaced:
+                self._ours.remove(a, b)
             more, _ = self._register(m, self._ours.missing(m.start, m.end), first_sight=True)
-            new = np.concatenate([new, more])
+            new = np.concatenate([new, more, np.array(replaced, np.int64).reshape(-1, 2)])
             is_new = True
         else:
             # The target keeps remapping this range: report all of it rather than miss a write.
