@@ -68,7 +68,7 @@ class Config:
     fractions: tuple[float, ...] = FRACTIONS
     overhead_bytes: int = GiB
     overhead_pages: int = 16384
-    overhead_pairs: int = 21
+    overhead_pairs: int = 41
     precision_pages: int = 4096
     fresh_bytes: int = 64 * MiB
     reps: int = 5
@@ -96,7 +96,7 @@ class Config:
             mode="full", write_bytes=GiB,
             reset_sizes=(64 * MiB, 128 * MiB, 256 * MiB, 512 * MiB, GiB, 2 * GiB, 4 * GiB),
             collect_bytes=GiB, alternative_bytes=GiB, reps=11, slow_reps=5,
-            alternative_reps=5, overhead_pairs=51,
+            alternative_reps=5, overhead_pairs=101,
             caps={"uffd-sync": 256 * MiB, "mprotect": 128 * MiB})
         base.update(kw)
         return cls(**base)

@@ -485,7 +485,8 @@ def backend_precision(name: str, npages: int, rng: np.random.Generator,
     :data:`PRECISION_CASES` (``random`` here is a random 1/16 of the pages), then:
 
     * ``thp-keep`` / ``thp-split``: a region backed by transparent huge pages, tracked
-      with ``huge_pages="keep"`` / ``"split"`` (when THP is not ``never``);
+      with ``huge_pages="keep"`` / ``"split"`` (when THP is not ``never``), with the pages
+      in huge pages before tracking, once tracked, and after the writes;
     * ``neighbour-mapped``: nothing written, but a new mapping made right after the
       tracked one, which the kernel may merge into its VMA (soft-dirty's documented false
       positives; other backends should be unaffected).
@@ -500,8 +501,10 @@ def backend_precision(name: str, npages: int, rng: np.random.Generator,
             with Mapping(n * PAGE_SIZE, huge=True) as m:
                 huge_before = _huge_pages_in(m)
                 with Tracker(m.region, backend=name, huge_pages=mode) as t:
+                    huge_tracked = _huge_pages_in(m)
                     case = _precision_cases(t, m, rng, ("strided",))["strided"]
                     case["huge_pages_before"] = huge_before
+                    case["huge_pages_tracked"] = huge_tracked
                     case["huge_pages_after"] = _huge_pages_in(m)
                 out[f"thp-{mode}"] = case
     out["neighbour-mapped"] = _neighbour_case(name, npages, rng)
@@ -650,6 +653,7 @@ def alternative_collect(key: str, nbytes: int, fractions: Sequence[float], reps:
         alt = ALTERNATIVES[key](a)
         out["name"] = alt.name
         try:
+            alt.collect(reset=True)  # warm: the first pass pays for cold caches
             samples = []
             for _ in range(reps):
                 t0 = time.perf_counter_ns()

@@ -206,7 +206,8 @@ def _precision_cell(c: Any) -> str:
     if "merged" in c:
         s += " merged" if c["merged"] else " unmerged"
     if "huge_pages_before" in c:
-        s += f" THP {c['huge_pages_before']}>{c['huge_pages_after']}"
+        s += (f" THP {c['huge_pages_before']}>{c.get('huge_pages_tracked', '?')}"
+              f">{c['huge_pages_after']}")
     return s
 
 
@@ -224,7 +225,8 @@ def _precision_table(result: dict[str, Any]) -> Table:
                              for c in cases]])
     return Table("Precision: pages reported / written (+false positives -false negatives)",
                  ["", *cases], rows,
-                 "THP a>b: pages in huge pages before tracking > after; neighbour-mapped: "
+                 "THP a>b>c: pages in huge pages before tracking > tracked > after the writes; "
+                 "neighbour-mapped: "
                  "nothing written, a new mapping placed right after the tracked one")
 
 
