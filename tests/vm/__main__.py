@@ -296,10 +296,14 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = matrix.guard(columns)
     print()
-    print(matrix.render(columns, accel, problems))
+    short = "KVM" if use_kvm else "TCG" if kernels else "host only"
+    print(matrix.render(columns, short, problems))
+    if kernels:
+        print(f"accelerator: {accel}")
     total = time.monotonic() - t_start
     tot = matrix.totals(columns)
-    result = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "accel": accel,
+    result = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "accel": short,
+              "accel_reason": accel,
               "seconds": round(total, 1), "setup_seconds": {k: round(v, 1)
                                                             for k, v in timings.items()},
               "backends": list(BACKENDS), "totals": tot, "guard_ok": not problems,

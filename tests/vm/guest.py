@@ -86,18 +86,26 @@ def _pagewatch_cmd() -> list[str]:
 def run_probe() -> dict[str, Any]:
     """``pagewatch probe`` and ``pagewatch probe --json``; absence or failure is recorded."""
     result: dict[str, Any] = {"command": " ".join([*_pagewatch_cmd(), "probe"])}
-    for key, extra in (("text", []), ("json", ["--json"])):
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for key, extra in (("text", []), ("json", ["--json"])):  # side by side: Python is slow here
         try:
-            proc = subprocess.run([*_pagewatch_cmd(), "probe", *extra], capture_output=True,
-                                  text=True, timeout=180)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            procs[key] = subprocess.Popen([*_pagewatch_cmd(), "probe", *extra], text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            result[key] = {"rc": None, "error": str(exc)}
+    for key, proc in procs.items():
+        try:
+            stdout, stderr = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            proc.communicate()
             result[key] = {"rc": None, "error": str(exc)}
             continue
-        entry: dict[str, Any] = {"rc": proc.returncode, "stdout": proc.stdout[-20000:],
-                                 "stderr": proc.stderr[-4000:]}
+        entry: dict[str, Any] = {"rc": proc.returncode, "stdout": stdout[-20000:],
+                                 "stderr": stderr[-4000:]}
         if key == "json" and proc.returncode == 0:
             try:
-                entry["data"] = json.loads(proc.stdout)
+                entry["data"] = json.loads(stdout)
             except ValueError as exc:
                 entry["error"] = f"not JSON: {exc}"
         result[key] = entry

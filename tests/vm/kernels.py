@@ -164,13 +164,43 @@ class PrivateApt:
         return proc.stdout if not quiet else ""
 
 
+#: Module directories (under lib/modules/RELEASE/kernel/) kept in the cache: file systems (9p,
+#: overlay, fuse, ...), virtio, block devices (zram, loop, virtio_blk), and what they depend on.
+#: The rest (ahci, cdrom, kvm, sound, input, watchdog, ...) would only be loaded by udev's coldplug
+#: for qemu's emulated hardware: without them the guest reaches its shell ~8 s sooner under TCG.
+KEEP_MODULES = ("fs/", "net/9p/", "drivers/virtio/", "drivers/block/",
+                "drivers/char/virtio_console.ko", "drivers/char/hw_random/", "lib/", "mm/",
+                "crypto/", "block/")
+MODULES_LAYOUT = "pruned-1"
+
+
+def prune_modules(root: Path, release: str) -> None:
+    moddir = root / "lib" / "modules" / release
+    kdir = moddir / "kernel"
+    for path in sorted(kdir.rglob("*.ko*")):
+        if not str(path.relative_to(kdir)).startswith(KEEP_MODULES):
+            path.unlink()
+    for empty in sorted((d for d in kdir.rglob("*") if d.is_dir()), reverse=True):
+        if not any(empty.iterdir()):
+            empty.rmdir()
+    # Debian's packages leave modules.dep to their postinst; virtme-ng needs it.
+    subprocess.run(["depmod", "-a", "-b", str(root), release], check=True)
+
+
 def cached_kernel(cache: Path, label: str) -> Kernel | None:
     meta = cache / "kernels" / label / "kernel.json"
     try:
-        k = Kernel(**json.loads(meta.read_text()))
+        data = json.loads(meta.read_text())
+        layout = data.pop("modules", None)
+        k = Kernel(**data)
     except (OSError, ValueError, TypeError):
         return None
-    return k if k.vmlinuz.exists() else None
+    if not k.vmlinuz.exists():
+        return None
+    if layout != MODULES_LAYOUT:
+        prune_modules(k.vmlinuz.parent.parent, k.release)
+        meta.write_text(json.dumps({**asdict(k), "modules": MODULES_LAYOUT}, indent=1))
+    return k
 
 
 def fetch_kernel(cache: Path, label: str, apt: PrivateApt) -> Kernel:
@@ -204,8 +234,7 @@ def fetch_kernel(cache: Path, label: str, apt: PrivateApt) -> Kernel:
         debs[0].unlink()
         if not (root / "boot" / f"vmlinuz-{release}").exists():
             raise HarnessError(f"{package} has no boot/vmlinuz-{release}")
-        # Debian's packages leave modules.dep to their postinst; virtme-ng needs it.
-        subprocess.run(["depmod", "-a", "-b", str(root), release], check=True)
+        prune_modules(root, release)
         if final.exists():
             shutil.rmtree(final)
         work.rename(final)
@@ -214,7 +243,8 @@ def fetch_kernel(cache: Path, label: str, apt: PrivateApt) -> Kernel:
         raise
     k = Kernel(label=label, release=release, package=package, version=version,
                image=str(final / "root" / "boot" / f"vmlinuz-{release}"))
-    (final / "kernel.json").write_text(json.dumps(asdict(k), indent=1))
+    (final / "kernel.json").write_text(json.dumps({**asdict(k), "modules": MODULES_LAYOUT},
+                                                  indent=1))
     log(f"kernel {label}: {package} {version} cached in {final}")
     return k
 
