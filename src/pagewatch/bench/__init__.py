@@ -238,8 +238,11 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
     steps.append(step("floor: first touch", floor, "fresh_touch", functools.partial(
         measures.floor_fresh_touch, cfg.fresh_bytes, cfg.slow_reps)))
     if async_ok:
+        # Every size a backend's reset is measured at gets its kernel reference.
+        reset_sizes = sorted({s for n in names for s in cfg.reset_sizes_for(n)}
+                             | set(cfg.reset_sizes))
         steps.append(step("floor: reset (PAGEMAP_SCAN loop)", floor, "reset", functools.partial(
-            measures.floor_reset, cfg.reset_sizes, cfg.reps)))
+            measures.floor_reset, reset_sizes, cfg.reps)))
         steps.append(step("floor: collect (PAGEMAP_SCAN loop)", floor, "collect",
                           functools.partial(measures.floor_collect, cfg.collect_bytes,
                                             cfg.fractions, cfg.reps, rng)))
@@ -262,7 +265,8 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
         if name in cfg.caps and cfg.caps[name] < cfg.write_bytes:
             result["notes"].append(
                 f"{name} is measured on {_size(cfg.caps[name])} regions, not "
-                f"{_size(cfg.write_bytes)}: its first writes are slow ({cfg.mode} mode)")
+                f"{_size(cfg.write_bytes)}: {_WHY_SLOW.get(name, 'it is slow')} "
+                f"({cfg.mode} mode)")
         reps = cfg.reps_for(name)
         steps += [
             step(f"{name}: write", entry, "write",
@@ -289,6 +293,14 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
                                f" ({cfg.mode} mode); they read every byte, so their cost "
                                "grows with the region")
     return steps
+
+
+#: why a backend is measured on smaller regions than the others
+_WHY_SLOW = {
+    "uffd-sync": "each first write sleeps until a handler thread un-protects the page",
+    "mprotect": "each first write takes a signal and an mprotect call",
+    "compare": "its reset copies and its collect reads every byte",
+}
 
 
 def _size(nbytes: int) -> str:

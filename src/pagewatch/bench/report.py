@@ -165,6 +165,8 @@ def _reset_table(result: dict[str, Any]) -> Table:
         if isinstance(a, dict) and "reset" in a:
             series.append((a.get("name", key), {size_key(a["bytes"]): {"written": a["reset"]}}))
             sizes.add(int(a["bytes"]))
+    for _, per in series:
+        sizes.update(int(k) for k in per)
     cols = sorted(sizes)
     for label, per in series:
         rows.append([label, *[figure(per.get(size_key(s), {}).get("written")) for s in cols]])
