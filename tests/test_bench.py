@@ -274,3 +274,25 @@ def test_collect_without_reset_reports_each_page_once_past_the_kernels_run_buffe
         assert np.array_equal(d.pages(), np.arange(0, m.npages, 16))
         assert len(t.collect(reset=True)) == 3000
         assert len(t.collect(reset=False)) == 0
+
+
+def test_quick_keeps_slow_backends_small_and_says_so() -> None:
+    q = bench.Config.quick()
+    assert q.write_bytes == measures.GiB and q.collect_bytes == measures.GiB
+    assert q.reset_sizes[0] == 64 * measures.MiB and q.reset_sizes[-1] == measures.GiB
+    assert bench.Config.full().reset_sizes[-1] == 4 * measures.GiB
+    assert q.size_for("uffd-sync", q.write_bytes) < q.size_for("mprotect", q.write_bytes) \
+        < q.size_for("uffd-async", q.write_bytes)
+    assert q.reset_sizes_for("uffd-sync") == (q.caps["uffd-sync"],)
+    assert q.reset_sizes_for("mprotect") == (64 * measures.MiB,)
+    cfg = bench.Config.smoke(caps={"mprotect": 256 * 1024}, backends=("mprotect",))
+    result: dict[str, Any] = {"probe": pw.probe().as_dict(), "floor": {}, "backends": {},
+                              "alternatives": {}, "notes": [], "errors": {}}
+    labels = [label for label, _ in bench.plan(cfg, result)]
+    assert "floor: writes on 256 KiB (plain, uffd-async, mprotect)" in labels or not ASYNC
+    if result["backends"]["mprotect"]["available"]:
+        assert "mprotect: write" in labels
+        assert any(n.startswith("mprotect is measured on 256 KiB regions, not 1 MiB")
+                   for n in result["notes"])
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.plan(bench.Config.smoke(backends=("nope",)), result)
