@@ -35,9 +35,12 @@
 #include "pw.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -87,6 +90,7 @@ struct session {
     int err;              /* first errno */
     const char *what;     /* the step that failed */
     int first_stop_sig;   /* WSTOPSIG of the stop we attached at (SIGTRAP: interrupt) */
+    int exit_status;      /* wait status, when the target ended under us */
     double t_interrupt, t_stopped, t_detached;
 };
 
@@ -128,6 +132,7 @@ static int wait_stop(struct session *s, double deadline_ns)
         }
         if (WIFEXITED(st) || WIFSIGNALED(st)) {
             s->seized = 0;
+            s->exit_status = st;
             return fail(s, ESRCH, "the target exited");
         }
         if (WIFSTOPPED(st))
@@ -141,10 +146,13 @@ static int wait_stop(struct session *s, double deadline_ns)
  * place; group-stops are resumed through. */
 static int resume_until(struct session *s, int req, int want_event)
 {
-    int sig = 0;
+    int sig = 0, first = 1;
     for (;;) {
-        if (pt(req, s->tid, NULL, (void *)(long)sig) < 0)
+        /* req < 0: the target is running already (just wait), then resume with CONT. */
+        if (!(first && req < 0) &&
+            pt(req < 0 ? PW_PTRACE_CONT : req, s->tid, NULL, (void *)(long)sig) < 0)
             return fail(s, errno, "resuming the target");
+        first = 0;
         sig = 0;
         int st = wait_stop(s, 0);
         if (st < 0)
@@ -171,6 +179,22 @@ static int resume_until(struct session *s, int req, int want_event)
     }
 }
 
+/* Save the registers and mask of the stopped thread and block every signal. */
+static int prepare(struct session *s)
+{
+    if (pt(PW_PTRACE_GETREGS, s->tid, NULL, &s->saved) < 0)
+        return fail(s, errno, "PTRACE_GETREGS");
+    if (s->saved.cs != 0x33)
+        return fail(s, ENOEXEC, "the target thread runs 32-bit code");
+    if (pt(PW_PTRACE_GETSIGMASK, s->tid, (void *)sizeof(uint64_t), &s->saved_mask) < 0)
+        return fail(s, errno, "PTRACE_GETSIGMASK");
+    uint64_t all = ~0ULL;
+    if (pt(PW_PTRACE_SETSIGMASK, s->tid, (void *)sizeof(uint64_t), &all) < 0)
+        return fail(s, errno, "PTRACE_SETSIGMASK");
+    s->prepared = 1;
+    return 0;
+}
+
 static int attach(struct session *s)
 {
     if (pt(PW_PTRACE_SEIZE, s->tid, NULL, (void *)(long)PW_PTRACE_O_TRACESYSGOOD) < 0)
@@ -195,17 +219,7 @@ static int attach(struct session *s)
             return fail(s, errno, "PTRACE_CONT");
     }
     s->t_stopped = now_ns();
-    if (pt(PW_PTRACE_GETREGS, s->tid, NULL, &s->saved) < 0)
-        return fail(s, errno, "PTRACE_GETREGS");
-    if (s->saved.cs != 0x33)
-        return fail(s, ENOEXEC, "the target thread runs 32-bit code");
-    if (pt(PW_PTRACE_GETSIGMASK, s->tid, (void *)sizeof(uint64_t), &s->saved_mask) < 0)
-        return fail(s, errno, "PTRACE_GETSIGMASK");
-    uint64_t all = ~0ULL;
-    if (pt(PW_PTRACE_SETSIGMASK, s->tid, (void *)sizeof(uint64_t), &all) < 0)
-        return fail(s, errno, "PTRACE_SETSIGMASK");
-    s->prepared = 1;
-    return 0;
+    return prepare(s);
 }
 
 /* Run one syscall in the stopped target; its result (or -errno) goes to *ret. */
@@ -237,21 +251,31 @@ static int remote_syscall(struct session *s, long nr, const long *args, long *re
     return 0;
 }
 
-/* Stop again in get_signal(), put everything back, detach. */
+/* Stop again in get_signal() and put the saved registers and mask back; the thread stays
+ * in that ptrace-stop.  Returns -1 if the target died. */
+static int restore(struct session *s)
+{
+    if (!s->prepared)
+        return 0;
+    s->prepared = 0;
+    int ok = pt(PW_PTRACE_INTERRUPT, s->tid, NULL, NULL) == 0 &&
+             resume_until(s, PW_PTRACE_CONT, 1) >= 0;
+    if (!ok && !s->seized)
+        return -1; /* it died */
+    if (pt(PW_PTRACE_SETREGS, s->tid, NULL, &s->saved) < 0)
+        fail(s, errno, "PTRACE_SETREGS (restore)");
+    if (pt(PW_PTRACE_SETSIGMASK, s->tid, (void *)sizeof(uint64_t), &s->saved_mask) < 0)
+        fail(s, errno, "PTRACE_SETSIGMASK (restore)");
+    return 0;
+}
+
+/* Put everything back and detach. */
 static void detach(struct session *s)
 {
     if (!s->seized)
         return;
-    if (s->prepared) {
-        int ok = pt(PW_PTRACE_INTERRUPT, s->tid, NULL, NULL) == 0 &&
-                 resume_until(s, PW_PTRACE_CONT, 1) >= 0;
-        if (!ok && !s->seized)
-            return; /* it died */
-        if (pt(PW_PTRACE_SETREGS, s->tid, NULL, &s->saved) < 0)
-            fail(s, errno, "PTRACE_SETREGS (restore)");
-        if (pt(PW_PTRACE_SETSIGMASK, s->tid, (void *)sizeof(uint64_t), &s->saved_mask) < 0)
-            fail(s, errno, "PTRACE_SETSIGMASK (restore)");
-    }
+    if (restore(s) < 0)
+        return;
     pt(PW_PTRACE_DETACH, s->tid, NULL, NULL);
     s->seized = 0;
     s->t_detached = now_ns();
@@ -270,31 +294,37 @@ struct uffd_job {
     int local_fd, getfd_errno, close_errno;
 };
 
+/* The injected part: userfaultfd() with each flag set in turn, pidfd_getfd, close(). */
+static void take_uffd(struct uffd_job *j)
+{
+    struct session *s = &j->s;
+    j->local_fd = -1;
+    for (int i = 0; i < j->nflags; i++) {
+        long a[6] = {j->flags[i], 0, 0, 0, 0, 0}, ret = 0;
+        if (remote_syscall(s, __NR_userfaultfd, a, &ret) < 0)
+            break;
+        j->results[i] = ret;
+        if (ret >= 0) {
+            long fd = syscall(__NR_pidfd_getfd, j->pidfd, (int)ret, 0);
+            if (fd < 0)
+                j->getfd_errno = errno;
+            else
+                j->local_fd = (int)fd;
+            long c[6] = {ret, 0, 0, 0, 0, 0}, cret = 0;
+            if (remote_syscall(s, __NR_close, c, &cret) == 0 && cret < 0)
+                j->close_errno = (int)-cret;
+            break;
+        }
+    }
+}
+
 static void *uffd_worker(void *arg)
 {
     struct uffd_job *j = arg;
-    struct session *s = &j->s;
     j->local_fd = -1;
-    if (attach(s) == 0) {
-        for (int i = 0; i < j->nflags; i++) {
-            long a[6] = {j->flags[i], 0, 0, 0, 0, 0}, ret = 0;
-            if (remote_syscall(s, __NR_userfaultfd, a, &ret) < 0)
-                break;
-            j->results[i] = ret;
-            if (ret >= 0) {
-                long fd = syscall(__NR_pidfd_getfd, j->pidfd, (int)ret, 0);
-                if (fd < 0)
-                    j->getfd_errno = errno;
-                else
-                    j->local_fd = (int)fd;
-                long c[6] = {ret, 0, 0, 0, 0, 0}, cret = 0;
-                if (remote_syscall(s, __NR_close, c, &cret) == 0 && cret < 0)
-                    j->close_errno = (int)-cret;
-                break;
-            }
-        }
-    }
-    detach(s);
+    if (attach(&j->s) == 0)
+        take_uffd(j);
+    detach(&j->s);
     return NULL;
 }
 
@@ -344,9 +374,245 @@ static PyObject *session_error(struct session *s)
     }
     return NULL;
 }
+/* ---- the tracer of `pagewatch run` ----------------------------------------------------
+ *
+ * `pagewatch run` starts its command as a child and keeps it seized for the whole run, with
+ * PTRACE_O_TRACEEXEC and PTRACE_O_TRACEEXIT, from a dedicated thread that never runs Python:
+ *   - at each exec stop it injects userfaultfd() (from an interrupt stop taken right after
+ *     the exec, before the new program's first instruction) and holds the child until Python
+ *     has registered its mappings (tracer_release);
+ *   - at the exit stop (before the kernel tears the memory down) it holds the child until
+ *     Python has made its last collect;
+ *   - every signal-delivery-stop is resumed at once with its signal, group-stops are listened
+ *     to (PTRACE_LISTEN), so the child behaves as untraced.
+ * Waiting polls (at most 1 ms between polls) so that tracer_stop can detach at any time.  If
+ * the process dies, the thread dies with it and the kernel detaches the child.
+ */
+#define PW_PTRACE_GETEVENTMSG 0x4201
+#define PW_PTRACE_LISTEN 0x4208
+#define PW_PTRACE_O_TRACEEXEC 0x10
+#define PW_PTRACE_O_TRACEEXIT 0x40
+#define PW_PTRACE_EVENT_EXEC 4
+#define PW_PTRACE_EVENT_EXIT 6
+enum { EV_ATTACHED = 1, EV_EXEC = 2, EV_EXIT = 3, EV_GONE = 4, EV_ERROR = 5 };
+
+struct pw_event {
+    int32_t kind, a;
+    int64_t b;
+    double c;
+};
+
+#define MAX_TRACERS 16
+struct tracer {
+    int used, done;
+    pid_t pid;
+    int pidfd, release_fd, ev_r, ev_w;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int released, stop;
+};
+static struct tracer tracers[MAX_TRACERS];
+static pthread_mutex_t tracers_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void post(struct tracer *t, int kind, int a, long long b, double c)
+{
+    struct pw_event e = {kind, a, b, c};
+    ssize_t n;
+    do
+        n = write(t->ev_w, &e, sizeof e);
+    while (n < 0 && errno == EINTR);
+}
+
+/* Wait until Python lets the held child go (or asks to stop); returns t->stop. */
+static int hold(struct tracer *t)
+{
+    pthread_mutex_lock(&t->mu);
+    while (!t->released && !t->stop)
+        pthread_cond_wait(&t->cv, &t->mu);
+    t->released = 0;
+    int stop = t->stop;
+    pthread_mutex_unlock(&t->mu);
+    return stop;
+}
+
+static int stop_wanted(struct tracer *t)
+{
+    pthread_mutex_lock(&t->mu);
+    int stop = t->stop;
+    pthread_mutex_unlock(&t->mu);
+    return stop;
+}
+
+/* A `syscall` instruction in the child: its [vdso], else any executable mapping. */
+static unsigned long long find_gadget(pid_t pid)
+{
+    char path[64], line[512];
+    unsigned long long found = 0;
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%d/mem", (int)pid);
+    int mem = open(path, O_RDONLY | O_CLOEXEC);
+    for (int pass = 0; pass < 2 && !found && mem >= 0; pass++) {
+        rewind(f);
+        while (!found && fgets(line, sizeof line, f)) {
+            unsigned long long lo, hi;
+            char perms[8];
+            if (sscanf(line, "%llx-%llx %7s", &lo, &hi, perms) != 3)
+                continue;
+            int vdso = strstr(line, "[vdso]") != NULL;
+            if (pass == 0 ? !vdso : (perms[0] != 'r' || perms[2] != 'x' || vdso ||
+                                     strstr(line, "[vsyscall]")))
+                continue;
+            size_t len = hi - lo > (16u << 20) ? (16u << 20) : (size_t)(hi - lo);
+            unsigned char *buf = malloc(len);
+            if (!buf)
+                break;
+            ssize_t n = pread(mem, buf, len, (off_t)lo);
+            for (ssize_t i = 0; n > 1 && i < n - 1; i++)
+                if (buf[i] == 0x0f && buf[i + 1] == 0x05) {
+                    found = lo + (unsigned long long)i;
+                    break;
+                }
+            free(buf);
+        }
+    }
+    if (mem >= 0)
+        close(mem);
+    fclose(f);
+    return found;
+}
+
+/* At an exec stop: step to an interrupt stop before the first instruction, inject, restore,
+ * report, hold.  Returns -1 if the child died (its status then in *status). */
+static int on_exec(struct tracer *t, int *status)
+{
+    struct uffd_job j;
+    memset(&j, 0, sizeof j);
+    j.s.tid = t->pid;
+    j.s.seized = 1;
+    j.pidfd = t->pidfd;
+    j.local_fd = -1;
+    j.nflags = 2;
+    j.flags[0] = O_CLOEXEC | O_NONBLOCK | 1; /* UFFD_USER_MODE_ONLY */
+    j.flags[1] = O_CLOEXEC | O_NONBLOCK;
+    j.results[0] = j.results[1] = -ENOEXEC;
+    double t0 = now_ns();
+    int err = 0;
+    if (pt(PW_PTRACE_INTERRUPT, t->pid, NULL, NULL) < 0 ||
+        resume_until(&j.s, PW_PTRACE_CONT, 1) < 0) {
+        err = j.s.err ? j.s.err : errno;
+    } else {
+        j.s.gadget = find_gadget(t->pid);
+        if (!j.s.gadget)
+            err = ENOENT;
+        else if (prepare(&j.s) == 0)
+            take_uffd(&j);
+        if (restore(&j.s) < 0 || !j.s.seized) {
+            *status = j.s.exit_status;
+            if (j.local_fd >= 0)
+                close(j.local_fd);
+            return -1;
+        }
+        if (j.local_fd < 0)
+            err = j.getfd_errno ? j.getfd_errno : j.s.err ? j.s.err : 0;
+    }
+    if (!j.s.seized) {
+        *status = j.s.exit_status;
+        return -1;
+    }
+    long flags = 0;
+    for (int i = 0; i < j.nflags; i++)
+        if (j.results[i] >= 0 && j.results[i] != -ENOEXEC)
+            flags = j.flags[i];
+    if (j.local_fd < 0 && !err)
+        err = (int)-(j.results[1] != -ENOEXEC ? j.results[1] : j.results[0]);
+    post(t, EV_EXEC, j.local_fd >= 0 ? j.local_fd : -err, flags, now_ns() - t0);
+    return 0;
+}
+
+static void *tracer_main(void *arg)
+{
+    struct tracer *t = arg;
+    long opts = PW_PTRACE_O_TRACESYSGOOD | PW_PTRACE_O_TRACEEXEC | PW_PTRACE_O_TRACEEXIT;
+    if (pt(PW_PTRACE_SEIZE, t->pid, NULL, (void *)opts) < 0) {
+        post(t, EV_ERROR, errno, 0, 0);
+        close(t->release_fd);
+        t->done = 1;
+        return NULL;
+    }
+    post(t, EV_ATTACHED, 0, 0, 0);
+    char go = 1;
+    if (t->release_fd >= 0) {
+        if (write(t->release_fd, &go, 1) < 0) { /* the child is gone: the wait tells */
+        }
+        close(t->release_fd);
+    }
+    long delay = 20000;
+    int status = 0;
+    for (;;) {
+        int st;
+        pid_t r = waitpid(t->pid, &st, __WALL | WNOHANG);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            post(t, EV_GONE, -1, errno, 0);
+            break;
+        }
+        if (r == 0) {
+            if (stop_wanted(t)) {
+                /* Detach: stop it in get_signal, then let it go. */
+                struct session s;
+                memset(&s, 0, sizeof s);
+                s.tid = t->pid;
+                s.seized = 1;
+                if (pt(PW_PTRACE_INTERRUPT, t->pid, NULL, NULL) == 0 &&
+                    resume_until(&s, -1, 1) >= 0)
+                    pt(PW_PTRACE_DETACH, t->pid, NULL, NULL);
+                post(t, EV_GONE, s.seized ? -2 : s.exit_status, 0, 0);
+                break;
+            }
+            struct timespec ts = {0, delay};
+            nanosleep(&ts, NULL);
+            if (delay < 1000000)
+                delay *= 2;
+            continue;
+        }
+        delay = 20000;
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            post(t, EV_GONE, st, 0, 0);
+            break;
+        }
+        int event = (unsigned)st >> 16, sig = WSTOPSIG(st), cont_sig = 0;
+        if (event == PW_PTRACE_EVENT_EXEC) {
+            if (on_exec(t, &status) < 0) {
+                post(t, EV_GONE, status, 0, 0);
+                break;
+            }
+            hold(t);
+        } else if (event == PW_PTRACE_EVENT_EXIT) {
+            unsigned long msg = 0;
+            pt(PW_PTRACE_GETEVENTMSG, t->pid, NULL, &msg);
+            post(t, EV_EXIT, (int)msg, 0, 0);
+            hold(t);
+        } else if (event == PW_PTRACE_EVENT_STOP) {
+            if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU) {
+                pt(PW_PTRACE_LISTEN, t->pid, NULL, NULL); /* stay stopped, as untraced */
+                continue;
+            }
+        } else if (event == 0 && sig != (SIGTRAP | 0x80)) {
+            cont_sig = sig; /* a signal for the child: deliver it at once */
+        }
+        pt(PW_PTRACE_CONT, t->pid, NULL, (void *)(long)cont_sig);
+    }
+    t->done = 1;
+    return NULL;
+}
 #endif /* PW_CAN_INJECT */
 
-static PyObject *no_inject(void)
+static __attribute__((unused)) PyObject *no_inject(void)
 {
     PyErr_SetString(PyExc_NotImplementedError,
                     "syscall injection is implemented for x86-64 only (arm64: designed, see "
@@ -474,6 +740,135 @@ static PyObject *py_ptrace_detach(PyObject *self, PyObject *args)
 #endif
 }
 
+static struct tracer *tracer_of(int h)
+{
+#if PW_CAN_INJECT
+    if (h >= 0 && h < MAX_TRACERS && tracers[h].used)
+        return &tracers[h];
+#endif
+    PyErr_SetString(PyExc_ValueError, "no such tracer (stopped already?)");
+    return NULL;
+}
+
+static PyObject *py_tracer_start(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int pid, release_fd, pidfd;
+    if (!PyArg_ParseTuple(args, "iii:tracer_start", &pid, &release_fd, &pidfd))
+        return NULL;
+    pthread_mutex_lock(&tracers_mu);
+    int h = -1;
+    for (int i = 0; i < MAX_TRACERS; i++)
+        if (!tracers[i].used) {
+            h = i;
+            break;
+        }
+    if (h < 0) {
+        pthread_mutex_unlock(&tracers_mu);
+        return pw_raise_errno(EMFILE, "tracer_start: too many tracers");
+    }
+    struct tracer *t = &tracers[h];
+    memset(t, 0, sizeof *t);
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        pthread_mutex_unlock(&tracers_mu);
+        return pw_raise_errno(errno, "pipe2");
+    }
+    fcntl(fds[0], F_SETFL, O_NONBLOCK);
+    t->used = 1;
+    t->pid = pid;
+    t->pidfd = pidfd;
+    t->release_fd = release_fd;
+    t->ev_r = fds[0];
+    t->ev_w = fds[1];
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, NULL);
+    int rc = pthread_create(&t->th, NULL, tracer_main, t);
+    if (rc) {
+        close(fds[0]);
+        close(fds[1]);
+        t->used = 0;
+        pthread_mutex_unlock(&tracers_mu);
+        return pw_raise_errno(rc, "pthread_create");
+    }
+    pthread_mutex_unlock(&tracers_mu);
+    return Py_BuildValue("(ii)", h, t->ev_r);
+#else
+    return no_inject();
+#endif
+}
+
+static PyObject *py_tracer_event(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int h;
+    if (!PyArg_ParseTuple(args, "i:tracer_event", &h))
+        return NULL;
+    struct tracer *t = tracer_of(h);
+    if (!t)
+        return NULL;
+    struct pw_event e;
+    ssize_t n = read(t->ev_r, &e, sizeof e);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        Py_RETURN_NONE;
+    if (n < 0)
+        return pw_raise_errno(errno, "read(tracer events)");
+    if (n != (ssize_t)sizeof e)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iiLd)", e.kind, e.a, (long long)e.b, e.c);
+#else
+    return no_inject();
+#endif
+}
+
+static PyObject *py_tracer_release(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int h;
+    if (!PyArg_ParseTuple(args, "i:tracer_release", &h))
+        return NULL;
+    struct tracer *t = tracer_of(h);
+    if (!t)
+        return NULL;
+    pthread_mutex_lock(&t->mu);
+    t->released = 1;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+    Py_RETURN_NONE;
+#else
+    return no_inject();
+#endif
+}
+
+static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int h;
+    if (!PyArg_ParseTuple(args, "i:tracer_stop", &h))
+        return NULL;
+    struct tracer *t = tracer_of(h);
+    if (!t)
+        return NULL;
+    pthread_mutex_lock(&t->mu);
+    t->stop = 1;
+    pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(t->th, NULL);
+    Py_END_ALLOW_THREADS
+    close(t->ev_r);
+    close(t->ev_w);
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->cv);
+    pthread_mutex_lock(&tracers_mu);
+    t->used = 0;
+    pthread_mutex_unlock(&tracers_mu);
+    Py_RETURN_NONE;
+#else
+    return no_inject();
+#endif
+}
+
 PyMethodDef pw_inject_methods[] = {
     {"inject_userfaultfd", py_inject_userfaultfd, METH_VARARGS,
      "inject_userfaultfd(tid, pidfd, gadget, flags_seq, timeout_ms) -> (fd, tries, info)\n"
@@ -486,5 +881,17 @@ PyMethodDef pw_inject_methods[] = {
     {"ptrace_traceme", py_ptrace_traceme, METH_NOARGS, "PTRACE_TRACEME (call in a child)."},
     {"ptrace_detach", py_ptrace_detach, METH_VARARGS,
      "ptrace_detach(pid, sig=0): PTRACE_DETACH, delivering `sig`."},
+    {"tracer_start", py_tracer_start, METH_VARARGS,
+     "tracer_start(pid, release_fd, pidfd) -> (handle, event_fd)\n"
+     "Seize child `pid` (exec and exit events) from a new thread, then write a byte to "
+     "release_fd and close it.  Events (kind, a, b, c) are read with tracer_event: "
+     "1 attached, 2 exec (a = taken userfaultfd or -errno, b = flags, c = ns; held), "
+     "3 exit (a = status; held), 4 gone (a = wait status), 5 error (a = errno)."},
+    {"tracer_event", py_tracer_event, METH_VARARGS,
+     "tracer_event(handle) -> (kind, a, b, c) or None when none is waiting."},
+    {"tracer_release", py_tracer_release, METH_VARARGS,
+     "tracer_release(handle): let the child held at an exec or exit stop go on."},
+    {"tracer_stop", py_tracer_stop, METH_VARARGS,
+     "tracer_stop(handle): detach (if still attached) and end the tracer thread."},
     {NULL, NULL, 0, NULL},
 };

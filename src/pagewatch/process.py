@@ -540,6 +540,14 @@ class ProcessTracker:
     strict
         Raise :class:`~pagewatch.errors.Unsupported` when a mapping cannot be tracked, instead
         of listing it in ``skipped``.
+    report_existing
+        Report at the first collect every page that already holds data of its own (as for a
+        mapping seen for the first time).  For a process that has just executed a new
+        program, that is every page it wrote since.
+    userfaultfd
+        A userfaultfd created by the target (taken with ``pidfd_getfd``) to use instead of
+        injecting one; the tracker owns it from then on.  ``pagewatch run`` passes the one
+        its tracer made at the exec stop.
 
     Examples
     --------
@@ -552,8 +560,11 @@ class ProcessTracker:
 
     def __init__(self, pid: int, backend: str = "auto",
                  mappings: str | Callable[[Mapping], bool] = "writable", *,
-                 timeout: float = 5.0, strict: bool = False) -> None:
+                 timeout: float = 5.0, strict: bool = False, report_existing: bool = False,
+                 userfaultfd: int | None = None) -> None:
         self.pid = int(pid)
+        self._report_existing = report_existing
+        self._adopt = userfaultfd
         self._select = _selector(mappings)
         self.strict = strict
         self.closed = False
@@ -569,6 +580,8 @@ class ProcessTracker:
         self._pending = _EMPTY_RUNS
         #: ptrace stop of the target at attach: ``stop_ms``, ``wait_ms``, ``tid``, ``flags``
         self.attach_info: dict[str, Any] = {}
+        #: mappings to mark new at the first collect (``report_existing``)
+        self._first_new: set[Mapping] = set()
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError as exc:
@@ -625,6 +638,9 @@ class ProcessTracker:
                                   "Use backend='soft-dirty' where the kernel has it")
             else:
                 reasons.append(f"uffd-async: {why}")
+        if self._adopt is not None:
+            os.close(self._adopt)  # not ours to use after all
+            self._adopt = None
         ok, why = soft_dirty_available()
         if ok:
             self._attach_soft_dirty()
@@ -639,12 +655,19 @@ class ProcessTracker:
                           "kernel with CONFIG_MEM_SOFT_DIRTY")
 
     def _attach_uffd(self, timeout: float) -> None:
-        fd, info = take_userfaultfd(self.pid, self._pidfd, timeout)
-        self.attach_info = info
+        if self._adopt is not None:
+            fd, self._adopt = self._adopt, None
+        else:
+            fd, self.attach_info = take_userfaultfd(self.pid, self._pidfd, timeout)
         self._uffd = Userfaultfd(int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED), fd=fd)
         ms = self._read_maps()  # TargetExec if it exec'd while we attached
+        found = []
         for m in ms:
-            self._register(m, [(m.start, m.end)], first_sight=False)
+            runs, _ = self._register(m, [(m.start, m.end)], first_sight=self._report_existing)
+            found.append(runs)
+        if self._report_existing and found:
+            self._pending = np.concatenate(found)
+            self._first_new = {m for m in ms}
         self._check_strict()
 
     def _attach_soft_dirty(self) -> None:
@@ -882,6 +905,11 @@ class ProcessTracker:
             except TargetGone as exc:
                 partial = self._result(done, new, reset)
                 self._raise_gone(exc.errno, partial)
+            if self._first_new:
+                new |= {m for m, _ in done if any(
+                    f.start < m.end and m.start < f.end for f in self._first_new)}
+                if reset:
+                    self._first_new = set()
             result = self._result(done, new, reset)
             # An exit or exec during the scans leaves them empty: make sure we saw memory.
             try:

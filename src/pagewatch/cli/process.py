@@ -1,0 +1,628 @@
+"""``pagewatch run``, ``record``, ``top`` and ``plot``: the pages another process writes.
+
+Every command writes (with ``--output``) one JSON object per line:
+
+* ``{"type": "attach", "pid", "command", "backend", "backend_reason", "stop_ms", "interval",
+  "skipped": [...]}`` when tracking starts (again after an exec);
+* ``{"type": "interval", "t", "dt", "pid", "pages", "bytes", "mappings": [{"start", "end",
+  "perms", "path", "pages", "new", "runs": [[first page, count], ...]}, ...]}`` per interval,
+  with only the mappings written in it (page numbers relative to the mapping's start);
+* ``{"type": "exec"}`` and ``{"type": "exit", "code"}`` for those events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import numpy as np
+
+from .. import _native
+from ..errors import PagewatchError, TargetGone, Unsupported
+from ..kernel.constants import PAGE_SIZE
+from ..process import ProcessDirty, ProcessTracker, TargetExec
+
+MiB = 1 << 20
+
+
+def register(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--interval", type=float, default=None, metavar="S",
+                        help="seconds between collects (run: 0.5, record/top: 1)")
+    common.add_argument("--backend", default="auto",
+                        choices=["auto", "uffd-async", "soft-dirty"],
+                        help="how to track (default: the best that works here)")
+    common.add_argument("--mappings", default="writable", choices=["writable", "private"],
+                        help="which mappings: every writable one (default) or private only")
+
+    r = sub.add_parser(
+        "run", parents=[common], help="run a command and report the pages it writes",
+        description="Start CMD stopped right after exec, track it from its first instruction "
+        "to its exit, print a summary on stderr and exit with its exit code.",
+        epilog="example: pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"")
+    r.add_argument("--output", "-o", metavar="FILE.jsonl",
+                   help="also write one JSON line per interval to FILE")
+    r.add_argument("--top", type=int, default=5, metavar="N",
+                   help="mappings listed in the summary (default 5)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+                   help="the command to run")
+    r.set_defaults(func=cmd_run)
+
+    rec = sub.add_parser(
+        "record", parents=[common], help="record the pages a running process writes",
+        description="Attach to PID and write one JSON line per interval (to --output or "
+        "stdout) with the written page runs of each mapping.  Ctrl-C ends it cleanly; the "
+        "process goes on untouched.")
+    rec.add_argument("pid", type=int)
+    rec.add_argument("--duration", type=float, default=None, metavar="S",
+                     help="stop after S seconds (default: until Ctrl-C or the process exits)")
+    rec.add_argument("--output", "-o", metavar="FILE.jsonl", help="default: stdout")
+    rec.set_defaults(func=cmd_record)
+
+    top = sub.add_parser(
+        "top", parents=[common], help="live view of the pages a process writes, per mapping",
+        description="Show written pages/s and MiB/s per mapping of PID, refreshed every "
+        "interval (needs the 'rich' package: pip install 'pagewatch[cli]').  Ctrl-C quits.")
+    top.add_argument("pid", type=int)
+    top.add_argument("--rows", type=int, default=20, help="mappings shown (default 20)")
+    top.add_argument("--count", type=int, default=None, metavar="N",
+                     help="quit after N refreshes")
+    top.set_defaults(func=cmd_top)
+
+    plot = sub.add_parser(
+        "plot", help="heatmap of written addresses over time, from a record/run JSONL file",
+        description="Draw the pages written (address x time) and the write rate over time "
+        "(needs matplotlib: pip install 'pagewatch[plot]').")
+    plot.add_argument("file", metavar="FILE.jsonl")
+    plot.add_argument("-o", "--output", required=True, metavar="heat.png")
+    plot.add_argument("--rows", type=int, default=400,
+                      help="address bins of the heatmap (default 400)")
+    plot.set_defaults(func=cmd_plot)
+
+
+# ---- shared pieces ------------------------------------------------------------------------
+
+
+def _name(path: str) -> str:
+    return path or "anonymous"
+
+
+class Stats:
+    """Per-interval counts, the write working set and per-mapping totals."""
+
+    def __init__(self) -> None:
+        self.per_interval: list[int] = []
+        self.t0 = time.monotonic()
+        self._sets: list[np.ndarray] = []
+        self.by_mapping: dict[Any, list[Any]] = {}  # key -> [label, pages, set parts, range]
+
+    def add(self, d: ProcessDirty) -> None:
+        self.per_interval.append(d.pages)
+        for m, pages in d.written().items():
+            addrs = pages.addresses()
+            self._sets.append(addrs)
+            key = m.path if m.path in ("[heap]", "[stack]") else (m.path, m.start)
+            entry = self.by_mapping.setdefault(key, [m, 0, []])
+            entry[0] = m
+            entry[1] += len(pages)
+            entry[2].append(addrs)
+
+    def working_set(self) -> int:
+        if not self._sets:
+            return 0
+        return len(np.unique(np.concatenate(self._sets)))
+
+    def top(self, n: int) -> list[tuple[Any, int, int]]:
+        rows = [(m, total, len(np.unique(np.concatenate(parts))))
+                for m, total, parts in self.by_mapping.values()]
+        rows.sort(key=lambda r: -r[1])
+        return rows[:n]
+
+
+class JsonLines:
+    def __init__(self, out: IO[str] | None) -> None:
+        self.out = out
+
+    def write(self, obj: dict[str, Any]) -> None:
+        if self.out is not None:
+            self.out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self.out.flush()
+
+
+def _attach_line(p: ProcessTracker, interval: float, command: list[str] | None
+                 ) -> dict[str, Any]:
+    return {"type": "attach", "pid": p.pid, "command": command, "backend": p.backend,
+            "backend_reason": p.backend_reason, "stop_ms": p.attach_stop_ms,
+            "interval": interval,
+            "skipped": [{"start": s.mapping.start, "end": s.mapping.end,
+                         "path": s.mapping.path, "reason": s.reason} for s in p.skipped]}
+
+
+def _interval_line(d: ProcessDirty, t0: float) -> dict[str, Any]:
+    out = {"type": "interval", "t": round(d.time - t0, 6), "dt": round(d.elapsed, 6)}
+    out.update(d.to_dict())
+    return out
+
+
+def _exited(pidfd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds; True when the process has exited."""
+    r, _, _ = select.select([pidfd], [], [], max(0.0, timeout))
+    return bool(r)
+
+
+class Session:
+    """Collect from a process every interval until it exits (or ``until`` says stop),
+    attaching again after an exec."""
+
+    def __init__(self, pid: int, args: argparse.Namespace, interval: float,
+                 out: JsonLines, command: list[str] | None = None,
+                 on_collect: Callable[[ProcessDirty], None] | None = None) -> None:
+        self.pid = pid
+        self.args = args
+        self.interval = interval
+        self.out = out
+        self.command = command
+        self.stats = Stats()
+        self.on_collect = on_collect
+        self.tracker = self._attach()
+        self.first = self.tracker
+        self.execs = 0
+
+    def _attach(self, after_exec: bool = False) -> ProcessTracker:
+        # After an exec, the new program's memory is all new: report what it holds.
+        p = ProcessTracker(self.pid, backend=self.args.backend, mappings=self.args.mappings,
+                           report_existing=after_exec)
+        self.out.write(_attach_line(p, self.interval, self.command))
+        return p
+
+    def _take(self, d: ProcessDirty | None) -> None:
+        if d is None:
+            return
+        self.stats.add(d)
+        self.out.write(_interval_line(d, self.stats.t0))
+        if self.on_collect is not None:
+            self.on_collect(d)
+
+    def loop(self, pidfd: int, deadline: float | None = None) -> None:
+        """Collect every interval until the process exits or ``deadline`` passes."""
+        next_t = time.monotonic() + self.interval
+        while True:
+            wait = next_t - time.monotonic()
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            exited = _exited(pidfd, wait)
+            next_t += self.interval
+            if next_t < time.monotonic():  # we fell behind: do not try to catch up
+                next_t = time.monotonic() + self.interval
+            try:
+                self._take(self.tracker.collect())
+            except TargetExec as exc:
+                self._take(exc.collected)  # type: ignore[arg-type]
+                self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
+                                                            6)})
+                self.tracker.close()
+                self.execs += 1
+                try:
+                    self.tracker = self._attach(after_exec=True)
+                except TargetGone:
+                    return
+                continue
+            except TargetGone as exc:
+                self._take(exc.collected)  # type: ignore[arg-type]
+                return
+            if exited or (deadline is not None and time.monotonic() >= deadline):
+                return
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+@contextlib.contextmanager
+def _output(path: str | None, default: IO[str] | None) -> Iterator[JsonLines]:
+    if path is None:
+        yield JsonLines(default)
+        return
+    with open(path, "w") as f:
+        yield JsonLines(f)
+
+
+def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop_ms: float | None,
+             execs: int, head: str, top: int, file: IO[str], followed: bool = False) -> None:
+    backend = tracker.backend if tracker is not None else "nothing (not tracked)"
+    lines = [f"pagewatch: {head}; tracked with {backend}"
+             + (f" (target stopped {stop_ms:.2f} ms at attach)" if stop_ms is not None else "")]
+    counts = stats.per_interval
+    shown = " ".join(str(c) for c in counts[:30]) + (" ..." if len(counts) > 30 else "")
+    lines.append(f"  pages written per {interval:g} s interval: {shown or '(none)'}")
+    ws = stats.working_set()
+    lines.append(f"  write working set: {ws} distinct pages ({ws * PAGE_SIZE / MiB:.1f} MiB) "
+                 f"in {len(stats.by_mapping)} mappings; {sum(counts)} page writes reported")
+    rows = stats.top(top)
+    if rows:
+        lines.append("  top mappings:     pages  distinct       MiB  mapping")
+        for m, total, distinct in rows:
+            lines.append(f"    {total:>20} {distinct:>9} {distinct * PAGE_SIZE / MiB:>9.1f}  "
+                         f"{_name(m.path)} {m.start:#x}-{m.end:#x} {m.perms}")
+    if tracker is not None and tracker.skipped:
+        lines.append(f"  not tracked: {len(tracker.skipped)} mapping(s); first: "
+                     f"{tracker.skipped[0]}")
+    if execs:
+        lines.append(f"  the process executed {execs} new program(s): each was tracked from "
+                     "its first instruction" if followed else
+                     f"  the process executed {execs} new program(s): tracked again after "
+                     "each exec (its first writes are reported as pages holding data)")
+    print("\n".join(lines), file=file)
+
+
+# ---- run ----------------------------------------------------------------------------------
+
+EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR = 1, 2, 3, 4, 5
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _fork_held(cmd: list[str]) -> tuple[int, int, int]:
+    """Fork a child that waits for one byte on a pipe before it executes ``cmd``; returns
+    ``(pid, release_fd, error_fd)``.  error_fd yields the errno of a failed exec."""
+    release_r, release_w = os.pipe()
+    err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec worked
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 125
+        try:
+            os.close(release_w)
+            os.close(err_r)
+            if os.read(release_r, 1) == b"\x01":
+                os.close(release_r)
+                code = 127
+                os.execvp(cmd[0], cmd)
+        except OSError as exc:
+            os.write(err_w, str(exc.errno).encode())
+            code = 126 if exc.errno == errno.EACCES else 127
+        finally:
+            os._exit(code)
+    os.close(release_r)
+    os.close(err_w)
+    return pid, release_w, err_r
+
+
+class Run:
+    """``pagewatch run``: the child, its tracer thread, the tracker of its current program."""
+
+    def __init__(self, cmd: list[str], args: argparse.Namespace, out: JsonLines) -> None:
+        self.cmd, self.args, self.out = cmd, args, out
+        self.interval = args.interval or 0.5
+        self.stats = Stats()
+        self.tracker: ProcessTracker | None = None
+        self.first: ProcessTracker | None = None
+        self.stop_ms: float | None = None
+        self.execs = -1  # the first exec is the command itself
+        self.status: int | None = None
+        self.error: str | None = None
+        self.exec_errno: int | None = None
+
+    def start(self) -> None:
+        self.pid, release_w, self.err_fd = _fork_held(self.cmd)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd)
+
+    def _collect(self) -> None:
+        if self.tracker is None:
+            return
+        try:
+            d: ProcessDirty | None = self.tracker.collect()
+        except TargetGone as exc:  # exec or exit seen first by the collect: events follow
+            d = exc.collected  # type: ignore[assignment]
+            self.tracker.close()
+            self.tracker = None
+        if d is not None:
+            self.stats.add(d)
+            self.out.write(_interval_line(d, self.stats.t0))
+
+    def _event(self, kind: int, a: int, b: int, c: float) -> None:
+        if kind == EV_ERROR:
+            self.error = (f"cannot trace {self.cmd[0]}: ptrace refused it "
+                          f"({os.strerror(a)}); it runs untracked")
+        elif kind == EV_EXEC:
+            self.execs += 1
+            if self.tracker is not None:
+                self._collect()  # raises nothing: the old program's memory is gone
+            if self.execs:
+                self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
+                                                            6)})
+            try:
+                if a < 0:
+                    raise Unsupported(f"userfaultfd in {self.cmd[0]}",
+                                      f"the injected call failed ({os.strerror(-a)})")
+                held = time.monotonic()
+                self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
+                                              mappings=self.args.mappings, userfaultfd=a)
+                self.first = self.first or self.tracker
+                # Stopped for the injection (c) and while its mappings were registered.
+                stop_ms = c / 1e6 + (time.monotonic() - held) * 1e3
+                self.tracker.attach_info.update(stop_ms=stop_ms, inject_ms=c / 1e6)
+                if self.stop_ms is None:
+                    self.stop_ms = stop_ms
+                self.out.write(_attach_line(self.tracker, self.interval, self.cmd))
+            except PagewatchError as exc:
+                self.error = f"cannot track {self.cmd[0]}: {exc}; it runs untracked"
+                self.tracker = None
+            finally:
+                _native.tracer_release(self.handle)
+        elif kind == EV_EXIT:
+            self._collect()  # the last one: the memory is still there at the exit stop
+            _native.tracer_release(self.handle)
+        elif kind == EV_GONE:
+            self.status = a if a >= 0 else os.waitpid(self.pid, 0)[1]
+
+    def loop(self) -> None:
+        next_t = time.monotonic() + self.interval
+        while self.status is None:
+            timeout = next_t - time.monotonic() if self.tracker is not None else None
+            select.select([self.evfd], [], [], None if timeout is None else max(0, timeout))
+            while self.status is None:
+                ev = _native.tracer_event(self.handle)
+                if ev is None:
+                    break
+                self._event(*ev)
+            if self.tracker is not None and time.monotonic() >= next_t:
+                self._collect()
+                next_t = max(next_t + self.interval, time.monotonic())
+
+    def close(self) -> None:
+        _native.tracer_stop(self.handle)
+        if self.status is None:  # detached early (an error): let it finish, as the shell would
+            self.status = os.waitpid(self.pid, 0)[1]
+        if self.tracker is not None:
+            self.tracker.close()
+        os.close(self.pidfd)
+        data = os.read(self.err_fd, 32)  # the child is gone: EOF, or the errno of its exec
+        os.close(self.err_fd)
+        self.exec_errno = int(data) if data else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("pagewatch run: give the command to run, e.g. "
+              "pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"", file=sys.stderr)
+        return 2
+    # Like time(1): Ctrl-C and Ctrl-\ are for the command; pagewatch reports when it ends.
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        with _output(args.output, None) as out:
+            run = Run(cmd, args, out)
+            run.start()
+            try:
+                run.loop()
+            finally:
+                run.close()
+            assert run.status is not None
+            rc = _exit_code(run.status)
+            out.write({"type": "exit", "code": rc,
+                       "t": round(time.monotonic() - run.stats.t0, 6)})
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    err = run.exec_errno
+    if err is not None:
+        print(f"pagewatch run: {cmd[0]}: {os.strerror(err)}", file=sys.stderr)
+        return rc
+    if run.error:
+        print(f"pagewatch run: {run.error}", file=sys.stderr)
+    how = (f"exited with code {rc}" if os.WIFEXITED(run.status) else
+           f"was killed by signal {os.WTERMSIG(run.status)}")
+    elapsed = time.monotonic() - run.stats.t0
+    _summary(run.stats, run.interval, run.first, run.stop_ms, max(run.execs, 0),
+             f"{cmd[0]} (pid {run.pid}) {how} after {elapsed:.2f} s", args.top, sys.stderr,
+             followed=True)
+    return rc
+
+
+# ---- record -------------------------------------------------------------------------------
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    interval = args.interval or 1.0
+    pidfd = _pidfd(args.pid)
+    deadline = time.monotonic() + args.duration if args.duration else None
+    session: Session | None = None
+    try:
+        with _output(args.output, sys.stdout) as out:
+            session = Session(args.pid, args, interval, out)
+            try:
+                session.loop(pidfd, deadline)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C: the end of the recording, not an error
+            finally:
+                session.close()
+        if args.output is not None or not sys.stdout.isatty():
+            elapsed = time.monotonic() - session.stats.t0
+            _summary(session.stats, session.interval, session.first,
+                     session.first.attach_stop_ms, session.execs,
+                     f"recorded pid {args.pid} for {elapsed:.2f} s", 5, sys.stderr)
+        return 0
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError as exc:
+        raise TargetGone(f"process {pid} does not exist (or has exited)", exc.errno) from exc
+
+
+# ---- top ----------------------------------------------------------------------------------
+
+
+def _top_table(d: ProcessDirty, rows: int, totals: collections.Counter[Any]) -> Any:
+    from rich.table import Table
+
+    dt = max(d.elapsed, 1e-9)
+    t = Table(title=f"pid {d.pid}: {d.pages / dt:,.0f} pages/s, "
+              f"{d.nbytes / dt / MiB:,.2f} MiB/s written ({d.backend}, "
+              f"{len(d)} mappings tracked)", title_justify="left")
+    for col, just in (("pages/s", "right"), ("MiB/s", "right"), ("total pages", "right"),
+                      ("size MiB", "right"), ("perms", "left"), ("mapping", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for m, pages in d.top(rows):
+        t.add_row(f"{len(pages) / dt:,.0f}", f"{pages.nbytes / dt / MiB:,.2f}",
+                  f"{totals[(m.path, m.start)]:,}", f"{(m.end - m.start) / MiB:,.1f}",
+                  m.perms, f"{_name(m.path)} {m.start:#x}")
+    return t
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    try:
+        from rich.console import Console
+        from rich.live import Live
+    except ImportError as exc:
+        raise Unsupported("pagewatch top", "the 'rich' package is not installed",
+                          "Install it: pip install 'pagewatch[cli]'") from exc
+    interval = args.interval or 1.0
+    pidfd = _pidfd(args.pid)
+    totals: collections.Counter[Any] = collections.Counter()
+    console = Console()
+    try:
+        with ProcessTracker(args.pid, backend=args.backend, mappings=args.mappings) as p, \
+                Live(console=console, auto_refresh=False) as live:
+            p.collect()
+            n = 0
+            while args.count is None or n < args.count:
+                exited = _exited(pidfd, interval)
+                try:
+                    d = p.collect()
+                except TargetGone:
+                    live.console.print(f"process {args.pid} has exited")
+                    return 0
+                for m, pages in d.written().items():
+                    totals[(m.path, m.start)] += len(pages)
+                live.update(_top_table(d, args.rows, totals), refresh=True)
+                n += 1
+                if exited:
+                    return 0
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.close(pidfd)
+    return 0
+
+
+# ---- plot ---------------------------------------------------------------------------------
+
+
+def _load(path: str) -> list[dict[str, Any]]:
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PagewatchError(f"{path}:{n} is not JSON ({exc.msg}): give a file "
+                                     "written by 'pagewatch record' or 'run --output'") from exc
+            if obj.get("type", "interval") == "interval" and "mappings" in obj:
+                out.append(obj)
+    if not out:
+        raise PagewatchError(f"{path} has no interval lines: give a file written by "
+                             "'pagewatch record' or 'pagewatch run --output'")
+    return out
+
+
+def heatmap(lines: list[dict[str, Any]], rows: int
+            ) -> tuple[np.ndarray, list[tuple[int, str]], int]:
+    """Fraction of each address bin written in each interval: ``(rows, intervals)``, the
+    label positions (bin, name) of the larger mappings, and the pages on the address axis.
+    Only mappings written at least once are on the axis, end to end, in address order."""
+    spans: dict[tuple[int, int], str] = {}
+    for obj in lines:
+        for m in obj["mappings"]:
+            spans[(m["start"], m["end"])] = m["path"]
+    # Merge overlapping spans (a mapping that grew or split) into segments.
+    segs: list[list[Any]] = []
+    for (s, e), path in sorted(spans.items()):
+        if segs and s <= segs[-1][1]:
+            segs[-1][1] = max(segs[-1][1], e)
+        else:
+            segs.append([s, e, path])
+    starts = np.array([s for s, _, _ in segs], np.int64) // PAGE_SIZE
+    sizes = np.array([(e - s) // PAGE_SIZE for s, e, _ in segs], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    total = int(sizes.sum())
+    rows = max(1, min(rows, total))
+    grid = np.zeros((rows, len(lines)))
+    per_bin = np.bincount(np.arange(total) * rows // total, minlength=rows)
+    for col, obj in enumerate(lines):
+        pages = []
+        for m in obj["mappings"]:
+            r = np.asarray(m["runs"], np.int64).reshape(-1, 2)
+            if not len(r):
+                continue
+            first, count = m["start"] // PAGE_SIZE + r[:, 0], r[:, 1]
+            within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+            pages.append(np.repeat(first, count) + within)
+        if not pages:
+            continue
+        p = np.unique(np.concatenate(pages))
+        seg = np.searchsorted(starts, p, side="right") - 1
+        comp = offsets[seg] + (p - starts[seg])
+        grid[:, col] = np.bincount(comp * rows // total, minlength=rows) / per_bin
+    order = np.argsort(-sizes)[:12]
+    labels = [(int(offsets[i] * rows // total), _name(segs[i][2]).rsplit("/", 1)[-1])
+              for i in sorted(order.tolist())]
+    return grid, labels, total
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise Unsupported("pagewatch plot", "matplotlib is not installed",
+                          "Install it: pip install 'pagewatch[plot]'") from exc
+    lines = _load(args.file)
+    grid, labels, total = heatmap(lines, args.rows)
+    t = np.array([obj.get("t", i) for i, obj in enumerate(lines)], float)
+    dt = np.array([obj.get("dt", 1.0) or 1.0 for obj in lines], float)
+    rate = np.array([obj["pages"] for obj in lines], float) * PAGE_SIZE / MiB / dt
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    t0 = t - dt
+    extent = (float(t0[0]), float(t[-1]), float(grid.shape[0]), 0.0)
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma",
+                   extent=extent, vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="fraction of pages written")
+    ax.set_yticks([b for b, _ in labels], [name for _, name in labels], fontsize=7)
+    ax.set_ylabel(f"written mappings, end to end ({total} pages, low address on top)")
+    pid = lines[0].get("pid", "?")
+    ax.set_title(f"pages written by pid {pid}, per interval")
+    ax2.step(t, rate, where="post")
+    ax2.set_ylabel("MiB/s written")
+    ax2.set_xlabel("seconds")
+    ax2.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=100)
+    plt.close(fig)
+    print(f"pagewatch plot: wrote {args.output} ({len(lines)} intervals, {total} pages on the "
+          "address axis)", file=sys.stderr)
+    return 0
