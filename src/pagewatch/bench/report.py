@@ -309,6 +309,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 def print_rich(result: dict[str, Any], console: Any = None) -> None:
     """Print the report with ``rich``."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
     if console is None:
@@ -316,15 +317,17 @@ def print_rich(result: dict[str, Any], console: Any = None) -> None:
         if not console.is_terminal:  # a pipe or a file: do not squeeze to 80 columns
             console = Console(width=200)
     for t in tables(result):
-        rt = RichTable(title=t.title, caption=t.caption or None, title_justify="left",
-                       caption_justify="left")
+        # Escaped: "[min-max]" would otherwise be read as rich markup and vanish.
+        rt = RichTable(title=escape(t.title), caption=escape(t.caption) or None,
+                       title_justify="left", caption_justify="left")
         for i, c in enumerate(t.columns):
-            rt.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
+            rt.add_column(escape(c), justify="left" if i == 0 else "right", no_wrap=i == 0)
         for row in t.rows:
-            rt.add_row(*row)
+            rt.add_row(*[escape(c) for c in row])
         console.print(rt)
     for line in _footer(result):
-        console.print(line, style="red" if line.startswith("error") else None, highlight=False)
+        console.print(escape(line), style="red" if line.startswith("error") else None,
+                      highlight=False)
 
 
 def to_json(result: dict[str, Any]) -> str:
