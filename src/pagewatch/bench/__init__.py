@@ -167,12 +167,20 @@ def machine() -> dict[str, Any]:
         xx = None
     from .. import __version__
 
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+
     return {
         "kernel": platform.release(), "arch": platform.machine(), "cpu": model,
         "cpus": os.cpu_count(), "memory_bytes": mem, "virtualisation": virt,
         "python": sys.version.split()[0], "numpy": np.__version__, "xxhash": xx,
         "pagewatch": __version__, "page_size": measures.PAGE_SIZE,
         "hugepage_size": measures.hugepage_size(),
+        # Other work on the machine moves the figures (uffd-sync most: its handler thread
+        # must be scheduled for every first write).
+        "load_average": load,
     }
 
 
@@ -379,6 +387,10 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> dict[str
     if progress:
         progress(len(steps), len(steps), "done")
     result["ratios"] = derive(result)
+    try:
+        result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     result["duration_s"] = time.time() - started
     return result
 

@@ -259,12 +259,18 @@ def tables(result: dict[str, Any]) -> list[Table]:
     return out
 
 
+def _load(v: Any) -> str:
+    return f"{v[0]:.1f}" if isinstance(v, list) and v else "?"
+
+
 def _footer(result: dict[str, Any]) -> list[str]:
     lines = []
     m = result.get("machine", {})
     lines.append(f"{m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs ({m.get('virtualisation', '')}),"
                  f" Linux {m.get('kernel', '?')}, {result.get('mode')} mode, "
-                 f"{result.get('duration_s', 0):.0f} s")
+                 f"{result.get('duration_s', 0):.0f} s, load average "
+                 f"{_load(m.get('load_average'))} before, {_load(m.get('load_average_after'))}"
+                 " after")
     for name, e in result.get("backends", {}).items():
         if isinstance(e, dict) and not e.get("available"):
             lines.append(f"not measured: {name}: {e.get('reason', '')}")
