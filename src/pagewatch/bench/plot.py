@@ -76,9 +76,11 @@ def _write_panel(ax: Any, result: dict[str, Any]) -> None:
         ax.bar(xs, ys, width, yerr=errs, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PATTERNS))], PATTERNS)
     ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 300)  # room for the legend above the bars
     ax.set_ylabel("ns per page (log)")
-    ax.set_title("1. tracked first write")
-    ax.legend(fontsize=7)
+    ax.set_title("1. tracked first write (bars: median, lines: min-max)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
 
 
 def _reset_panel(ax: Any, result: dict[str, Any]) -> None:
@@ -130,22 +132,39 @@ def _collect_panel(ax: Any, result: dict[str, Any], mode: str) -> None:
 
 
 def _precision_panel(ax: Any, result: dict[str, Any]) -> None:
-    rows = []
+    names: list[str] = []
+    cases: list[str] = []
+    cells: dict[tuple[str, str], Any] = {}
     for name, e in result.get("backends", {}).items():
         p = e.get("precision") if isinstance(e, dict) else None
-        if not isinstance(p, dict):
+        if not isinstance(p, dict) or "error" in p:
             continue
+        names.append(name)
         for case, c in p.items():
             if isinstance(c, dict) and "written" in c:
-                rows.append((f"{name}: {case}", c["false_positives"], c["false_negatives"],
-                             c["written"]))
-    ys = list(range(len(rows)))
-    ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], 0.4, label="false positives")
-    ax.barh([y + 0.2 for y in ys], [r[2] for r in rows], 0.4, label="false negatives")
-    ax.set_yticks(ys, [f"{r[0]} ({r[3]} written)" for r in rows], fontsize=7)
-    ax.set_xlabel("pages")
-    ax.set_title("4. precision (0 is exact)")
-    ax.legend(fontsize=7)
+                cases += [case] if case not in cases else []
+                cells[name, case] = c
+    ax.set_title("4. precision: reported / written (+false pos. -false neg.)")
+    if not names:
+        ax.text(0.5, 0.5, "not measured", ha="center")
+        return
+    wrong = [[(cells[n, c]["false_positives"] + cells[n, c]["false_negatives"])
+              if (n, c) in cells else 0 for c in cases] for n in names]
+    from matplotlib.colors import ListedColormap
+
+    ax.imshow([[1.0 if w else 0.0 for w in row] for row in wrong],
+              cmap=ListedColormap(["#d9f0d3", "#f4a6a6"]), vmin=0, vmax=1, aspect="auto")
+    for i, n in enumerate(names):
+        for j, c in enumerate(cases):
+            x = cells.get((n, c))
+            if x is None:
+                continue
+            text = f"{x['reported']}/{x['written']}"
+            if x["false_positives"] or x["false_negatives"]:
+                text += f"\n+{x['false_positives']} -{x['false_negatives']}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
 
 
 def _overhead_panel(ax: Any, result: dict[str, Any]) -> None:
@@ -157,7 +176,8 @@ def _overhead_panel(ax: Any, result: dict[str, Any]) -> None:
     vals = [o["raw_c"], o["tracker_collect"]]
     ax.bar(["raw C PAGEMAP_SCAN loop", "Tracker.collect()"], [_m(v) for v in vals],
            yerr=list(zip(*[_err(v) for v in vals], strict=True)))
-    ax.set_ylabel("ms")
+    ax.set_ylabel("ms (bars: median, lines: min-max)")
+    ax.set_ylim(0, 2 * max(_m(v) or 0 for v in vals))
     ax.text(0.5, 0.92, f"ratio {o['ratio']:.2f} (target <= {o.get('target', 1.2)}), "
             f"{o['pages']} pages in {o['bytes'] >> 20} MiB", transform=ax.transAxes,
             ha="center")
