@@ -274,15 +274,20 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _fork_held(cmd: list[str]) -> tuple[int, int, int]:
+def _fork_held(cmd: list[str], dispositions: dict[int, Any]) -> tuple[int, int, int]:
     """Fork a child that waits for one byte on a pipe before it executes ``cmd``; returns
-    ``(pid, release_fd, error_fd)``.  error_fd yields the errno of a failed exec."""
+    ``(pid, release_fd, error_fd)``.  error_fd yields the errno of a failed exec.
+    ``dispositions`` are the signal handlers pagewatch had before it ignored them: the
+    command gets the default action unless they were ignored already."""
     release_r, release_w = os.pipe()
     err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec worked
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 125
         try:
+            for sig, handler in dispositions.items():
+                if handler != signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
             os.close(release_w)
             os.close(err_r)
             if os.read(release_r, 1) == b"\x01":
@@ -314,8 +319,8 @@ class Run:
         self.error: str | None = None
         self.exec_errno: int | None = None
 
-    def start(self) -> None:
-        self.pid, release_w, self.err_fd = _fork_held(self.cmd)
+    def start(self, dispositions: dict[int, Any]) -> None:
+        self.pid, release_w, self.err_fd = _fork_held(self.cmd, dispositions)
         self.pidfd = os.pidfd_open(self.pid)
         self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd)
 
@@ -407,7 +412,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _output(args.output, None) as out:
             run = Run(cmd, args, out)
-            run.start()
+            run.start(old)
             try:
                 run.loop()
             finally:
@@ -585,10 +590,15 @@ def heatmap(lines: list[dict[str, Any]], rows: int
         seg = np.searchsorted(starts, p, side="right") - 1
         comp = offsets[seg] + (p - starts[seg])
         grid[:, col] = np.bincount(comp * rows // total, minlength=rows) / per_bin
-    order = np.argsort(-sizes)[:12]
-    labels = [(int(offsets[i] * rows // total), _name(segs[i][2]).rsplit("/", 1)[-1])
-              for i in sorted(order.tolist())]
-    return grid, labels, total
+    # Label the larger mappings, at least 4% of the axis apart so the names stay readable.
+    labels: list[tuple[int, str]] = []
+    for i in np.argsort(-sizes).tolist():
+        at = int(offsets[i] * rows // total)
+        if all(abs(at - b) >= max(1, rows // 25) for b, _ in labels):
+            labels.append((at, _name(segs[i][2]).rsplit("/", 1)[-1]))
+        if len(labels) == 12:
+            break
+    return grid, sorted(labels), total
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
