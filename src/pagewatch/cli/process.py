@@ -274,7 +274,8 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _fork_held(cmd: list[str], dispositions: dict[int, Any]) -> tuple[int, int, int]:
+def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
+               ) -> tuple[int, int, int]:
     """Fork a child that waits for one byte on a pipe before it executes ``cmd``; returns
     ``(pid, release_fd, error_fd)``.  error_fd yields the errno of a failed exec.
     ``dispositions`` are the signal handlers pagewatch had before it ignored them: the
@@ -319,7 +320,7 @@ class Run:
         self.error: str | None = None
         self.exec_errno: int | None = None
 
-    def start(self, dispositions: dict[int, Any]) -> None:
+    def start(self, dispositions: dict[signal.Signals, Any]) -> None:
         self.pid, release_w, self.err_fd = _fork_held(self.cmd, dispositions)
         self.pidfd = os.pidfd_open(self.pid)
         self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd)
