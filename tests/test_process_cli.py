@@ -136,6 +136,27 @@ def test_run_passes_signals_to_the_command_and_reports_its_end(sig: int, rc: int
     assert ("killed by signal 2" if sig == signal.SIGINT else "exited with code 5") in err
 
 
+SANDBOXED = """
+import ctypes, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+insns = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0x7FFF0000))
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+prog = Prog(1, ctypes.addressof(insns))
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+os.execvp("sh", ["sh", "-c", "echo in-sandbox; exit 4"])
+"""
+
+
+@needs_tracking
+def test_run_never_injects_into_a_program_under_a_seccomp_filter(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--", sys.executable, "-c", SANDBOXED]) == 4
+    out, err = capfd.readouterr()
+    assert out == "in-sandbox\n"
+    assert "cannot track sh" in err and "seccomp filter" in err
+
+
 def expected_pattern_output(rounds: int) -> str:
     return subprocess.run([str(build("pattern")), "run", str(rounds)], capture_output=True,
                           text=True, check=True).stdout

@@ -485,6 +485,25 @@ static unsigned long long find_gadget(pid_t pid)
     return found;
 }
 
+/* Whether the child runs under a seccomp filter ("Seccomp: 2"): its filter could kill it
+ * for the injected call, so it is not injected into. */
+static int seccomp_filtered(pid_t pid)
+{
+    char path[64], line[256];
+    int filtered = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "Seccomp:", 8)) {
+            filtered = atoi(line + 8) == 2;
+            break;
+        }
+    fclose(f);
+    return filtered;
+}
+
 /* At an exec stop: step to an interrupt stop before the first instruction, inject, restore,
  * report, hold.  Returns -1 if the child died (its status then in *status). */
 static int on_exec(struct tracer *t, int *status)
@@ -505,9 +524,9 @@ static int on_exec(struct tracer *t, int *status)
         resume_until(&j.s, PW_PTRACE_CONT, 1) < 0) {
         err = j.s.err ? j.s.err : errno;
     } else {
-        j.s.gadget = find_gadget(t->pid);
+        j.s.gadget = seccomp_filtered(t->pid) ? 0 : find_gadget(t->pid);
         if (!j.s.gadget)
-            err = ENOENT;
+            err = seccomp_filtered(t->pid) ? ECANCELED : ENOENT;
         else if (prepare(&j.s) == 0)
             take_uffd(&j);
         if (restore(&j.s) < 0 || !j.s.seized) {
@@ -516,7 +535,7 @@ static int on_exec(struct tracer *t, int *status)
                 close(j.local_fd);
             return -1;
         }
-        if (j.local_fd < 0)
+        if (j.local_fd < 0 && !err)
             err = j.getfd_errno ? j.getfd_errno : j.s.err ? j.s.err : 0;
     }
     if (!j.s.seized) {

@@ -30,7 +30,7 @@ import numpy as np
 from .. import _native
 from ..errors import PagewatchError, TargetGone, Unsupported
 from ..kernel.constants import PAGE_SIZE
-from ..process import ProcessDirty, ProcessTracker, TargetExec
+from ..process import ProcessDirty, ProcessTracker, TargetExec, _read_text
 
 MiB = 1 << 20
 
@@ -258,7 +258,7 @@ def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop
                      f"{tracker.skipped[0]}")
     if execs:
         lines.append(f"  the process executed {execs} new program(s): each was tracked from "
-                     "its first instruction" if followed else
+                     "its first instruction (unless said otherwise above)" if followed else
                      f"  the process executed {execs} new program(s): tracked again after "
                      "each exec (its first writes are reported as pages holding data)")
     print("\n".join(lines), file=file)
@@ -344,14 +344,19 @@ class Run:
                           f"({os.strerror(a)}); it runs untracked")
         elif kind == EV_EXEC:
             self.execs += 1
+            name = (_read_text(f"/proc/{self.pid}/comm") or self.cmd[0]).strip()
             if self.tracker is not None:
                 self._collect()  # raises nothing: the old program's memory is gone
             if self.execs:
                 self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
                                                             6)})
             try:
+                if a == -errno.ECANCELED:
+                    raise Unsupported(f"tracking {name}", "it runs under a seccomp "
+                                      "filter, which could kill it for the injected "
+                                      "userfaultfd(2) call")
                 if a < 0:
-                    raise Unsupported(f"userfaultfd in {self.cmd[0]}",
+                    raise Unsupported(f"userfaultfd in {name}",
                                       f"the injected call failed ({os.strerror(-a)})")
                 held = time.monotonic()
                 self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
@@ -364,7 +369,7 @@ class Run:
                     self.stop_ms = stop_ms
                 self.out.write(_attach_line(self.tracker, self.interval, self.cmd))
             except PagewatchError as exc:
-                self.error = f"cannot track {self.cmd[0]}: {exc}; it runs untracked"
+                self.error = f"cannot track {name}: {exc}; it runs untracked"
                 self.tracker = None
             finally:
                 _native.tracer_release(self.handle)
