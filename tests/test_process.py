@@ -432,3 +432,25 @@ def test_soft_dirty_fallback_reports_the_pages_written(target: Target) -> None:
         got = written(p.collect(), addr)
         assert {3, 7} <= got
         assert written(p.collect(), addr) == set()
+
+
+def test_soft_dirty_reader_turns_pagemap_bits_into_runs(
+        monkeypatch: pytest.MonkeyPatch, target: Target) -> None:
+    """The soft-dirty path's pagemap reading, with the present bit standing in for bit 55
+    (this kernel has no soft-dirty: the VM matrix runs the real test above)."""
+    from pagewatch.kernel.constants import PM_PRESENT
+
+    monkeypatch.setattr(process, "soft_dirty_available", lambda: (True, "pretend"))
+    monkeypatch.setattr(process, "PM_SOFT_DIRTY", PM_PRESENT)
+    cleared: list[int] = []
+    monkeypatch.setattr(process, "clear_refs", lambda pid, v: cleared.append(v))
+    addr, _ = buffer_of(target)
+    with ProcessTracker(target.pid, backend="soft-dirty") as p:
+        assert p.backend == "soft-dirty" and cleared == [4]
+        for page in (3, 4, 200):
+            target.cmd(f"w {page} 1")
+        d = p.collect()
+        assert written(d, addr) == {3, 4, 200}  # the pages made present by the writes
+        assert cleared == [4, 4]  # reset: clear_refs again
+        p.collect(reset=False)
+        assert cleared == [4, 4]

@@ -46,7 +46,24 @@ Events
   run`` and ``record`` do that for you).
 * **exit**: :class:`~pagewatch.errors.TargetGone`; writes after the last collect cannot be
   seen (the kernel tears the page tables down at exit).  ``collected`` holds what the failed
-  collect gathered before it noticed.
+  collect gathered before it noticed.  (``pagewatch run``, whose child stays seized by a
+  tracer thread, makes a last collect at the exit stop, and injects at every exec stop.)
+
+Limits
+------
+* Memory unmapped between two collects takes its writes with it: they are not reported (the
+  memory no longer exists).  Memory mapped again at the same addresses is reported whole.
+* While tracked, the target cannot register the tracked ranges with a userfaultfd of its own
+  (``UFFDIO_REGISTER`` fails with ``EBUSY``: one userfaultfd per mapping); ranges it had
+  registered before are listed in ``skipped``.
+* A page written with the content it already had is reported (it was written).
+* Transparent huge pages of the target are left as they are: a write to a protected huge
+  page splits it, so writes are reported per 4 KiB page after the first collect.
+* Syscall injection is implemented for x86-64 (64-bit targets); arm64 is designed (see
+  ``src/native/inject.c``) but untested.  A target under a seccomp filter is refused: its
+  filter could kill it for the injected call.
+* Cost to the target: one write fault (about a microsecond) per page and collect interval in
+  which the page is written; the stop at attach is typically 0.05 to 0.3 ms.
 """
 
 from __future__ import annotations
