@@ -249,10 +249,10 @@ def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop
                  f"in {len(stats.by_mapping)} mappings; {sum(counts)} page writes reported")
     rows = stats.top(top)
     if rows:
-        lines.append("  top mappings:     pages  distinct       MiB  mapping")
+        lines.append(f"  {'top mappings:':<16}{'pages':>9} {'distinct':>9} {'MiB':>7}  mapping")
         for m, total, distinct in rows:
-            lines.append(f"    {total:>20} {distinct:>9} {distinct * PAGE_SIZE / MiB:>9.1f}  "
-                         f"{_name(m.path)} {m.start:#x}-{m.end:#x} {m.perms}")
+            lines.append(f"  {'':<16}{total:>9} {distinct:>9} {distinct * PAGE_SIZE / MiB:>7.1f}"
+                         f"  {_name(m.path)} {m.start:#x}-{m.end:#x} {m.perms}")
     if tracker is not None and tracker.skipped:
         lines.append(f"  not tracked: {len(tracker.skipped)} mapping(s); first: "
                      f"{tracker.skipped[0]}")
