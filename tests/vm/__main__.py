@@ -91,10 +91,26 @@ def stream(cmd: list[str], label: str, logfile: Path, timeout: float,
     return rc, time.monotonic() - t0, timed_out
 
 
-def guest_env(label: str) -> dict[str, str]:
+def mpl_config(cache: Path) -> Path:
+    """A writable MPLCONFIGDIR shared by host and guests (in the guests' read/write directory).
+
+    In a guest $HOME is read-only, so matplotlib would rebuild its font cache in a temporary
+    directory at every start: minutes under TCG.  The host builds it once, the guests reuse it.
+    """
+    return cache / "runs" / "mplconfig"
+
+
+def warm_matplotlib(cache: Path) -> None:
+    env = dict(os.environ, MPLCONFIGDIR=str(mpl_config(cache)))
+    mpl_config(cache).mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def guest_env(label: str, cache: Path) -> dict[str, str]:
     """What the test run sees: PAGEWATCH_* (not _VM_*), PYTEST_ADDOPTS and CI are passed on."""
     env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
-           "PAGEWATCH_KERNEL_MATRIX": label}
+           "PAGEWATCH_KERNEL_MATRIX": label, "MPLCONFIGDIR": str(mpl_config(cache))}
     for k, v in os.environ.items():
         if ((k.startswith("PAGEWATCH_") and not k.startswith("PAGEWATCH_VM_"))
                 or k in ("PYTEST_ADDOPTS", "CI")):
@@ -120,7 +136,7 @@ def vng_cmd(bindir: Path, k: Kernel, opts: Options, use_kvm: bool, out: Path, sc
             cpus: int) -> list[str]:
     cmd = [str(bindir / "vng"), "--run", str(k.vmlinuz), "--memory", opts.memory,
            "--cpus", str(cpus), "--user", "root", "--overlay-rwdir", str(REPO),
-           "--rwdir", str(out), "--cwd", str(REPO)]
+           "--rwdir", str(out.parent), "--cwd", str(REPO)]
     if not use_kvm:
         cmd.append("--disable-kvm")
     if opts.verbose:
@@ -169,7 +185,7 @@ def run_host(opts: Options, cache: Path) -> dict[str, Any]:
     out = cache / "runs" / "host"
     cmd = [sys.executable, "-m", "tests.vm.guest", "--label", "host", "--out", str(out), "--",
            *opts.pytest_args]
-    env = dict(os.environ, **guest_env("host"))
+    env = dict(os.environ, **guest_env("host", cache))
     log("host: running the suite on this machine's kernel")
     rc, secs, timed_out = stream(cmd, "host", out.parent / "host.log", opts.timeout, env, REPO)
     col = collect(out, "host", rc, secs, timed_out, out.parent / "host.log")
@@ -183,7 +199,7 @@ def run_vm(opts: Options, cache: Path, bindir: Path, k: Kernel, use_kvm: bool,
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("guest.json", "tests.json"):
         (out / stale).unlink(missing_ok=True)
-    env = guest_env(k.label)
+    env = guest_env(k.label, cache)
     script = ("read -r up _ < /proc/uptime; export "
               + " ".join(f"{n}={shlex.quote(v)}" for n, v in env.items())
               + f"; cd {shlex.quote(str(REPO))} && exec "
@@ -285,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagewatch-vm: setup failed: {exc}", file=sys.stderr)
         return 2
 
+    warm_matplotlib(cache)
     columns: list[dict[str, Any]] = []
     if opts.host:
         columns.append(run_host(opts, cache))
