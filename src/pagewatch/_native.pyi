@@ -79,6 +79,9 @@ def sd_read(
     out: np.ndarray, exclude_tid: int = 0,
 ) -> tuple[int, int, int]: ...
 def sd_signal() -> int: ...
+def sd_selftest(
+    addr: int, length: int, usec: int, exclude_tid: int = 0,
+) -> tuple[int, int, int, int]: ...
 
 # ---- inject.c -------------------------------------------------------------------------
 def inject_userfaultfd(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from . import _native
@@ -41,6 +42,12 @@ def region_of(target: Any) -> tuple[Region, memoryview | None]:
     return Region(address, nbytes), view
 
 
+def _protected_by_mprotect(start: int, end: int) -> bool:
+    """Pages an mprotect tracker made read-only are still writable memory."""
+    mod = sys.modules.get("pagewatch.backends.mprotect")
+    return mod is not None and bool(mod.covers(start, end))
+
+
 def _check_writable_mapping(region: Region) -> None:
     """Every page of the region must be mapped, and writable."""
     cursor = region.start
@@ -49,7 +56,8 @@ def _check_writable_mapping(region: Region) -> None:
             continue
         if m.start > cursor:
             break
-        if not m.writable:
+        if not m.writable and not _protected_by_mprotect(max(m.start, cursor),
+                                                          min(m.end, region.end)):
             raise InvalidRange(f"[{m.start:#x}, {m.end:#x}) {m.path or '(anonymous)'} inside "
                                f"the range is not writable ({m.perms})")
         cursor = m.end

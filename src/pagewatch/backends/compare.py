@@ -1,0 +1,108 @@
+"""``compare``: a private snapshot, compared page by page in C.
+
+Nothing is protected and nothing faults: writers run at full speed on any kernel.  The
+tracker keeps a copy of the tracked pages; ``collect()`` copies each live page once into a
+temporary (``process_vm_readv`` on this process, so an unmapped page is an error, not a
+crash), compares the copy with the snapshot and, where they differ, makes the copy the new
+snapshot.  The snapshot is only ever an actual read of the page, so a write landing after
+that read differs from it and is reported by the next collect: at-least-once, as the
+other backends.
+
+Semantics and costs
+-------------------
+* **Exact by content.**  A page counts as written when its bytes differ from the last
+  collect's: writing the bytes a page already holds is not a change, and a page changed
+  then changed back between two collects is not reported.  Writes by the kernel
+  (``readv``, ``recv_into``), by other processes through shared memory and
+  ``MADV_DONTNEED`` zeroing are all seen, since only content matters.
+* Memory: one private copy of the tracked range (anonymous, so it can be swapped).
+* ``collect()`` and ``reset()`` read every tracked page (about the speed of ``memcmp``);
+  ``max_pages`` stops the scan early.
+* Each tracker has its own snapshot: trackers never disturb each other.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from .. import _native
+from ..dirty import DirtyPages
+from ..errors import PagewatchError, TargetGone
+from ..kernel.constants import PAGE_SIZE
+from ._memory import check_mapped
+from .base import Backend, Region
+
+__all__ = ["Compare", "BACKEND"]
+
+
+class Compare(Backend):
+    name = "compare"
+    rank = 4
+    summary = "a private copy compared page by page in C: any kernel, exact by content"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return True, "needs nothing from the kernel (exact by content, collect reads every page)"
+
+    def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
+        super().__init__(region, huge_pages=huge_pages)
+        self._lock = threading.Lock()
+        # An anonymous mapping of its own.  One page longer than needed: the kernel puts new
+        # mappings in the first gap that fits, and a snapshot exactly the target's size
+        # would fill the hole a program just freed next to it (and wants back).
+        self._map: mmap.mmap | None = mmap.mmap(-1, region.length + PAGE_SIZE,
+                                                mmap.MAP_PRIVATE)
+        self._snap = np.frombuffer(self._map, dtype=np.uint8)
+        self._read(lambda: _native.cmp_snapshot(region.start, region.npages, self._snap))
+
+    def _read(self, call):  # type: ignore[no-untyped-def]
+        """Run a C read of the live pages; a failed read means the pages went away."""
+        check_mapped(self.region)
+        out = call()
+        err = out if isinstance(out, int) else out[1]
+        if err:
+            check_mapped(self.region)
+            if err == errno.EFAULT:
+                raise TargetGone(f"the tracked memory [{self.region.start:#x}, "
+                                 f"{self.region.end:#x}) was unmapped while tracked: close "
+                                 "the tracker before freeing its target", err)
+            raise PagewatchError(f"reading the tracked pages failed: {os.strerror(err)}", err)
+        return out
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"this {self.name} tracker is closed")
+
+    def reset(self) -> None:
+        with self._lock:
+            self._check_open()
+            self._read(lambda: _native.cmp_snapshot(self.region.start, self.region.npages,
+                                                    self._snap))
+
+    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
+        if max_pages is not None and max_pages < 0:
+            raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+        with self._lock:
+            self._check_open()
+            runs, _ = self._read(lambda: _native.cmp_collect(
+                self.region.start, self.region.npages, self._snap, reset,
+                -1 if max_pages is None else max_pages))
+        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            del self._snap
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+
+
+BACKEND = Compare

@@ -1,0 +1,204 @@
+"""``soft-dirty``: ``clear_refs`` 4 and pagemap bit 55, with the world stopped around them.
+
+Writing ``4`` to ``/proc/self/clear_refs`` clears the soft-dirty bit of every page of the
+process and write-protects them; the kernel sets the bit again on the next write, and
+``/proc/self/pagemap`` shows it as bit 55.  Two problems, and what this backend does:
+
+* **No atomic get-and-reset.**  A write between reading bit 55 and ``clear_refs`` would be
+  cleared unseen.  So the read and the clear happen with every other thread of the process
+  stopped: each is sent a real-time signal whose handler (C) acknowledges and waits until
+  released, as Boehm GC stops the world.  A thread inside a system call is interrupted or
+  finishes it before it acknowledges, so no write by our own threads, user-mode or
+  kernel-mode, falls in the window.
+* **The reset is process-wide.**  Before clearing, the bits of every other soft-dirty
+  tracker's pages are read and kept in its pending set (a :class:`~.base.Hub`), so
+  trackers never disturb each other; ``max_pages`` keeps the pages it does not return
+  pending the same way.
+
+Limits
+------
+* Writes made during the stop by something that is not one of this process's threads
+  stopped by the signal are not covered: other processes writing shared memory,
+  ``process_vm_writev``, io_uring and AIO kernel workers.  A thread that blocks the signal
+  cannot be stopped: the collect then fails (``EDEADLK``) instead of risking a lost write.
+* Anything else in the process that uses soft-dirty (``clear_refs``) resets our bits.
+* False positives the kernel documents: pages of a mapping that was merged with a new or
+  grown mapping read as soft-dirty until the next reset (``VM_SOFTDIRTY``; ``huge_pages=
+  "split"`` sets ``MADV_NOHUGEPAGE``, which also keeps fresh anonymous mappings from
+  merging with the tracked one); a transparent huge page written as a whole reports its
+  512 pages; shared-memory pages swapped out lose the bit (a false negative the kernel
+  documents, so ``shmem`` is best tracked otherwise).
+* Not every kernel has it: ``CONFIG_MEM_SOFT_DIRTY`` (x86-64, ppc64, s390; not arm64).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from .. import _native
+from ..dirty import DirtyPages
+from ..errors import PagewatchError, TargetGone
+from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE
+from ._memory import check_mapped
+from .base import Hub, HubBackend, Region
+
+__all__ = ["SoftDirty", "BACKEND"]
+
+_BIT = np.uint64(55)
+
+
+class _SoftDirtyHub(Hub):
+    def __init__(self) -> None:
+        super().__init__()
+        self._pagemap = -1
+        self._clear_refs = -1
+
+    def fds(self) -> tuple[int, int]:
+        if self._pagemap < 0:
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        if self._clear_refs < 0:
+            self._clear_refs = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        return self._pagemap, self._clear_refs
+
+    def read(self, members: list[SoftDirty], clear: bool) -> list[np.ndarray]:
+        """Bit 55 of every page of each member (one bool array each); with ``clear``, then
+        ``clear_refs``, all with the world stopped."""
+        pagemap, clear_refs = self.fds()
+        starts = np.array([m.region.start for m in members], np.uint64)
+        counts = np.array([m.region.npages for m in members], np.uint64)
+        out = np.empty(int(counts.sum()), np.uint64)
+        err, culprit, _ = _native.sd_read(pagemap, clear_refs if clear else -1, starts, counts,
+                                          out)
+        if err:
+            why = {
+                errno.EDEADLK: f"thread {culprit} blocks the stop signal, so it cannot be stopped while "
+                    "the bits are read and cleared (a write it made then would be lost): "
+                    "unblock the signal in it or use another backend",
+                errno.ETIMEDOUT: f"thread {culprit} did not stop within 10 s",
+            }.get(err, os.strerror(err))
+            raise PagewatchError(f"soft-dirty collect failed, nothing was reset: {why}", err)
+        dirty = ((out >> _BIT) & np.uint64(1)).astype(bool)
+        return np.split(dirty, np.cumsum(counts[:-1].astype(np.int64)))
+
+    def after_fork_in_child(self) -> None:
+        # The /proc/self files were opened by the parent: they still describe it.
+        for m in list(self.members):
+            m.closed = True
+            if isinstance(m, SoftDirty):
+                m._forked = True
+        self.members = weakref.WeakSet()
+        for fd in (self._pagemap, self._clear_refs):
+            if fd >= 0:
+                os.close(fd)
+        self._pagemap = self._clear_refs = -1
+        self.lock = threading.RLock()
+        self.pid = os.getpid()
+
+
+def _runs(bits: np.ndarray, start: int) -> np.ndarray:
+    edges = np.diff(np.concatenate(([0], bits.view(np.int8), [0])))
+    s = np.flatnonzero(edges == 1)
+    e = np.flatnonzero(edges == -1)
+    return np.stack([s, e], axis=1).astype(np.int64) * PAGE_SIZE + start
+
+
+class SoftDirty(HubBackend):
+    name = "soft-dirty"
+    rank = 1
+    summary = "clear_refs + pagemap bit 55, read and cleared with the other threads stopped"
+    hub = _SoftDirtyHub()
+
+    _available: tuple[bool, str] | None = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if cls._available is None:
+            from ..kernel.probe import _probe_soft_dirty
+
+            cap = _probe_soft_dirty()
+            cls._available = (cap.available, cap.reason)
+        return cls._available
+
+    def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
+        super().__init__(region, huge_pages=huge_pages)
+        self._forked = False
+        if huge_pages == "split":
+            try:
+                _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
+            except OSError:
+                pass
+        with self.hub.lock:
+            self._join()
+            try:
+                self.reset()  # start clean; the others keep theirs as pending
+            except BaseException:
+                self._leave()
+                self.closed = True
+                raise
+
+    def _check_open(self) -> None:
+        if self._forked:
+            raise PagewatchError("this tracker belongs to the parent process: after fork() "
+                                 "the child must create its own tracker")
+        super()._check_open()
+
+    def _check_alive(self) -> None:
+        try:
+            check_mapped(self.region)
+        except TargetGone:
+            self.close()
+            raise
+
+    def _read_reset(self) -> np.ndarray:
+        """Read and clear everything; the other members' bits go to their pending sets.
+        Returns this tracker's bits.  Call with the hub lock held."""
+        self._check_alive()
+        members = [m for m in self.hub.members if isinstance(m, SoftDirty) and not m.closed]
+        if self not in members:
+            members.append(self)
+        got = self.hub.read(members, clear=True)
+        mine = got[members.index(self)]
+        for m, bits in zip(members, got, strict=True):
+            if m is not self and bits.any():
+                m.pending |= bits
+                m.has_pending = True
+        return mine
+
+    def _get(self, reset: bool) -> np.ndarray:
+        if reset:
+            return _runs(self._read_reset(), self.region.start)
+        self._check_alive()
+        return _runs(self.hub.read([self], clear=False)[0], self.region.start)
+
+    def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
+        # The kernel resets everything or nothing: reset everything, keep the rest pending.
+        mine = self._read_reset()
+        keep = mine.copy()
+        for s, e in ((runs - self.region.start) // PAGE_SIZE).tolist():
+            keep[max(s, 0):max(e, 0)] = False
+        self.pending |= keep
+        self.has_pending = bool(self.pending.any())
+        return _runs(mine & ~keep, self.region.start)
+
+    def _collect_some(self, max_pages: int) -> DirtyPages:
+        everything = self._read_reset() | self.pending
+        chosen = np.zeros_like(everything)
+        chosen[np.flatnonzero(everything)[:max_pages]] = True
+        self.pending = everything & ~chosen
+        self.has_pending = bool(self.pending.any())
+        return DirtyPages.from_bitmap(chosen, self.region.start)
+
+    def close(self) -> None:
+        with self.hub.lock:
+            self.closed = True
+            self._leave()
+
+
+os.register_at_fork(after_in_child=SoftDirty.hub.after_fork_in_child)
+
+BACKEND = SoftDirty

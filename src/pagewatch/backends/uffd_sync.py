@@ -1,0 +1,282 @@
+"""``uffd-sync``: userfaultfd write-protect with a handler thread in C.
+
+The tracked pages are registered with a userfaultfd in write-protect mode and protected.
+A write blocks its thread in the kernel and queues a message; a handler thread written in
+C (no Python, no GIL on this path) reads it, records the page in every tracker containing
+it and un-protects the page, which wakes the writer.  ``collect(reset=True)`` clears each
+written page's mark first and re-protects it second, under a mutex shared with the thread,
+so a write is reported by the collect it races or by the next one.
+
+One userfaultfd and one thread serve every ``uffd-sync`` tracker of the process (the
+kernel allows one userfaultfd per mapping); the thread stops when the last tracker closes.
+
+Kernel writes
+-------------
+When this process may create a userfaultfd that also handles faults taken *inside the
+kernel* (root, ``CAP_SYS_PTRACE``, ``vm.unprivileged_userfaultfd=1`` or write access to
+``/dev/userfaultfd``), a system call writing into a protected page (``read``, ``readv``,
+``recv_into``) waits for the handler thread like any other writer and is reported:
+:attr:`UffdSync.kernel_writes` is then True.  Otherwise the userfaultfd is
+``UFFD_USER_MODE_ONLY`` and such a call fails with ``EFAULT``; wrap it in
+:func:`pagewatch.backends.mprotect.writable`.
+
+Limits
+------
+* Kernels without ``UFFD_FEATURE_WP_UNPOPULATED`` (before 6.4) ignore protection on pages
+  never touched, so every page is mapped (read) when tracking starts; an
+  ``madvise(MADV_DONTNEED)`` of tracked pages then drops their protection for good.
+* A mapping already registered with another userfaultfd (a ``uffd-async`` tracker of the
+  same pages, for one) cannot be tracked: ``EBUSY``.
+* After ``fork()`` the child has no handler thread and its mappings lose the registration
+  (no ``UFFD_FEATURE_EVENT_FORK``), so it runs unhindered; its copies of the trackers are
+  closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import weakref
+
+from .. import _native
+from ..dirty import DirtyPages
+from ..errors import InvalidRange, PagewatchError, TargetGone, Unsupported
+from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
+from ..kernel.uffd import Userfaultfd
+from ._memory import check_mapped
+from .base import Backend, Region
+from .mprotect import writable
+
+__all__ = ["UffdSync", "writable", "BACKEND"]
+
+_WP = int(UffdFeature.PAGEFAULT_FLAG_WP)
+_WP_UNPOPULATED = int(UffdFeature.WP_UNPOPULATED)
+
+
+def _create() -> tuple[int, str, bool]:
+    """A non-blocking userfaultfd, able to handle kernel faults if allowed:
+    ``(fd, how, kernel_writes)``."""
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    tried: list[str] = []
+    if not os.environ.get("PAGEWATCH_UFFD_USER_MODE_ONLY"):
+        for how, fn in (("syscall", _native.userfaultfd),
+                        ("/dev/userfaultfd", _native.userfaultfd_dev)):
+            try:
+                return fn(flags), how, True
+            except OSError as exc:
+                tried.append(f"{how}: {exc.strerror}")
+    for how, fn in (("syscall, user-mode only", _native.userfaultfd),
+                    ("/dev/userfaultfd, user-mode only", _native.userfaultfd_dev)):
+        try:
+            return fn(flags | UFFD_USER_MODE_ONLY), how, False
+        except OSError as exc:
+            tried.append(f"{how}: {exc.strerror}")
+    raise Unsupported("userfaultfd", "it was refused (" + "; ".join(tried) + ")",
+                      "Use the mprotect or compare backend")
+
+
+class _Hub:
+    """The process's one userfaultfd, its handler thread and the live trackers."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.members: weakref.WeakSet[UffdSync] = weakref.WeakSet()
+        self.uffd: Userfaultfd | None = None
+        self.how = ""
+        self.kernel_writes = False
+        self.populate = False
+        self.pid = os.getpid()
+
+    def open(self) -> Userfaultfd:
+        if self.uffd is not None:
+            return self.uffd
+        uffd = None
+        for features in (_WP | _WP_UNPOPULATED, _WP):
+            fd, how, kernel = _create()
+            try:
+                uffd = Userfaultfd(features, fd=fd)  # closes fd if refused
+                break
+            except Unsupported:
+                if features == _WP:
+                    raise
+        assert uffd is not None
+        _native.us_start(uffd.fileno())
+        self.uffd, self.how, self.kernel_writes = uffd, how, kernel
+        self.populate = not (uffd.features & UffdFeature.WP_UNPOPULATED)
+        return uffd
+
+    def covered(self, exclude: UffdSync, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` no other live tracker covers."""
+        cuts = [(max(start, m.region.start), min(end, m.region.end)) for m in self.members
+                if m is not exclude and not m.closed]
+        out, cursor = [], start
+        for lo, hi in sorted(c for c in cuts if c[0] < c[1]):
+            if lo > cursor:
+                out.append((cursor, lo))
+            cursor = max(cursor, hi)
+        if cursor < end:
+            out.append((cursor, end))
+        return out
+
+    def stop_if_idle(self) -> None:
+        if not any(not m.closed for m in self.members) and self.uffd is not None:
+            _native.us_stop()
+            self.uffd.close()
+            self.uffd = None
+
+    def after_fork_in_child(self) -> None:
+        for m in list(self.members):
+            m._id = None
+            m.closed = True
+            m._forked = True
+        self.members = weakref.WeakSet()
+        if self.uffd is not None:
+            self.uffd.close()  # it acts on the parent's memory
+            self.uffd = None
+        self.lock = threading.RLock()
+        self.pid = os.getpid()
+
+
+_hub = _Hub()
+
+
+class UffdSync(Backend):
+    name = "uffd-sync"
+    rank = 2
+    summary = "userfaultfd write-protect, a C handler thread records and un-protects"
+
+    _available: tuple[bool, str] | None = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if cls._available is None:
+            cls._available = _trial()
+        return cls._available
+
+    def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
+        super().__init__(region, huge_pages=huge_pages)
+        self._id: int | None = None
+        self._forked = False
+        self._lock = threading.Lock()
+        if huge_pages == "split":
+            try:
+                _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
+            except OSError:
+                pass
+        with _hub.lock:
+            uffd = _hub.open()
+            try:
+                # Registering again with the same userfaultfd is allowed: no coverage logic.
+                try:
+                    uffd.register(region.start, region.length)
+                except InvalidRange as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    raise Unsupported(
+                        "uffd-sync on this memory", "synchronous userfaultfd write-protect "
+                        "covers anonymous, shmem and hugetlbfs memory only (not regular "
+                        "files)", "Use uffd-async (any memory), mprotect or compare",
+                        exc.errno) from exc
+                try:
+                    self._id = _native.us_watch(region.start, region.npages, _hub.populate)
+                except OSError as exc:
+                    for s, e in _hub.covered(self, region.start, region.end):
+                        try:
+                            uffd.unregister(s, e - s)
+                        except OSError:
+                            pass
+                    raise PagewatchError(f"cannot write-protect [{region.start:#x}, "
+                                         f"{region.end:#x}): {exc.strerror}", exc.errno) from exc
+            except BaseException:
+                self.closed = True
+                _hub.stop_if_idle()
+                raise
+            _hub.members.add(self)
+
+    @property
+    def kernel_writes(self) -> bool:
+        """Whether system calls writing into tracked pages are reported (True) or fail with
+        ``EFAULT`` (False: a user-mode-only userfaultfd)."""
+        return _hub.kernel_writes
+
+    def _check_open(self) -> int:
+        if self._forked:
+            raise PagewatchError("this tracker belongs to the parent process: after fork() "
+                                 "the child must create its own tracker")
+        if self.closed or self._id is None:
+            raise ValueError(f"this {self.name} tracker is closed")
+        return self._id
+
+    def reset(self) -> None:
+        self.collect(reset=True)
+
+    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
+        if max_pages is not None and max_pages < 0:
+            raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+        try:
+            with self._lock:
+                wid = self._check_open()
+                check_mapped(self.region)
+                runs, err = _native.us_collect(wid, reset,
+                                               -1 if max_pages is None else max_pages)
+                if err:
+                    check_mapped(self.region)
+                    raise PagewatchError(f"UFFDIO_WRITEPROTECT of written pages failed: "
+                                         f"{os.strerror(err)}", err)
+        except TargetGone:
+            self.close()  # stop watching addresses that may be reused
+            raise
+        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+
+    def close(self) -> None:
+        with _hub.lock, self._lock:
+            if self._id is None:
+                self.closed = True
+                return
+            wid, self._id = self._id, None
+            self.closed = True
+            _native.us_unwatch(wid)
+            uffd = _hub.uffd
+            if uffd is not None:
+                for s, e in _hub.covered(self, self.region.start, self.region.end):
+                    try:
+                        uffd.unregister(s, e - s)
+                    except OSError:
+                        pass  # unmapped meanwhile
+            _hub.members.discard(self)
+            _hub.stop_if_idle()
+
+
+def _trial() -> tuple[bool, str]:
+    """Track one page for real: register, protect, write, collect, close."""
+    import mmap
+
+    buf = mmap.mmap(-1, 2 * PAGE_SIZE)
+    try:
+        addr = _native.buffer_info(buf)[0]
+        b = UffdSync(Region(addr, 2 * PAGE_SIZE))
+        try:
+            buf[PAGE_SIZE] = 1
+            got = b.collect().pages().tolist()
+        finally:
+            b.close()
+        if got != [1]:
+            return False, f"a write to a protected page was reported as pages {got}"
+        kernel = ("kernel writes handled" if _hub.kernel_writes else
+                  "user-mode only: system calls writing tracked pages get EFAULT")
+        unpop = "" if not _hub.populate else "; no WP_UNPOPULATED: pages are pre-mapped"
+        return True, f"a write to a protected page was caught by the handler thread ({kernel}{unpop})"
+    except (Unsupported, PagewatchError) as exc:
+        return False, str(exc)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+            return False, f"userfaultfd write-protect is not usable: {exc.strerror}"
+        return False, f"the uffd-sync trial failed: {exc}"
+    finally:
+        buf.close()
+
+
+os.register_at_fork(after_in_child=_hub.after_fork_in_child)
+
+BACKEND = UffdSync
