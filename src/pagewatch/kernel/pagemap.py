@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import select
 from typing import Protocol
 
 import numpy as np
@@ -62,10 +63,24 @@ class Pagemap:
 
     def __init__(self, pid: int | str = "self") -> None:
         self.pid = pid
+        self._pidfd = -1
         try:
             self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise proc_open_error(exc, pid, "pagemap") from exc
+        if isinstance(pid, int) and pid != os.getpid():
+            # Kernels before ~6.18 answer a scan or read of an exited process with an empty
+            # result, not ESRCH: a pidfd tells us it is gone.
+            try:
+                self._pidfd = os.pidfd_open(pid)
+            except OSError:
+                pass
+
+    def exited(self) -> bool:
+        """Whether the process has exited (a zombie too); False when that cannot be told."""
+        if self._pidfd < 0:
+            return False
+        return bool(select.select([self._pidfd], [], [], 0)[0])
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -76,6 +91,9 @@ class Pagemap:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     @property
     def closed(self) -> bool:
@@ -196,11 +214,17 @@ def _scan(
     flags = (int(ScanFlag.WP_MATCHING) if wp_matching else 0) | (
         int(ScanFlag.CHECK_WPASYNC) if check_wpasync else 0)
     fd, owned = _fd_of(target)
+    pm = owned if owned is not None else target if isinstance(target, Pagemap) else None
     try:
         regions, walk_end, pages = _native.pagemap_scan(
             fd, start, end, flags, category_mask, category_inverted, category_anyof_mask,
             return_mask, max_pages, capacity, want_output)
+        if pm is not None and pm.exited():
+            raise TargetGone(f"process {pm.pid} has exited: its pagemap no longer describes "
+                             "its memory", errno.ESRCH, collected=regions)
     except OSError as exc:
+        if isinstance(exc, TargetGone):
+            raise
         raise scan_error(exc, start, end, flags) from exc
     finally:
         if owned is not None:
@@ -256,6 +280,9 @@ def read_pagemap(pid: int | str, start: int, end: int) -> np.ndarray:
             if not chunk:
                 break
             data += chunk
+        if pm.exited():
+            raise TargetGone(f"process {pid} has exited: its pagemap no longer describes its "
+                             "memory", errno.ESRCH)
     if len(data) != n * 8:
         raise InvalidRange(f"could read only {len(data) // 8} of {n} pagemap entries")
     return np.frombuffer(data, dtype=np.uint64).copy()
