@@ -1635,3 +1635,32 @@ def test_soft_dirty_category_agrees_with_pagemap_bit_55(pm: Pagemap, area: Calla
         pytest.skip("PAGEMAP_SCAN has no PAGE_IS_SOFT_DIRTY here (it came in Linux 6.8)")
     assert _soft_dirty_after_clear_and_write(True) == (
         "bits=[False, True, False, False] scan=[(1, 2)]")
+
+
+# =============================================================================================
+# Guard pages (the pagemap_scan test of the selftest guard-regions.c)
+# =============================================================================================
+
+MADV_GUARD_INSTALL = 102
+
+
+@needs_scan
+def test_guard_pages_are_reported_as_guard_one_region_each(pm: Pagemap,
+                                                           area: Callable[..., Area]) -> None:
+    guard = int(PageCategory.GUARD)
+    try:
+        pagemap_scan_once(pm, 0, 0, category_mask=guard)
+    except OSError:
+        pytest.skip("PAGEMAP_SCAN has no PAGE_IS_GUARD here (it came in Linux 6.16)")
+    a = area(10)
+    try:
+        for i in range(0, 10, 2):
+            _native.madvise(a.page(i), P, MADV_GUARD_INSTALL)
+    except OSError as exc:
+        pytest.skip(f"madvise(MADV_GUARD_INSTALL) refused: {exc}")
+    ret, _, got = pagemap_scan_once(pm, a.addr, a.end, category_mask=guard, return_mask=guard,
+                                    vec_len=10)
+    assert ret == 5 and runs(got, a) == [(i, i + 1) for i in range(0, 10, 2)]
+    assert (got[:, 2] == guard).all()
+    assert decode_pagemap(read_pagemap("self", a.addr, a.end)).guard.tolist() == [
+        i % 2 == 0 for i in range(10)]
