@@ -312,6 +312,51 @@ def test_an_unprivileged_tracer_gets_permission_denied_naming_the_owner(
     assert target.cmd("w 1 1") == "ok"
 
 
+def as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to uid nobody")
+def test_an_unprivileged_user_tracks_its_own_process_without_any_privilege() -> None:
+    t = Target([str(build("pattern")), "cmd"], preexec_fn=as_nobody)
+    try:
+        addr, _ = buffer_of(t)
+        up_r, up_w = os.pipe()  # tracker -> test: "attached" / the result
+        go_r, go_w = os.pipe()  # test -> tracker: "written, collect now"
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                as_nobody()
+                p = ProcessTracker(t.pid)
+                os.write(up_w, b"attached\n")
+                os.read(go_r, 1)
+                found = p.collect().find(addr)
+                out = repr(found[1].addresses().tolist() if found else None)
+                p.close()
+            except BaseException as exc:  # noqa: BLE001
+                out = f"{type(exc).__name__}: {exc}"
+            os.write(up_w, out.encode())
+            os._exit(0)
+        os.close(up_w)
+        os.close(go_r)
+        with os.fdopen(up_r) as f:
+            assert f.readline() == "attached\n"
+            assert t.cmd("w 7 1") == "ok"
+            os.write(go_w, b"1")
+            out = f.read()
+        os.close(go_w)
+        os.waitpid(pid, 0)
+        assert out.startswith("["), out
+        in_buffer = {a for a in eval(out) if addr <= a < addr + 256 * PAGE_SIZE}
+        assert in_buffer == {addr + 7 * PAGE_SIZE}
+    finally:
+        t.close()
+
+
 HOLD_TRACE = """
 import ctypes, sys, time
 libc = ctypes.CDLL(None, use_errno=True)

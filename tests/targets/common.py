@@ -26,7 +26,9 @@ def build(name: str = "pattern") -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("the process tests need a C compiler (cc)")
-    out = Path(tempfile.mkdtemp(prefix="pagewatch-targets-")) / name
+    folder = Path(tempfile.mkdtemp(prefix="pagewatch-targets-"))
+    folder.chmod(0o755)  # tests run some targets as another user
+    out = folder / name
     subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(HERE / f"{name}.c")],
                    check=True)
     return out
