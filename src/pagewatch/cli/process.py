@@ -351,16 +351,22 @@ class Run:
                 self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
                                                             6)})
             try:
-                if a == -errno.ECANCELED:
-                    raise Unsupported(f"tracking {name}", "it runs under a seccomp "
-                                      "filter, which could kill it for the injected "
-                                      "userfaultfd(2) call")
-                if a < 0:
-                    raise Unsupported(f"userfaultfd in {name}",
-                                      f"the injected call failed ({os.strerror(-a)})")
                 held = time.monotonic()
-                self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
-                                              mappings=self.args.mappings, userfaultfd=a)
+                if a < 0:
+                    why = ("it runs under a seccomp filter, which could kill it for the "
+                           "injected userfaultfd(2) call" if a == -errno.ECANCELED else
+                           f"the injected userfaultfd(2) call failed ({os.strerror(-a)})")
+                    if self.args.backend == "uffd-async":
+                        raise Unsupported(f"tracking {name} with uffd-async", why)
+                    try:  # soft-dirty needs no injection
+                        self.tracker = ProcessTracker(self.pid, backend="soft-dirty",
+                                                      mappings=self.args.mappings)
+                    except Unsupported as exc:
+                        raise Unsupported(f"tracking {name}", f"uffd-async: {why}; "
+                                          f"soft-dirty: {exc.reason}") from exc
+                else:
+                    self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
+                                                  mappings=self.args.mappings, userfaultfd=a)
                 self.first = self.first or self.tracker
                 # Stopped for the injection (c) and while its mappings were registered.
                 stop_ms = c / 1e6 + (time.monotonic() - held) * 1e3
