@@ -665,6 +665,9 @@ class ProcessTracker:
             self.backend_reason = ("asked for" if backend != "auto" else "fallback") + (
                 f": {why}" + (f" (not {'; '.join(reasons)})" if reasons else ""))
             return
+        if backend == "soft-dirty":
+            raise Unsupported("the soft-dirty backend", why,
+                              "Use uffd-async (Linux 6.7+) where the kernel has it")
         reasons.append(f"soft-dirty: {why}")
         raise Unsupported(f"tracking the writes of process {self.pid}",
                           "neither way works here: " + "; ".join(reasons),
