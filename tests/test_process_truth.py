@@ -149,7 +149,7 @@ def track_and_judge(proc: subprocess.Popen[bytes], interval: float, max_interval
 
 def test_the_known_pattern_target_loses_no_write_and_ends_with_the_right_output() -> None:
     exe = str(build("pattern"))
-    rounds = str(int(300 * duration()))
+    rounds = str(max(200, int(300 * duration())))
     expected = subprocess.run([exe, "run", rounds], capture_output=True, text=True,
                               check=True).stdout
     proc = subprocess.Popen([exe, "run", rounds], stdout=subprocess.PIPE)
@@ -191,7 +191,7 @@ print("done")
 
 
 def test_a_multithreaded_python_workload_loses_no_write() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(2 * duration())],
+    proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(max(1.0, 2 * duration()))],
                             stdout=subprocess.PIPE)
     try:
         time.sleep(0.3)  # let it start its threads
@@ -211,7 +211,7 @@ def test_gnu_sort_of_a_big_file_loses_no_write(tmp_path: os.PathLike[str]) -> No
     src = os.path.join(tmp_path, "lines.txt")
     r = random.Random(1)
     with open(src, "w") as f:
-        for _ in range(int(600_000 * duration())):
+        for _ in range(max(400_000, int(600_000 * duration()))):
             f.write(f"{r.getrandbits(64):020d} {r.random()}\n")
     expected = subprocess.run(["sort", "-S", "64M", "--parallel=2", src], check=True,
                               capture_output=True).stdout

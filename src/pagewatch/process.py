@@ -555,8 +555,8 @@ class ProcessTracker:
     timeout
         Seconds to wait for the target thread to stop at attach.
     strict
-        Raise :class:`~pagewatch.errors.Unsupported` when a mapping cannot be tracked, instead
-        of listing it in ``skipped``.
+        Raise :class:`~pagewatch.errors.Unsupported` at attach when a mapping cannot be
+        tracked, instead of listing it in ``skipped``.
     report_existing
         Report at the first collect every page that already holds data of its own (as for a
         mapping seen for the first time).  For a process that has just executed a new
@@ -939,8 +939,7 @@ class ProcessTracker:
                 alive = False
             if not alive:
                 self._raise_gone(None, result)
-            self._check_strict()
-            return result
+            return result  # (strict applies at attach; later skips are in result.skipped)
 
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
         spans = [(m.start, m.end) for m in everything if self._select(m)]
