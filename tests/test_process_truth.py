@@ -191,7 +191,8 @@ print("done")
 
 
 def test_a_multithreaded_python_workload_loses_no_write() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(max(1.0, 2 * duration()))],
+    seconds = max(1.0, 2 * duration())
+    proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(seconds)],
                             stdout=subprocess.PIPE)
     try:
         time.sleep(0.3)  # let it start its threads
