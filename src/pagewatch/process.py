@@ -26,9 +26,9 @@ time they are seen -- every page that holds data of its own (present or swapped,
 page, not an unmodified page of a file), since nothing tells what was written before we saw
 it; memory that replaced tracked memory at the same addresses (``munmap`` + ``mmap``,
 ``mmap(MAP_FIXED)``, as malloc does with its arenas) is reported in full, zero pages included,
-as its old content is gone; mappings that went away are dropped.  Mappings that cannot be registered are listed in
-``skipped`` with the reason (another userfaultfd holds them, a kind of memory uffd-wp does not
-support, ...).
+as its old content is gone; mappings that went away are dropped.  Mappings that cannot be
+registered are listed in ``skipped`` with the reason (another userfaultfd holds them, a kind of
+memory uffd-wp does not support, ...).
 
 Fallback (``soft-dirty``)
 -------------------------
