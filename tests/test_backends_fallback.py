@@ -217,7 +217,8 @@ def test_no_write_is_lost_while_writers_race_the_collects(
         th.start()
     try:
         deadline = time.monotonic() + SECONDS
-        while time.monotonic() < deadline and not failures:
+        # Enough rounds to mean something even where a collect is slow (emulated kernels).
+        while (time.monotonic() < deadline or rounds < 8) and not failures:
             step()
     finally:
         stop.set()
@@ -226,7 +227,7 @@ def test_no_write_is_lost_while_writers_race_the_collects(
     step()
     step()  # the writes made before the writers stopped are now all checked
     assert not failures, failures[0]
-    assert rounds >= 5 and changes > 0, f"the race did not run ({rounds} rounds, {changes})"
+    assert changes > 0, f"no page changed in {rounds} rounds: the race did not run"
     # Quiet now: nothing more to report, and the next write is reported alone.
     assert pages(t.collect()) == []
     touch(a, 11, 100)
@@ -711,23 +712,28 @@ def test_soft_dirty_reports_a_grown_mapping_whole_as_the_kernel_documents(
     import ctypes
 
     n = 8
-    a = aligned(n)
-    t = track(a, backend, huge_pages="keep")
-    touch(a, 2)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
-    map_fixed_noreplace = 0x100000
-    end = addr_of(a) + n * PAGE_SIZE
-    at = libc.mmap(end, n * PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | map_fixed_noreplace, -1, 0)
-    if at != end:
-        pytest.skip("the address after the tracked mapping is taken")
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    rw, anon = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    size = n * PAGE_SIZE
+    start = libc.mmap(None, 2 * size, rw, anon, -1, 0)
+    assert start and start != ctypes.c_void_p(-1).value
+    libc.munmap(start + size, size)  # a hole right after the tracked mapping
+    end = start + size
     try:
+        t = track(pw.Region(start, size), backend, huge_pages="keep")
+        ctypes.memset(start + 2 * PAGE_SIZE, 1, 1)
+        map_fixed_noreplace = 0x100000
+        at = libc.mmap(end, size, rw, anon | map_fixed_noreplace, -1, 0)
+        if at != end:
+            pytest.skip("something took the address after the tracked mapping")
         got = pages(t.collect())
         assert 2 in got
         assert got in ([2], list(range(n))), "false positives beyond the documented case"
         assert pages(t.collect()) == []
+        t.close()
     finally:
-        libc.munmap(ctypes.c_void_p(at), n * PAGE_SIZE)
+        libc.munmap(start, 2 * size)

@@ -50,6 +50,7 @@ from .base import Backend, Region
 __all__ = ["MprotectBackend", "writable", "covers", "BACKEND"]
 
 _live: weakref.WeakSet[MprotectBackend] = weakref.WeakSet()
+_live_lock = threading.Lock()
 
 
 def _exec_bit(region: Region) -> int:
@@ -98,7 +99,8 @@ class MprotectBackend(Backend):
                 check_mapped(region)
             raise PagewatchError(f"cannot write-protect [{region.start:#x}, {region.end:#x}): "
                                  f"{exc.strerror}", exc.errno) from exc
-        _live.add(self)
+        with _live_lock:
+            _live.add(self)
 
     def _check_open(self) -> int:
         if self.closed or self._id is None:
@@ -138,7 +140,8 @@ class MprotectBackend(Backend):
                 _native.mp_unwatch(self._id)
                 self._id = None
             self.closed = True
-        _live.discard(self)
+        with _live_lock:
+            _live.discard(self)
 
 
 def _trial() -> tuple[bool, str]:
@@ -165,8 +168,10 @@ def _trial() -> tuple[bool, str]:
 def covers(start: int, end: int) -> bool:
     """Whether live mprotect trackers cover all of ``[start, end)``: such pages show as
     read-only in ``/proc/self/maps`` but are writable memory (we protected them)."""
+    with _live_lock:
+        spans = sorted((b.region.start, b.region.end) for b in _live if not b.closed)
     cursor = start
-    for lo, hi in sorted((b.region.start, b.region.end) for b in list(_live) if not b.closed):
+    for lo, hi in spans:
         if lo > cursor:
             break
         cursor = max(cursor, hi)

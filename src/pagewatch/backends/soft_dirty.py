@@ -21,6 +21,10 @@ Limits
   stopped by the signal are not covered: other processes writing shared memory,
   ``process_vm_writev``, io_uring and AIO kernel workers.  A thread that blocks the signal
   cannot be stopped: the collect then fails (``EDEADLK``) instead of risking a lost write.
+* Each collect signals every other thread: a blocking system call is restarted
+  (``SA_RESTART``) or, for the few the kernel never restarts (``poll``, ``select``,
+  ``epoll_wait``, ``nanosleep``...), returns ``EINTR``, which Python retries (PEP 475) but
+  careless C code may not.
 * Anything else in the process that uses soft-dirty (``clear_refs``) resets our bits.
 * False positives the kernel documents: pages of a mapping that was merged with a new or
   grown mapping read as soft-dirty until the next reset (``VM_SOFTDIRTY``; ``huge_pages=

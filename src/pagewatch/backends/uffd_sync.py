@@ -18,7 +18,8 @@ kernel* (root, ``CAP_SYS_PTRACE``, ``vm.unprivileged_userfaultfd=1`` or write ac
 ``recv_into``) waits for the handler thread like any other writer and is reported:
 :attr:`UffdSync.kernel_writes` is then True.  Otherwise the userfaultfd is
 ``UFFD_USER_MODE_ONLY`` and such a call fails with ``EFAULT``; wrap it in
-:func:`pagewatch.backends.mprotect.writable`.
+:func:`pagewatch.backends.mprotect.writable`.  (``PAGEWATCH_UFFD_USER_MODE_ONLY=1`` forces
+the user-mode-only form, to test that case as root.)
 
 Limits
 ------
