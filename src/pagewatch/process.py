@@ -32,10 +32,55 @@ memory uffd-wp does not support, ...).
 
 Fallback (``soft-dirty``)
 -------------------------
-Where the kernel has soft-dirty bits (``CONFIG_MEM_SOFT_DIRTY``, x86-64 and a few others, not
-arm64) and async write-protect is missing: ``clear_refs`` 4 + pagemap bit 55.  Its reset is not
-atomic: a write that lands between the read of the bits and the reset is lost, and the reset
-is process-wide (it also resets any other soft-dirty user of the target, such as CRIU).
+Where the kernel has soft-dirty bits (``CONFIG_MEM_SOFT_DIRTY``: x86-64 and a few others, not
+arm64) and async write-protect is missing (before Linux 6.7): pagemap bit 55, reset by writing
+4 to ``/proc/PID/clear_refs``.  The kernel has no atomic read-and-reset of these bits, so at
+each reset pagewatch stops every thread of the target (:func:`frozen`: ``PTRACE_SEIZE`` +
+``PTRACE_INTERRUPT`` of each thread, threads created meanwhile included; no ``SIGSTOP``, so its
+parent sees nothing), reads the maps and the bits of every tracked mapping, writes
+``clear_refs`` and lets the threads go.  A stopped thread waits on its way back to user mode
+with no system call in progress, so no write of the target's threads -- by its code or by the
+kernel on its behalf -- falls between the read of a bit and its reset.  The stop lasts the
+time to stop the threads plus the pagemap read (8 bytes per tracked page); ``stop_ms`` of each
+:class:`ProcessDirty` says how long it was.
+
+What it reports: over memory tracked at the previous reset, the pages whose bit is set; the
+kernel sets it on every page of memory mapped, grown or merged since (``VM_SOFTDIRTY``), empty
+pages included, and all of those are reported (such memory may have replaced data at those
+addresses; a merge or growth gives false positives, never a miss).  Memory not tracked at the
+previous reset is reported as with ``uffd-async`` at first sight: every page holding data of
+its own.  The reset is process-wide: it also resets any other soft-dirty user of the target
+(such as CRIU).
+
+What the stop cannot cover -- writes that do not come from a thread of the target and land
+between the read and the reset (they are then lost):
+
+* io_uring workers (``iou-wrk-*``, ``iou-sqp-*``): the kernel refuses them to ptrace, so they
+  run on, and a read they complete into the target's memory in that window is lost
+  (``last_freeze["unfrozen"]`` counts them);
+* another process writing through ``process_vm_writev(2)`` or ``/proc/PID/mem`` (a debugger):
+  it pins the page first (which sets the bit) and copies afterwards through the kernel's own
+  mapping; if the read and reset fall between the two, the copy is not seen;
+* processes sharing the memory without being threads of it (``clone(CLONE_VM)`` without
+  ``CLONE_THREAD``).  A ``vfork`` child is covered: its parent thread cannot stop until the
+  child has executed or exited.
+
+A thread in an uninterruptible sleep (state ``D``: disk or NFS I/O in flight inside a system
+call) is not stopped by the interrupt until the call ends; the stop waits for it, so the
+kernel's copy into its buffer lands before the bits are read.  If it does not end within
+``timeout``, the collect fails with nothing reset (the bits stay and the next collect reports
+them).  Never seen by soft-dirty at all, stop or not: writes by devices into pinned pages
+(``O_DIRECT`` reads, RDMA, vfio), content dropped without a write (``MADV_DONTNEED`` or
+reclaimed ``MADV_FREE`` anonymous pages read as zero afterwards), a shared (file or shmem)
+page written and then evicted from memory before the collect (its bit goes with its page-table
+entry), hugetlb memory after its first reset (it has no per-page bit), and writes by other
+processes to memory shared with the target (they set their own bits).
+
+Each reset interrupts every thread, as a ``SIGSTOP``/``SIGCONT`` or a debugger attaching would:
+a system call cut short is restarted, but the calls Linux never restarts after a stop
+(``epoll_wait``, ``semop``, ``sigtimedwait``, ``io_getevents``, ... see signal(7)) return
+``EINTR``, which programs retry.  A thread traced by a debugger cannot be stopped:
+:class:`~pagewatch.errors.PermissionDenied` names it.
 
 Events
 ------
@@ -70,6 +115,7 @@ from __future__ import annotations
 
 import bisect
 import collections.abc
+import contextlib
 import dataclasses
 import errno
 import os
@@ -88,6 +134,7 @@ from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, 
 from .kernel._errors import proc_open_error
 from .kernel.constants import (
     PAGE_SIZE,
+    PM_FILE,
     PM_PRESENT,
     PM_SOFT_DIRTY,
     PM_SWAP,
@@ -156,6 +203,10 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         Mappings that could not be tracked, with the reason.
     backend
         ``"uffd-async"`` or ``"soft-dirty"``.
+    stop_ms
+        How long this collect stopped the target, in milliseconds (``soft-dirty`` with a
+        reset: every thread, from the first interrupt to the last detach); None when it did
+        not stop it.
     """
 
     def __init__(self, pid: int, entries: dict[Mapping, DirtyPages], *, time: float,
@@ -168,6 +219,7 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         self.new = new
         self.skipped = skipped
         self.backend = backend
+        self.stop_ms: float | None = None
 
     def __getitem__(self, key: Mapping) -> DirtyPages:
         return self._entries[key]
@@ -442,6 +494,88 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
     return fd, info
 
 
+# ---- stopping every thread (soft-dirty resets) ---------------------------------------------
+
+#: one freeze at a time in this process: two trackers of the same target would fight over its
+#: threads (a thread has one tracer)
+_FREEZE_LOCK = threading.Lock()
+
+
+def _tracer_of(pid: int, tid: int) -> int:
+    try:
+        return int(_status(f"{pid}/task/{tid}").get("TracerPid", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _freeze_error(pid: int, timeout: float, exc: OSError) -> PagewatchError:
+    tid = exc.filename2 if isinstance(exc.filename2, int) else 0
+    thread = f"thread {tid} of process {pid}" if tid and tid != pid else f"process {pid}"
+    if exc.errno == errno.ESRCH:
+        return TargetGone(f"process {pid} has exited", exc.errno)
+    if exc.errno == errno.EPERM:
+        tracer = _tracer_of(pid, tid) if tid else 0
+        if tracer:
+            comm = (_read_text(f"/proc/{tracer}/comm") or "?").strip()
+            return PermissionDenied(
+                f"{thread} is traced by process {tracer} ({comm}), and a thread can have only "
+                "one tracer: the soft-dirty backend stops every thread of the target for an "
+                "instant at each reset (so that no write falls between the read of the bits "
+                "and their reset); detach that debugger or strace first", exc.errno)
+        return PermissionDenied(why_no_ptrace(pid), exc.errno)
+    if exc.errno == errno.ETIMEDOUT:
+        return PagewatchError(
+            f"{thread} did not stop within {timeout:g} s (it is in an uninterruptible sleep, "
+            "state D, or a vfork parent waiting for its child), so nothing was reset: the "
+            "written pages stay marked and the next collect reports them; try again, or with "
+            "a longer timeout", exc.errno)
+    return PagewatchError(f"stopping the threads of process {pid} failed at {exc.filename}: "
+                          f"{exc.strerror}", exc.errno)
+
+
+@contextlib.contextmanager
+def frozen(pid: int, timeout: float = 5.0) -> Iterator[dict[str, Any]]:
+    """Every thread of process ``pid`` stopped for the duration of the ``with`` block.
+
+    Each thread is seized and interrupted with ptrace (``PTRACE_SEIZE`` +
+    ``PTRACE_INTERRUPT``, from a native thread) and ``/proc/PID/task`` is listed again until no
+    new thread appears; at the end each is detached.  The target's parent sees no stop (no
+    ``SIGSTOP``); a syscall the interrupt cut short is restarted; a target stopped by its user
+    (``SIGSTOP``, Ctrl-Z) stays stopped.  A stopped thread waits in the kernel on its way back
+    to user mode, with no system call in progress: nothing it does can write its memory until
+    the end of the block.  The threads of a ``pagewatch run`` child that its tracer thread holds
+    are stopped by that thread.  io_uring workers cannot be stopped (the kernel refuses them to
+    ptrace): they are counted in ``unfrozen``.
+
+    The dict yielded is filled at the end: ``stop_ms`` (first interrupt to last detach),
+    ``wait_ms`` (until every thread was stopped), ``held_ms`` (all stopped), ``threads``,
+    ``by_tracer``, ``gone``, ``unfrozen``, ``rounds``, ``group_stopped``, ``signals``.
+
+    Raises
+    ------
+    PermissionDenied
+        A thread cannot be seized (another tracer, or no ptrace permission).
+    PagewatchError
+        A thread did not stop within ``timeout`` seconds (nothing was done while frozen).
+    TargetGone
+        The process exited.
+    """
+    info: dict[str, Any] = {}
+    with _FREEZE_LOCK:
+        try:
+            handle = _native.freeze(int(pid), max(1, int(timeout * 1000)))
+        except NotImplementedError as exc:
+            raise Unsupported("stopping the threads of another process", str(exc)) from exc
+        except OSError as exc:
+            raise _freeze_error(int(pid), timeout, exc) from exc
+        try:
+            yield info
+        finally:
+            raw = _native.thaw(handle)
+            info.update({k: v for k, v in raw.items() if not k.endswith("_ns")})
+            info.update({k[:-3] + "_ms": v / 1e6 for k, v in raw.items() if k.endswith("_ns")})
+
+
 # ---- the tracker ------------------------------------------------------------------------
 
 
@@ -582,6 +716,10 @@ class ProcessTracker:
         self.pid = int(pid)
         self._report_existing = report_existing
         self._adopt = userfaultfd
+        self._timeout = float(timeout)
+        #: the last freeze of every thread of the target (soft-dirty): ``stop_ms`` (first
+        #: interrupt to last detach), ``wait_ms`` (until all stopped), ``threads``, ...
+        self.last_freeze: dict[str, Any] = {}
         self._select = _selector(mappings)
         self.strict = strict
         self.closed = False
@@ -691,8 +829,17 @@ class ProcessTracker:
         self._check_strict()
 
     def _attach_soft_dirty(self) -> None:
-        self._read_maps()
-        clear_refs(self.pid, 4)
+        if self.pid == os.getpid():
+            raise PagewatchError("a process cannot stop its own threads: use "
+                                 "pagewatch.Tracker to track this process's own memory")
+        with self._frozen():
+            ms = self._read_maps()  # TargetExec if it exec'd meanwhile
+            clear_refs(self.pid, 4)
+        self.attach_info = {"stop_ms": self.last_freeze["stop_ms"], "tid": None,
+                            "freeze": dict(self.last_freeze)}
+        if not self._report_existing:  # else the first collect reports what they hold
+            for m in ms:
+                self._ours.add(m.start, m.end)
 
     # ---- maps and liveness -----------------------------------------------------------------
     def _read_maps(self) -> list[Mapping]:
@@ -846,13 +993,34 @@ class ProcessTracker:
         return np.concatenate([new, *got]) if got else new, is_new
 
     # ---- soft-dirty --------------------------------------------------------------------------
-    def _collect_soft_dirty(self, m: Mapping) -> np.ndarray:
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """Every thread of the target stopped for the duration (see :func:`frozen`)."""
+        with frozen(self.pid, self._timeout) as info:
+            yield
+        self.last_freeze = info
+
+    def _collect_soft_dirty(self, m: Mapping) -> tuple[np.ndarray, bool]:
+        """Written runs of mapping ``m`` and whether part of it is new, from pagemap bit 55.
+
+        Where ``m`` lies over memory tracked at the last reset, a page is reported when its
+        soft-dirty bit is set.  That includes the empty pages of a VMA the kernel marked
+        soft-dirty whole (``VM_SOFTDIRTY``: memory mapped, or a mapping grown or merged,
+        since the reset): such memory may have replaced data at these addresses, so it is
+        reported in full (false positives for a merge or growth, never a miss).  Elsewhere
+        (memory not seen at the last reset) every page holding data of its own is reported,
+        as for a first sight with ``uffd-async``: nothing tells what was written before.
+        """
         assert self._pagemap is not None
         fd = self._pagemap.fileno()
+        lo, hi = m.start // PAGE_SIZE, m.end // PAGE_SIZE
+        known = [(s // PAGE_SIZE, e // PAGE_SIZE) for s, e in self._ours.within(m.start, m.end)]
+        fully_known = known == [(lo, hi)]
+        is_new = not fully_known
         out = []
         step = 1 << 16  # pages per read: 512 KiB of entries
-        for first in range(m.start // PAGE_SIZE, m.end // PAGE_SIZE, step):
-            n = min(step, m.end // PAGE_SIZE - first)
+        for first in range(lo, hi, step):
+            n = min(step, hi - first)
             try:
                 data = os.pread(fd, n * 8, first * 8)
             except OSError as exc:
@@ -860,16 +1028,72 @@ class ProcessTracker:
                     self._raise_gone(exc.errno)
                 raise PagewatchError(f"reading the pagemap of process {self.pid} failed: "
                                      f"{exc.strerror}", exc.errno) from exc
+            if len(data) < n * 8:  # the memory went away (exit or exec): checked by the caller
+                data += bytes(n * 8 - len(data))
             e = np.frombuffer(data, dtype=np.uint64)
-            hit = ((e & np.uint64(PM_SOFT_DIRTY)) != 0) & (
-                (e & np.uint64(PM_PRESENT | PM_SWAP)) != 0)
+            soft_dirty = (e & np.uint64(PM_SOFT_DIRTY)) != 0
+            if fully_known:
+                hit = soft_dirty
+                if not is_new:
+                    is_new = bool((soft_dirty & ((e & np.uint64(PM_PRESENT | PM_SWAP)) == 0))
+                                  .any())
+            else:
+                seen = np.zeros(n, bool)
+                for a, b in known:
+                    seen[max(a - first, 0):max(min(b - first, n), 0)] = True
+                holds_data = (e & np.uint64(PM_PRESENT | PM_SWAP)) != 0
+                if m.private:  # an unmodified page of a private file mapping is not its own
+                    holds_data &= (e & np.uint64(PM_FILE)) == 0
+                hit = np.where(seen, soft_dirty, holds_data)
             pages = np.flatnonzero(hit).astype(np.int64) + first
             if len(pages):
                 brk = np.flatnonzero(np.diff(pages) != 1) + 1
                 starts = pages[np.concatenate(([0], brk))]
                 ends = pages[np.concatenate((brk - 1, [len(pages) - 1]))] + 1
                 out.append(np.stack([starts, ends], axis=1) * PAGE_SIZE)
-        return np.concatenate(out) if out else _EMPTY_RUNS
+        return (np.concatenate(out) if out else _EMPTY_RUNS), is_new
+
+    def _collect_soft_dirty_all(self, reset: bool) -> ProcessDirty:
+        """One soft-dirty collect: with ``reset``, the maps, every bit 55 and the
+        ``clear_refs`` are read and written while every thread of the target is stopped, so
+        no write can fall between the read of a bit and its reset."""
+        new: set[Mapping] = set()
+        done: list[tuple[Mapping, np.ndarray]] = []
+        ms: list[Mapping] = []
+        try:
+            with self._frozen() if reset else contextlib.nullcontext():
+                ms = self._read_maps()  # inside: a mapping made just before the reset counts
+                for m in ms:
+                    runs, is_new = self._collect_soft_dirty(m)
+                    if is_new:
+                        new.add(m)
+                    done.append((m, runs))
+                if reset:
+                    # The memory must still be this program's when its bits are cleared.
+                    if not self._maps_alive():
+                        self._raise_gone(None)
+                    clear_refs(self.pid, 4)
+        except TargetGone as exc:
+            self._raise_gone(exc.errno, self._result(done, new, False))
+        if reset:
+            self._ours = _Intervals()
+            for m in ms:
+                self._ours.add(m.start, m.end)
+        result = self._result(done, new, reset)
+        if reset:
+            result.stop_ms = self.last_freeze.get("stop_ms")
+        if not self._maps_alive():
+            self._raise_gone(None, result)
+        return result
+
+    def _maps_alive(self) -> bool:
+        """Whether the memory tracked is still there (the maps file opened at attach reads
+        empty once the program exited or executed another)."""
+        try:
+            os.lseek(self._maps_fd, 0, os.SEEK_SET)
+            return bool(os.read(self._maps_fd, 1))
+        except OSError:
+            return False
 
     # ---- public API ------------------------------------------------------------------------
     @property
@@ -906,6 +1130,8 @@ class ProcessTracker:
         """
         self._check_open()
         with self._lock:
+            if self.backend == "soft-dirty":
+                return self._collect_soft_dirty_all(reset)
             everything = self._read_all_maps()
             ms = [m for m in everything if self._select(m)]
             self._forget_unmapped(everything)
@@ -913,15 +1139,10 @@ class ProcessTracker:
             done: list[tuple[Mapping, np.ndarray]] = []
             try:
                 for m in ms:
-                    if self.backend == "uffd-async":
-                        runs, is_new = self._collect_uffd(m, reset)
-                        if is_new:
-                            new.add(m)
-                    else:
-                        runs = self._collect_soft_dirty(m)
+                    runs, is_new = self._collect_uffd(m, reset)
+                    if is_new:
+                        new.add(m)
                     done.append((m, runs))
-                if self.backend == "soft-dirty" and reset:
-                    clear_refs(self.pid, 4)
             except TargetGone as exc:
                 partial = self._result(done, new, reset)
                 self._raise_gone(exc.errno, partial)
