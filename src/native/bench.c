@@ -176,8 +176,16 @@ static PyObject *py_write_pages(PyObject *self, PyObject *args, PyObject *kw)
 /* ---- PAGEMAP_SCAN ---------------------------------------------------------------------- */
 
 struct scan_result {
-    uint64_t ns, pages, regions;
+    uint64_t ns, pages, regions, cpu_ns;
 };
+
+/* CPU time of the calling thread: what a call cost it, whatever else the machine runs. */
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
 
 /* core.c's loop: grow the output by doubling, resume at walk_end, merge split runs. */
 static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, uint64_t mask,
@@ -189,7 +197,7 @@ static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, 
         return ENOMEM;
     uint64_t cursor = start, found = 0;
     int err = 0;
-    uint64_t t0 = now_ns();
+    uint64_t c0 = thread_cpu_ns(), t0 = now_ns();
     while (cursor < end) {
         if (n == cap) {
             struct pw_page_region *nb = realloc(buf, 2 * cap * sizeof(*buf));
@@ -239,6 +247,7 @@ static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, 
         cursor = arg.walk_end;
     }
     res->ns = now_ns() - t0;
+    res->cpu_ns = thread_cpu_ns() - c0;
     res->pages = found;
     res->regions = n;
     free(buf);
@@ -246,7 +255,7 @@ static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, 
 }
 
 /* scan_loop(fd, start, end, flags=WP_MATCHING, mask=PAGE_IS_WRITTEN, capacity=256)
- * -> (ns, pages, regions) */
+ * -> (ns, pages, regions, cpu_ns): wall-clock and thread CPU time of the loop */
 static PyObject *py_scan_loop(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "start", "end", "flags", "mask", "capacity", NULL};
@@ -263,8 +272,8 @@ static PyObject *py_scan_loop(PyObject *self, PyObject *args, PyObject *kw)
     Py_END_ALLOW_THREADS
     if (err)
         return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
-    return Py_BuildValue("(KKK)", (unsigned long long)res.ns, (unsigned long long)res.pages,
-                         (unsigned long long)res.regions);
+    return Py_BuildValue("(KKKK)", (unsigned long long)res.ns, (unsigned long long)res.pages,
+                         (unsigned long long)res.regions, (unsigned long long)res.cpu_ns);
 }
 
 /* ---- userfaultfd ----------------------------------------------------------------------- */
@@ -722,17 +731,19 @@ static PyObject *py_raw_soft_dirty(PyObject *self, PyObject *args, PyObject *kw)
 /* ---- mappings ------------------------------------------------------------------------------ */
 
 /*
- * bench_mmap(length, align=0, addr=0) -> address
+ * bench_mmap(length, align=0, addr=0, replace=False) -> address
  * An anonymous private read-write mapping of `length` bytes: at `addr` exactly when given
- * (MAP_FIXED_NOREPLACE: fails rather than replace a mapping), else anywhere, aligned to
+ * (MAP_FIXED_NOREPLACE: fails rather than replace a mapping; with `replace`, MAP_FIXED:
+ * replaces what is there, for a range the caller reserved), else anywhere, aligned to
  * `align` bytes (a power of two, e.g. 2 MiB for huge pages) when given.
  */
 static PyObject *py_bench_mmap(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"length", "align", "addr", NULL};
+    static char *kwlist[] = {"length", "align", "addr", "replace", NULL};
     unsigned long long length, align = 0, addr = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|KK:bench_mmap", kwlist, &length, &align,
-                                     &addr))
+    int replace = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "K|KKp:bench_mmap", kwlist, &length, &align,
+                                     &addr, &replace))
         return NULL;
     if (length == 0 || (align & (align - 1))) {
         PyErr_SetString(PyExc_ValueError, "need length > 0 and align a power of two");
@@ -741,7 +752,8 @@ static PyObject *py_bench_mmap(PyObject *self, PyObject *args, PyObject *kw)
     int prot = PROT_READ | PROT_WRITE, flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
     void *m;
     if (addr) {
-        m = mmap((void *)(uintptr_t)addr, length, prot, flags | MAP_FIXED_NOREPLACE, -1, 0);
+        m = mmap((void *)(uintptr_t)addr, length, prot,
+                 flags | (replace ? MAP_FIXED : MAP_FIXED_NOREPLACE), -1, 0);
         if (m != MAP_FAILED && (uintptr_t)m != addr) { /* kernels before 4.17: a hint */
             munmap(m, length);
             errno = EEXIST;
@@ -789,7 +801,7 @@ PyMethodDef pw_bench_methods[] = {
      "write_pages(addr, npages, step=1, order=None, value=1) -> ns: one byte per page."},
     {"scan_loop", (PyCFunction)(void (*)(void))py_scan_loop, METH_VARARGS | METH_KEYWORDS,
      "scan_loop(fd, start, end, flags=WP_MATCHING, mask=WRITTEN, capacity=256) -> "
-     "(ns, pages, regions): the PAGEMAP_SCAN loop timed in C."},
+     "(ns, pages, regions, cpu_ns): the PAGEMAP_SCAN loop timed in C."},
     {"raw_uffd_async", (PyCFunction)(void (*)(void))py_raw_uffd_async,
      METH_VARARGS | METH_KEYWORDS,
      "raw_uffd_async(addr, npages, step=1, order=None) -> dict of ns per step."},
@@ -802,7 +814,7 @@ PyMethodDef pw_bench_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "raw_soft_dirty(addr, npages, step=1, order=None) -> dict of ns per step."},
     {"bench_mmap", (PyCFunction)(void (*)(void))py_bench_mmap, METH_VARARGS | METH_KEYWORDS,
-     "bench_mmap(length, align=0, addr=0) -> address of an anonymous mapping."},
+     "bench_mmap(length, align=0, addr=0, replace=False) -> address of an anonymous mapping."},
     {"bench_munmap", py_bench_munmap, METH_VARARGS, "bench_munmap(addr, length)."},
     {NULL, NULL, 0, NULL},
 };

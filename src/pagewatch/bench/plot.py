@@ -178,6 +178,7 @@ def _overhead_panel(ax: Any, result: dict[str, Any]) -> None:
            yerr=list(zip(*[_err(v) for v in vals], strict=True)))
     ax.set_ylabel("ms (bars: median, lines: min-max)")
     ax.set_ylim(0, 2 * max(_m(v) or 0 for v in vals))
-    ax.text(0.5, 0.92, f"ratio {o['ratio']:.2f} (target <= {o.get('target', 1.2)}), "
+    cpu = f", CPU time {o['ratio_cpu']:.2f}" if "ratio_cpu" in o else ""
+    ax.text(0.5, 0.92, f"ratio {o['ratio']:.2f}{cpu} (target <= {o.get('target', 1.2)}), "
             f"{o['pages']} pages in {o['bytes'] >> 20} MiB", transform=ax.transAxes,
             ha="center")
