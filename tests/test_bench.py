@@ -208,12 +208,15 @@ def test_result_holds_every_figure_for_each_available_backend(smoke: dict[str, A
             assert all(min(pair) >= c["pages"] for pair in c["reported"]), (name, f)
         for case in measures.PRECISION_CASES:
             assert e["precision"][case]["false_negatives"] == 0, (name, case)
+        assert e["precision"]["neighbour-mapped"]["written"] == 0, name
     if ASYNC:
         ua = smoke["backends"]["uffd-async"]
         for f, c in ua["collect"]["fractions"].items():
             assert all(pair == [c["pages"]] * 2 for pair in c["reported"]), f  # exact
         o = smoke["python_overhead"]
         assert o["ratio"] == pytest.approx(o["tracker_collect"]["median"] / o["raw_c"]["median"])
+        assert o["ratio_cpu"] == pytest.approx(
+            o["tracker_collect_cpu"]["median"] / o["raw_c_cpu"]["median"])
         assert set(smoke["floor"]["collect"]["fractions"]) == {
             measures.fraction_key(f) for f in measures.FRACTIONS}
     floor = smoke["floor"]["write"][str(smoke["config"]["write_bytes"])]
