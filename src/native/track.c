@@ -620,9 +620,7 @@ static struct engine us = {.lock = us_lock, .unlock = us_unlock, .protect = us_p
 static void *us_main(void *arg)
 {
     (void)arg;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);   /* nothing of ours stops or interrupts it */
+    /* (created with every signal blocked: nothing stops or interrupts it) */
     __atomic_store_n(&us_tid, my_tid(), __ATOMIC_RELEASE);
     struct pollfd pf[2] = {{.fd = us_fd, .events = POLLIN}, {.fd = us_evfd, .events = POLLIN}};
     struct pw_uffd_msg msgs[64];
@@ -687,12 +685,22 @@ static PyObject *py_us_start(PyObject *self, PyObject *args)
     us_fd = fd;
     us_evfd = ev;
     us_tid = 0;
+    /* Born with every signal blocked (no window for a stop-the-world signal to reach it),
+     * and known by tid before anyone can stop the world. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     int r = pthread_create(&us_thread, NULL, us_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (r) {
         close(ev);
         us_fd = us_evfd = -1;
         return pw_raise_errno(r, "pthread_create");
     }
+    Py_BEGIN_ALLOW_THREADS
+    while (!__atomic_load_n(&us_tid, __ATOMIC_ACQUIRE))
+        sched_yield();
+    Py_END_ALLOW_THREADS
     us_running = 1;
     Py_RETURN_NONE;
 }

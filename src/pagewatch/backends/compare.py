@@ -58,21 +58,23 @@ class Compare(Backend):
         self._map: mmap.mmap | None = mmap.mmap(-1, region.length + PAGE_SIZE,
                                                 mmap.MAP_PRIVATE)
         self._snap = np.frombuffer(self._map, dtype=np.uint8)
-        self._read(lambda: _native.cmp_snapshot(region.start, region.npages, self._snap))
+        self._snapshot()
 
-    def _read(self, call):  # type: ignore[no-untyped-def]
-        """Run a C read of the live pages; a failed read means the pages went away."""
+    def _snapshot(self) -> None:
         check_mapped(self.region)
-        out = call()
-        err = out if isinstance(out, int) else out[1]
-        if err:
-            check_mapped(self.region)
-            if err == errno.EFAULT:
-                raise TargetGone(f"the tracked memory [{self.region.start:#x}, "
-                                 f"{self.region.end:#x}) was unmapped while tracked: close "
-                                 "the tracker before freeing its target", err)
-            raise PagewatchError(f"reading the tracked pages failed: {os.strerror(err)}", err)
-        return out
+        self._check_read(_native.cmp_snapshot(self.region.start, self.region.npages,
+                                              self._snap))
+
+    def _check_read(self, err: int) -> None:
+        """A C read of the live pages failed: they went away (or worse)."""
+        if not err:
+            return
+        check_mapped(self.region)
+        if err == errno.EFAULT:
+            raise TargetGone(f"the tracked memory [{self.region.start:#x}, "
+                             f"{self.region.end:#x}) was unmapped while tracked: close the "
+                             "tracker before freeing its target", err)
+        raise PagewatchError(f"reading the tracked pages failed: {os.strerror(err)}", err)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -81,17 +83,17 @@ class Compare(Backend):
     def reset(self) -> None:
         with self._lock:
             self._check_open()
-            self._read(lambda: _native.cmp_snapshot(self.region.start, self.region.npages,
-                                                    self._snap))
+            self._snapshot()
 
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         if max_pages is not None and max_pages < 0:
             raise ValueError(f"max_pages must be >= 0, not {max_pages}")
         with self._lock:
             self._check_open()
-            runs, _ = self._read(lambda: _native.cmp_collect(
-                self.region.start, self.region.npages, self._snap, reset,
-                -1 if max_pages is None else max_pages))
+            check_mapped(self.region)
+            runs, err = _native.cmp_collect(self.region.start, self.region.npages, self._snap,
+                                            reset, -1 if max_pages is None else max_pages)
+            self._check_read(err)
         return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ Limits
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 import weakref
@@ -251,8 +252,6 @@ class UffdSync(Backend):
 
 def _trial() -> tuple[bool, str]:
     """Track one page for real: register, protect, write, collect, close."""
-    import mmap
-
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
     try:
         addr = _native.buffer_info(buf)[0]
