@@ -31,6 +31,7 @@ from tests.vm.kernels import Kernel, PrivateApt, get_kernel
 from tests.vm.tools import (
     HarnessError,
     ensure_apt_packages,
+    ensure_shim,
     ensure_virtme_ng,
     log,
     qemu_version,
@@ -145,7 +146,8 @@ def vng_cmd(bindir: Path, k: Kernel, opts: Options, use_kvm: bool, out: Path, sc
 
 
 def tool_env(bindir: Path) -> dict[str, str]:
-    return dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    path = os.pathsep.join([str(ensure_shim(bindir)), str(bindir), os.environ.get("PATH", "")])
+    return dict(os.environ, PATH=path)
 
 
 def choose_accel(opts: Options, cache: Path, bindir: Path, k: Kernel) -> tuple[bool, str]:

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "booted": args.booted,
         "uptime_at_start": _uptime(),
         "python": sys.version.split()[0],
+        "root_mount": next((ln for ln in Path("/proc/mounts").read_text().splitlines()
+                            if ln.split()[1:2] == ["/"]), ""),
         "nproc": os.cpu_count(),
     }
     print(f"pagewatch-vm[{args.label}]: uname -r = {info['uname']}; shell up at "
