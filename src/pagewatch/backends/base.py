@@ -129,8 +129,8 @@ class Hub:
     def harvest(self, source: HubBackend, runs: np.ndarray) -> None:
         """Add the absolute address runs ``runs`` (pages just reset by ``source``) to the
         pending set of every other member that covers them.  Call with ``lock`` held."""
-        if not len(runs):
-            return
+        if not len(runs) or (len(self.members) == 1 and source in self.members):
+            return  # nobody else to tell (iterating a WeakSet costs ~20 us per collect)
         for m in list(self.members):
             if m is source or m.closed:
                 continue
@@ -202,7 +202,9 @@ class HubBackend(Backend):
                 got = self._get(reset)
                 if reset:
                     self.hub.harvest(self, got)
-                result = self._result(got, sorted_runs=True) | self._pending_pages()
+                result = self._result(got, sorted_runs=True)
+                if self.has_pending:  # only after another tracker reset pages we cover
+                    result = result | self._pending_pages()
                 if reset:
                     self._clear_pending()
             else:
