@@ -950,6 +950,40 @@ static int frz_wait(struct freezer *f, double deadline)
     }
 }
 
+/* After a failure: threads seized but not yet stopped are let go at their stop (up to
+ * 100 ms; a signal they were about to take is delivered by the detach).  The ones that do
+ * not stop by then are detached by the kernel when this thread exits, without stopping. */
+static void frz_release_waiting(struct freezer *f)
+{
+    double deadline = now_ns() + 100e6;
+    for (;;) {
+        int waiting = 0;
+        for (int i = 0; i < f->n; i++)
+            waiting += f->t[i].state == FT_WAIT;
+        if (!waiting || now_ns() > deadline)
+            return;
+        int st;
+        pid_t r = waitpid(-1, &st, __WALL | __WNOTHREAD | WNOHANG);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return;
+        if (r == 0) {
+            struct timespec ts = {0, 100000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        int i = frz_index(f, r);
+        if (i < 0 || f->t[i].state != FT_WAIT)
+            continue;
+        if (WIFSTOPPED(st)) {
+            int sig = (unsigned)st >> 16 == 0 ? WSTOPSIG(st) : 0;
+            pt(PW_PTRACE_DETACH, r, NULL, (void *)(long)sig);
+        }
+        f->t[i].state = FT_GONE; /* let go (or exited) */
+    }
+}
+
 static void *freeze_worker(void *arg)
 {
     struct freezer *f = arg;
@@ -981,13 +1015,14 @@ static void *freeze_worker(void *arg)
         pthread_cond_wait(&f->cv, &f->mu);
     pthread_mutex_unlock(&f->mu);
     f->t_thaw = now_ns();
+    if (!ok)
+        frz_release_waiting(f);
     for (int i = 0; i < f->n; i++) {
         struct frz_thread *th = &f->t[i];
         if (th->state == FT_STOPPED)
             pt(PW_PTRACE_DETACH, th->tid, NULL, NULL);
         else if (th->state == FT_TRACER)
             tracer_freeze(th->tr, 0);
-        /* FT_WAIT (a failed freeze): still running; detached when this thread exits. */
     }
     f->t_done = now_ns();
     pthread_mutex_lock(&f->mu);

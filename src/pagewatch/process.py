@@ -518,7 +518,8 @@ def _freeze_error(pid: int, timeout: float, exc: OSError) -> PagewatchError:
         if tracer:
             comm = (_read_text(f"/proc/{tracer}/comm") or "?").strip()
             return PermissionDenied(
-                f"{thread} is traced by process {tracer} ({comm}), and a thread can have only "
+                f"{thread} is already traced by process {tracer} ({comm}), and a thread can "
+                "have only "
                 "one tracer: the soft-dirty backend stops every thread of the target for an "
                 "instant at each reset (so that no write falls between the read of the bits "
                 "and their reset); detach that debugger or strace first", exc.errno)
