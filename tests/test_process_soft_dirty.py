@@ -283,6 +283,18 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
     assert len(infos) >= 2 and all(i["by_tracer"] == 1 for i in infos), infos
 
 
+def test_hugetlb_memory_is_recognised_by_its_device(hugetlb_pages: int) -> None:
+    t = Target([sys.executable, "-c", HUGETLB, str(hugetlb_pages)])
+    try:
+        addrs = [int(x) for x in t.read().split()]
+        devices = process.hugetlb_devices(t.pid)
+        hugetlb = {m.start for m in maps(t.pid)
+                   if process._dev(m.dev, 16) in devices}
+        assert hugetlb == set(addrs)  # MAP_HUGETLB and a MFD_HUGETLB memfd; nothing else
+    finally:
+        t.close()
+
+
 # ---- soft-dirty (kernels with CONFIG_MEM_SOFT_DIRTY) -----------------------------------------
 
 def writable(pid: int) -> list[Mapping]:
@@ -426,6 +438,28 @@ class TestSoftDirty:
         finally:
             t.close()
 
+    def test_hugetlb_mappings_are_listed_as_skipped_since_they_have_no_bit_per_page(
+            self, hugetlb_pages: int, _: int) -> None:
+        from pagewatch.kernel.pagemap import read_pagemap
+
+        t = Target([sys.executable, "-c", HUGETLB, str(hugetlb_pages)])
+        try:
+            addrs = [int(x) for x in t.read().split()]
+            with ProcessTracker(t.pid, backend="soft-dirty") as p:
+                skipped = {s.mapping.start: s.reason for s in p.skipped}
+                assert set(addrs) <= set(skipped) and "hugetlb" in skipped[addrs[0]]
+                assert t.cmd("w") == "ok"
+                d = p.collect()
+                assert all(d.find(a) is None for a in addrs)
+                assert {s.mapping.start for s in d.skipped} >= set(addrs)
+                # Why: after the reset, a write leaves bit 55 of a hugetlb page clear.
+                for a in addrs:
+                    assert not read_pagemap(t.pid, a, a + PAGE_SIZE)[0] & (1 << 55)
+            with pytest.raises(pw.Unsupported, match="hugetlb"):
+                ProcessTracker(t.pid, backend="soft-dirty", strict=True)
+        finally:
+            t.close()
+
     def test_a_debugger_on_a_thread_refuses_the_attach_naming_it(self, _: int) -> None:
         t = Target([sys.executable, "-c", COUNTERS, "1"])
         holder = None
@@ -477,6 +511,47 @@ class TestSoftDirty:
         want = set(range(-(-addr // PAGE_SIZE), (addr + size) // PAGE_SIZE))
         assert want <= got, f"{len(want - got)} written pages were not reported"
         assert "exited with code 4" in captured.err
+
+
+@pytest.fixture
+def hugetlb_pages() -> Iterator[int]:
+    """Two default-size hugetlb pages reserved (root), the sysctl restored after; gives the
+    huge page size."""
+    size = 0
+    for line in (process._read_text("/proc/meminfo") or "").splitlines():
+        if line.startswith("Hugepagesize:"):
+            size = int(line.split()[1]) * 1024
+    if not size:
+        pytest.skip("no hugetlb: /proc/meminfo has no Hugepagesize")
+    path = "/proc/sys/vm/nr_hugepages"
+    old = (process._read_text(path) or "0").strip()
+    try:
+        with open(path, "w") as f:
+            f.write(f"{int(old) + 2}\n")
+    except OSError as exc:
+        pytest.skip(f"cannot reserve hugetlb pages via {path} ({exc.strerror}): needs root")
+    try:
+        yield size
+    finally:
+        with open(path, "w") as f:
+            f.write(f"{old}\n")
+
+
+HUGETLB = """
+import ctypes, mmap, os, sys
+size = int(sys.argv[1])
+a = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)  # MAP_HUGETLB
+fd = os.memfd_create("pagewatch-test", os.MFD_HUGETLB)
+os.ftruncate(fd, size)
+b = mmap.mmap(fd, size)
+for m in (a, b):
+    m[0] = 1
+addr = lambda m: ctypes.addressof(ctypes.c_char.from_buffer(m))
+print(addr(a), addr(b), flush=True)
+for line in sys.stdin:
+    a[4096 * 3] = b[4096 * 3] = 2
+    print("ok", flush=True)
+"""
 
 
 def pages_at(d: process.ProcessDirty, addr: int, npages: int) -> set[int]:

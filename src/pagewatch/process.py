@@ -73,8 +73,8 @@ them).  Never seen by soft-dirty at all, stop or not: writes by devices into pin
 (``O_DIRECT`` reads, RDMA, vfio), content dropped without a write (``MADV_DONTNEED`` or
 reclaimed ``MADV_FREE`` anonymous pages read as zero afterwards), a shared (file or shmem)
 page written and then evicted from memory before the collect (its bit goes with its page-table
-entry), hugetlb memory after its first reset (it has no per-page bit), and writes by other
-processes to memory shared with the target (they set their own bits).
+entry), and writes by other processes to memory shared with the target (they set their own
+bits).  hugetlb memory has no per-page bit at all: its mappings are listed in ``skipped``.
 
 Each reset interrupts every thread, as a ``SIGSTOP``/``SIGCONT`` or a debugger attaching would:
 a system call cut short is restarted, but the calls Linux never restarts after a stop
@@ -494,6 +494,54 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
     return fd, info
 
 
+_internal_hugetlb: frozenset[tuple[int, int]] | None = None
+
+
+def _dev(text: str, base: int) -> tuple[int, int]:
+    major, _, minor = text.partition(":")
+    return int(major, base), int(minor, base)
+
+
+def hugetlb_devices(pid: int) -> frozenset[tuple[int, int]]:
+    """(major, minor) of every hugetlbfs file system that memory of ``pid`` can come from:
+    the kernel's internal mounts (``MAP_HUGETLB``, ``SHM_HUGETLB``, ``MFD_HUGETLB``; one per
+    huge page size, learnt from a memfd of each size) and the hugetlbfs mounts of its mount
+    namespace."""
+    global _internal_hugetlb
+    if _internal_hugetlb is None:
+        found = set()
+        try:
+            sizes = [int(d.split("-")[1][:-2]) * 1024
+                     for d in os.listdir("/sys/kernel/mm/hugepages")]
+        except (OSError, ValueError, IndexError):
+            sizes = []
+        for size in sizes:
+            flags = os.MFD_CLOEXEC | os.MFD_HUGETLB | (size.bit_length() - 1) << 26
+            try:
+                fd = os.memfd_create("pagewatch-hugetlb-probe", flags)
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            os.close(fd)
+            found.add((os.major(st.st_dev), os.minor(st.st_dev)))
+        _internal_hugetlb = frozenset(found)
+    mounts = set()
+    for line in (_read_text(f"/proc/{pid}/mountinfo") or "").splitlines():
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if rest.split()[:1] == ["hugetlbfs"] and len(parts) > 2:
+            try:
+                mounts.add(_dev(parts[2], 10))
+            except ValueError:
+                continue
+    return _internal_hugetlb | mounts
+
+
+_HUGETLB_REASON = ("hugetlb memory has no per-page soft-dirty bit (pagemap reports only the "
+                   "mapping's, which the first reset clears), so its writes cannot be seen with "
+                   "soft-dirty: track it with uffd-async (Linux 6.7+)")
+
+
 # ---- stopping every thread (soft-dirty resets) ---------------------------------------------
 
 #: one freeze at a time in this process: two trackers of the same target would fight over its
@@ -730,8 +778,10 @@ class ProcessTracker:
         self._pagemap: Pagemap | None = None
         #: mappings that could not be tracked, keyed by (start, end)
         self._skipped: dict[tuple[int, int], SkippedMapping] = {}
-        #: ranges registered with our userfaultfd
+        #: ranges registered with our userfaultfd (soft-dirty: tracked at the last reset)
         self._ours = _Intervals()
+        #: hugetlbfs devices (soft-dirty cannot track their memory)
+        self._hugetlb: frozenset[tuple[int, int]] = frozenset()
         #: absolute ``[start, end)`` runs reported at first sight, kept until a reset
         self._pending = _EMPTY_RUNS
         #: ptrace stop of the target at attach: ``stop_ms``, ``wait_ms``, ``tid``, ``flags``
@@ -833,14 +883,31 @@ class ProcessTracker:
         if self.pid == os.getpid():
             raise PagewatchError("a process cannot stop its own threads: use "
                                  "pagewatch.Tracker to track this process's own memory")
+        self._hugetlb = hugetlb_devices(self.pid)
         with self._frozen():
-            ms = self._read_maps()  # TargetExec if it exec'd meanwhile
+            ms = self._soft_dirty_mappings()  # TargetExec if it exec'd meanwhile
             clear_refs(self.pid, 4)
         self.attach_info = {"stop_ms": self.last_freeze["stop_ms"], "tid": None,
                             "freeze": dict(self.last_freeze)}
         if not self._report_existing:  # else the first collect reports what they hold
             for m in ms:
                 self._ours.add(m.start, m.end)
+        self._check_strict()
+
+    def _soft_dirty_mappings(self) -> list[Mapping]:
+        """The selected mappings soft-dirty can track; the others go to ``skipped``."""
+        ms = []
+        self._skipped = {}
+        for m in self._read_maps():
+            try:
+                hugetlb = _dev(m.dev, 16) in self._hugetlb
+            except ValueError:
+                hugetlb = False
+            if hugetlb:
+                self._skipped[(m.start, m.end)] = SkippedMapping(m, _HUGETLB_REASON)
+            else:
+                ms.append(m)
+        return ms
 
     # ---- maps and liveness -----------------------------------------------------------------
     def _read_maps(self) -> list[Mapping]:
@@ -1063,7 +1130,7 @@ class ProcessTracker:
         ms: list[Mapping] = []
         try:
             with self._frozen() if reset else contextlib.nullcontext():
-                ms = self._read_maps()  # inside: a mapping made just before the reset counts
+                ms = self._soft_dirty_mappings()  # inside: a mapping made just before counts
                 for m in ms:
                     runs, is_new = self._collect_soft_dirty(m)
                     if is_new:
