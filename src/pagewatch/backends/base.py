@@ -62,9 +62,6 @@ class Region:
         return self.length // PAGE_SIZE
 
 
-_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-
-
 class Backend(abc.ABC):
     """One way of tracking writes to a :class:`Region` (see the module docstring)."""
 
@@ -100,18 +97,10 @@ class Backend(abc.ABC):
     def _empty(self) -> DirtyPages:
         return DirtyPages.empty(self.region.start, self.region.npages)
 
-    def _result(self, runs: np.ndarray, sorted_runs: bool = False) -> DirtyPages:
-        """DirtyPages from absolute ``[start, end)`` address runs (``sorted_runs``: sorted,
-        disjoint and page-aligned, as PAGEMAP_SCAN returns them)."""
-        r = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-        pages = r - self.region.start
-        if sorted_runs:  # page-aligned and inside the region: a shift is enough
-            pages >>= _PAGE_SHIFT
-        else:
-            pages += np.array([0, PAGE_SIZE - 1], dtype=np.int64)
-            pages //= PAGE_SIZE
-            np.clip(pages, 0, self.region.npages, out=pages)
-        return DirtyPages(pages, self.region.start, self.region.npages, normalised=sorted_runs)
+    def _result(self, runs: np.ndarray) -> DirtyPages:
+        """DirtyPages from runs of page indices of this region, sorted and disjoint (as
+        PAGEMAP_SCAN returns them)."""
+        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
 
 
 class Hub:
@@ -127,10 +116,11 @@ class Hub:
         self.pid = os.getpid()
 
     def harvest(self, source: HubBackend, runs: np.ndarray) -> None:
-        """Add the absolute address runs ``runs`` (pages just reset by ``source``) to the
-        pending set of every other member that covers them.  Call with ``lock`` held."""
+        """Add ``runs`` (page runs of ``source``'s region, just reset by it) to the pending
+        set of every other member that covers them.  Call with ``lock`` held."""
         if not len(runs) or (len(self.members) == 1 and source in self.members):
             return  # nobody else to tell (iterating a WeakSet costs ~20 us per collect)
+        runs = runs * PAGE_SIZE + source.region.start  # addresses: the members' bases differ
         for m in list(self.members):
             if m is source or m.closed:
                 continue
@@ -142,7 +132,8 @@ class HubBackend(Backend):
 
     Subclasses provide ``_get(reset)`` (written runs of the own region, atomically reset
     when asked) and ``_reset_runs(runs)`` (reset exactly those runs, returning what was
-    written in them), both returning ``int64 (n, 2)`` absolute address runs.
+    written in them), both in ``int64 (n, 2)`` runs of ``[first, end)`` page indices of the
+    own region, sorted and disjoint.
     """
 
     hub: ClassVar[Hub]
@@ -159,6 +150,7 @@ class HubBackend(Backend):
         self.hub.members.discard(self)
 
     def _add_pending(self, runs: np.ndarray) -> None:
+        """Mark the pages of ``runs`` (absolute address runs) pending."""
         lo = np.clip((runs[:, 0] - self.region.start) // PAGE_SIZE, 0, self.region.npages)
         hi = np.clip((runs[:, 1] - self.region.start + PAGE_SIZE - 1) // PAGE_SIZE, 0,
                      self.region.npages)
@@ -202,7 +194,7 @@ class HubBackend(Backend):
                 got = self._get(reset)
                 if reset:
                     self.hub.harvest(self, got)
-                result = self._result(got, sorted_runs=True)
+                result = self._result(got)
                 if self.has_pending:  # only after another tracker reset pages we cover
                     result = result | self._pending_pages()
                 if reset:
@@ -215,12 +207,10 @@ class HubBackend(Backend):
 
     def _collect_some(self, max_pages: int) -> DirtyPages:
         """The first ``max_pages`` written pages, resetting only those."""
-        everything = self._result(self._get(reset=False), sorted_runs=True) | \
-            self._pending_pages()
+        everything = self._result(self._get(reset=False)) | self._pending_pages()
         chosen = _first_pages(everything, max_pages)
         if len(chosen):
-            runs = chosen.runs * PAGE_SIZE + self.region.start
-            self.hub.harvest(self, self._reset_runs(runs))
+            self.hub.harvest(self, self._reset_runs(chosen.runs))
             self.pending[chosen.bitmap()] = False
             self.has_pending = bool(self.pending.any())
         return chosen

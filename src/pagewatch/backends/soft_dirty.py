@@ -47,7 +47,7 @@ import numpy as np
 from .. import _native
 from ..dirty import DirtyPages
 from ..errors import PagewatchError, TargetGone
-from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE
+from ..kernel.constants import MADV_NOHUGEPAGE
 from ._memory import check_mapped
 from .base import Hub, HubBackend, Region
 
@@ -104,11 +104,12 @@ class _SoftDirtyHub(Hub):
         self.pid = os.getpid()
 
 
-def _runs(bits: np.ndarray, start: int) -> np.ndarray:
+def _runs(bits: np.ndarray) -> np.ndarray:
+    """``[first, end)`` runs of the True pages."""
     edges = np.diff(np.concatenate(([0], bits.view(np.int8), [0])))
     s = np.flatnonzero(edges == 1)
     e = np.flatnonzero(edges == -1)
-    return np.stack([s, e], axis=1).astype(np.int64) * PAGE_SIZE + start
+    return np.stack([s, e], axis=1).astype(np.int64)
 
 
 class SoftDirty(HubBackend):
@@ -175,19 +176,19 @@ class SoftDirty(HubBackend):
 
     def _get(self, reset: bool) -> np.ndarray:
         if reset:
-            return _runs(self._read_reset(), self.region.start)
+            return _runs(self._read_reset())
         self._check_alive()
-        return _runs(self.hub.read([self], clear=False)[0], self.region.start)
+        return _runs(self.hub.read([self], clear=False)[0])
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
         # The kernel resets everything or nothing: reset everything, keep the rest pending.
         mine = self._read_reset()
         keep = mine.copy()
-        for s, e in ((runs - self.region.start) // PAGE_SIZE).tolist():
-            keep[max(s, 0):max(e, 0)] = False
+        for s, e in runs.tolist():
+            keep[s:e] = False
         self.pending |= keep
         self.has_pending = bool(self.pending.any())
-        return _runs(mine & ~keep, self.region.start)
+        return _runs(mine & ~keep)
 
     def _collect_some(self, max_pages: int) -> DirtyPages:
         everything = self._read_reset() | self.pending

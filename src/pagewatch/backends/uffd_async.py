@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import PagewatchError
-from ..kernel.constants import MADV_NOHUGEPAGE, PageCategory, UffdFeature
+from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE, PageCategory, UffdFeature
 from ..kernel.pagemap import Pagemap, _scan
 from ..kernel.uffd import Userfaultfd
 from ._memory import check_mapped
@@ -124,16 +124,18 @@ class UffdAsync(HubBackend):
             self._join()
 
     def _scan(self, start: int, end: int, reset: bool, max_pages: int = 0) -> np.ndarray:
-        regions, _, _ = _scan(self._pagemap, start, end, _WRITTEN, 0, 0, _WRITTEN, reset, True,
-                              max_pages, 256, True)
-        return regions[:, :2].astype(np.int64)
+        """Written page runs of ``[start, end)``, as page indices of the region."""
+        runs, _, _ = _scan(self._pagemap, start, end, _WRITTEN, 0, 0, _WRITTEN, reset, True,
+                           max_pages, 256, True, pages_base=self.region.start)
+        return runs
 
     def _get(self, reset: bool) -> np.ndarray:
         self._check_alive()
         return self._scan(self.region.start, self.region.end, reset)
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
-        out = [self._scan(int(s), int(e), reset=True) for s, e in runs.tolist()]
+        base, ps = self.region.start, PAGE_SIZE
+        out = [self._scan(base + s * ps, base + e * ps, reset=True) for s, e in runs.tolist()]
         return np.concatenate(out) if out else np.empty((0, 2), np.int64)
 
     def _collect_some(self, max_pages: int):  # type: ignore[no-untyped-def]
@@ -143,7 +145,7 @@ class UffdAsync(HubBackend):
             got = self._scan(self.region.start, self.region.end, True, max_pages) if max_pages \
                 else np.empty((0, 2), np.int64)
             self.hub.harvest(self, got)
-            return self._result(got, sorted_runs=True)
+            return self._result(got)
         return super()._collect_some(max_pages)
 
     def _check_alive(self) -> None:

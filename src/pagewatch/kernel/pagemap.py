@@ -205,7 +205,10 @@ def _scan(
     target: int | str | _HasFileno, start: int, end: int, category_mask: int,
     category_inverted: int, category_anyof_mask: int, return_mask: int, wp_matching: bool,
     check_wpasync: bool, max_pages: int, capacity: int, want_output: bool,
+    pages_base: int = -1,
 ) -> tuple[np.ndarray, int, int]:
+    """The checked PAGEMAP_SCAN loop; with ``pages_base`` >= 0 the result is ``int64 (n, 2)``
+    runs of page indices from that address instead of ``(start, end, categories)`` rows."""
     _check_masks(category_mask=category_mask, category_inverted=category_inverted,
                  category_anyof_mask=category_anyof_mask, return_mask=return_mask)
     if max_pages < 0:
@@ -218,7 +221,7 @@ def _scan(
     try:
         regions, walk_end, pages = _native.pagemap_scan(
             fd, start, end, flags, category_mask, category_inverted, category_anyof_mask,
-            return_mask, max_pages, capacity, want_output)
+            return_mask, max_pages, capacity, want_output, pages_base)
         if pm is not None and pm.exited():
             raise TargetGone(f"process {pm.pid} has exited: its pagemap no longer describes "
                              "its memory", errno.ESRCH, collected=regions)
