@@ -1068,23 +1068,11 @@ class ProcessTracker:
             yield
         self.last_freeze = info
 
-    def _collect_soft_dirty(self, m: Mapping) -> tuple[np.ndarray, bool]:
-        """Written runs of mapping ``m`` and whether part of it is new, from pagemap bit 55.
-
-        Where ``m`` lies over memory tracked at the last reset, a page is reported when its
-        soft-dirty bit is set.  That includes the empty pages of a VMA the kernel marked
-        soft-dirty whole (``VM_SOFTDIRTY``: memory mapped, or a mapping grown or merged,
-        since the reset): such memory may have replaced data at these addresses, so it is
-        reported in full (false positives for a merge or growth, never a miss).  Elsewhere
-        (memory not seen at the last reset) every page holding data of its own is reported,
-        as for a first sight with ``uffd-async``: nothing tells what was written before.
-        """
+    def _read_bits(self, m: Mapping) -> list[tuple[int, bytes]]:
+        """The pagemap entries of mapping ``m``, raw: ``(first page, bytes)`` chunks."""
         assert self._pagemap is not None
         fd = self._pagemap.fileno()
         lo, hi = m.start // PAGE_SIZE, m.end // PAGE_SIZE
-        known = [(s // PAGE_SIZE, e // PAGE_SIZE) for s, e in self._ours.within(m.start, m.end)]
-        fully_known = known == [(lo, hi)]
-        is_new = not fully_known
         out = []
         step = 1 << 16  # pages per read: 512 KiB of entries
         for first in range(lo, hi, step):
@@ -1098,7 +1086,30 @@ class ProcessTracker:
                                      f"{exc.strerror}", exc.errno) from exc
             if len(data) < n * 8:  # the memory went away (exit or exec): checked by the caller
                 data += bytes(n * 8 - len(data))
+            out.append((first, data))
+        return out
+
+    def _soft_dirty_runs(self, m: Mapping, chunks: list[tuple[int, bytes]]
+                         ) -> tuple[np.ndarray, bool]:
+        """Written runs of mapping ``m`` and whether part of it is new, from its pagemap
+        entries (bit 55) and what was tracked at the last reset.
+
+        Where ``m`` lies over memory tracked at the last reset, a page is reported when its
+        soft-dirty bit is set.  That includes the empty pages of a VMA the kernel marked
+        soft-dirty whole (``VM_SOFTDIRTY``: memory mapped, or a mapping grown or merged,
+        since the reset): such memory may have replaced data at these addresses, so it is
+        reported in full (false positives for a merge or growth, never a miss).  Elsewhere
+        (memory not seen at the last reset) every page holding data of its own is reported,
+        as for a first sight with ``uffd-async``: nothing tells what was written before.
+        """
+        lo, hi = m.start // PAGE_SIZE, m.end // PAGE_SIZE
+        known = [(s // PAGE_SIZE, e // PAGE_SIZE) for s, e in self._ours.within(m.start, m.end)]
+        fully_known = known == [(lo, hi)]
+        is_new = not fully_known
+        out = []
+        for first, data in chunks:
             e = np.frombuffer(data, dtype=np.uint64)
+            n = len(e)
             soft_dirty = (e & np.uint64(PM_SOFT_DIRTY)) != 0
             if fully_known:
                 hit = soft_dirty
@@ -1122,27 +1133,34 @@ class ProcessTracker:
         return (np.concatenate(out) if out else _EMPTY_RUNS), is_new
 
     def _collect_soft_dirty_all(self, reset: bool) -> ProcessDirty:
-        """One soft-dirty collect: with ``reset``, the maps, every bit 55 and the
-        ``clear_refs`` are read and written while every thread of the target is stopped, so
-        no write can fall between the read of a bit and its reset."""
-        new: set[Mapping] = set()
-        done: list[tuple[Mapping, np.ndarray]] = []
+        """One soft-dirty collect.  With ``reset``, the maps and every bit 55 are read and
+        ``clear_refs`` written while every thread of the target is stopped, so that no write
+        can fall between the read of a bit and its reset; the bits are turned into runs after
+        the threads go on."""
+        read: list[tuple[Mapping, list[tuple[int, bytes]]]] = []
         ms: list[Mapping] = []
+        gone: TargetGone | None = None
         try:
             with self._frozen() if reset else contextlib.nullcontext():
                 ms = self._soft_dirty_mappings()  # inside: a mapping made just before counts
                 for m in ms:
-                    runs, is_new = self._collect_soft_dirty(m)
-                    if is_new:
-                        new.add(m)
-                    done.append((m, runs))
+                    read.append((m, self._read_bits(m)))
                 if reset:
                     # The memory must still be this program's when its bits are cleared.
                     if not self._maps_alive():
                         self._raise_gone(None)
                     clear_refs(self.pid, 4)
         except TargetGone as exc:
-            self._raise_gone(exc.errno, self._result(done, new, False))
+            gone = exc
+        new: set[Mapping] = set()
+        done: list[tuple[Mapping, np.ndarray]] = []
+        for m, chunks in read:
+            runs, is_new = self._soft_dirty_runs(m, chunks)
+            if is_new:
+                new.add(m)
+            done.append((m, runs))
+        if gone is not None:
+            self._raise_gone(gone.errno, self._result(done, new, False))
         if reset:
             self._ours = _Intervals()
             for m in ms:
