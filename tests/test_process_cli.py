@@ -189,11 +189,17 @@ def test_sigkill_of_pagewatch_leaves_the_target_running_to_the_right_output(
         pw = subprocess.Popen([*PAGEWATCH, "run", "--interval", "0.02", "-o", str(out), "--",
                                *target_cmd], stdout=subprocess.PIPE)
     else:
+        # Held stopped until record has attached: under an emulated CPU (the kernel matrix)
+        # pagewatch can take longer to start than the target takes to finish.
         target = subprocess.Popen(target_cmd, stdout=subprocess.PIPE)
+        os.kill(target.pid, signal.SIGSTOP)
         pw = subprocess.Popen([*PAGEWATCH, "record", str(target.pid), "--interval", "0.02",
                                "-o", str(out)])
     try:
         wait_for_line(out, "interval")
+        if target:
+            os.kill(target.pid, signal.SIGCONT)
+            time.sleep(0.1)  # tracked while it runs, then pagewatch dies mid-run
         child = target.pid if target else children(pw.pid)[0]
         pw.kill()
         pw.wait()
