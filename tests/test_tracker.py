@@ -19,6 +19,7 @@ import pagewatch as pw
 from pagewatch import _native
 from pagewatch.backends.base import BACKENDS, backend_class
 from pagewatch.kernel.constants import PAGE_SIZE
+from pagewatch.kernel.uffd import Userfaultfd
 
 SECONDS = float(os.environ.get("PAGEWATCH_TEST_SECONDS", "1.5"))
 
@@ -78,15 +79,15 @@ def test_collect_reports_exactly_the_pages_written(backend: str, pattern: str) -
         assert pages_of(t.collect()) == set()
 
 
-def _on_tmpfs(path: str) -> bool:
-    """Whether ``path`` lies on tmpfs (shmem), by the longest matching mount point."""
-    best, fstype = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fs = line.split()[:3]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                best, fstype = mnt, fs
-    return fstype == "tmpfs"
+def _sync_wp_takes(m: mmap.mmap) -> bool:
+    """Whether synchronous uffd-wp can register this memory (anonymous, shmem -- tmpfs,
+    also under an overlay -- or hugetlbfs), asked of the kernel directly."""
+    try:
+        with Userfaultfd(0) as u:
+            u.register(_native.buffer_info(m)[0], len(m))
+        return True
+    except pw.PagewatchError:
+        return False
 
 
 @pytest.mark.parametrize("kind", ["shared-anonymous", "file-shared", "file-private"])
@@ -102,8 +103,7 @@ def test_shared_and_file_mappings_are_tracked(backend: str, kind: str, tmp_path:
             m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED if kind == "file-shared"
                           else mmap.MAP_PRIVATE)
     m[:] = b"\x01" * size
-    if backend == "uffd-sync" and kind.startswith("file") and not _on_tmpfs(str(tmp_path)):
-        # Synchronous uffd-wp covers anonymous, shmem (tmpfs) and hugetlbfs memory only.
+    if backend == "uffd-sync" and not _sync_wp_takes(m):
         with pytest.raises(pw.Unsupported):
             pw.Tracker(m, backend=backend)
         return
