@@ -5,8 +5,9 @@ Environment (each overrides the default; command-line options override the envir
 - ``PAGEWATCH_VM_KERNELS=6.1,6.12``  kernels to boot (labels, or paths of a vmlinuz)
 - ``PAGEWATCH_VM_HOST=0``            leave out the host column
 - ``PAGEWATCH_VM_KVM=auto|0|1``      hardware acceleration (auto: try once, remember)
-- ``PAGEWATCH_VM_MEMORY=2G``, ``PAGEWATCH_VM_CPUS=2``, ``PAGEWATCH_VM_TIMEOUT=1200`` (s per VM)
-- ``PAGEWATCH_VM_JOBS=1``            VMs booted at once (CPUs are shared between them)
+- ``PAGEWATCH_VM_MEMORY=2G``, ``PAGEWATCH_VM_CPUS=<host CPUs>``, ``PAGEWATCH_VM_TIMEOUT=1200``
+  (seconds per VM)
+- ``PAGEWATCH_VM_JOBS=2``            VMs booted at once (after the host's run)
 - ``PAGEWATCH_VM_CACHE=DIR``         tools, kernels and per-run logs (``~/.cache/pagewatch-vm``)
 - ``PAGEWATCH_VM_VERBOSE=1``         show the kernel's console (boot problems)
 """
@@ -261,7 +262,8 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--memory", default=env("PAGEWATCH_VM_MEMORY", "2G"))
     ap.add_argument("--cpus", type=int, default=int(env("PAGEWATCH_VM_CPUS", "0")))
     ap.add_argument("--timeout", type=float, default=float(env("PAGEWATCH_VM_TIMEOUT", "1200")))
-    ap.add_argument("--jobs", "-j", type=int, default=int(env("PAGEWATCH_VM_JOBS", "1")))
+    ap.add_argument("--jobs", "-j", type=int, default=int(env("PAGEWATCH_VM_JOBS", "2")),
+                    help="VMs at once (default 2: most of a TCG guest's time is one busy vCPU)")
     ap.add_argument("--refresh", action="store_true", help="fetch the kernels again")
     ap.add_argument("--verbose", "-v", action="store_true",
                     default=env("PAGEWATCH_VM_VERBOSE", "0") not in ("0", ""))
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.host:
         columns.append(run_host(opts, cache))
     jobs = max(1, min(opts.jobs, len(kernels) or 1))
-    cpus = opts.cpus or max(1, (os.cpu_count() or 1) // jobs)
+    cpus = opts.cpus or os.cpu_count() or 1  # SMP guests even side by side: races need it
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         columns += list(pool.map(lambda k: run_vm(opts, cache, bindir, k, use_kvm, cpus),
                                  kernels))

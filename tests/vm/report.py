@@ -98,6 +98,11 @@ class Recorder:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         rec = self._record(report.nodeid)
         rec["seconds"] = round(rec["seconds"] + float(report.duration), 4)
+        start, stop = getattr(report, "start", None), getattr(report, "stop", None)
+        if start is not None and "start" not in rec:
+            rec["start"] = round(float(start) - self.started, 3)
+        if stop is not None:
+            rec["stop"] = round(float(stop) - self.started, 3)
         if report.when == "setup":
             if report.skipped:
                 rec.update(outcome="skipped", reason=_reason(report))
