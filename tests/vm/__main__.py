@@ -10,6 +10,7 @@ Environment (each overrides the default; command-line options override the envir
 - ``PAGEWATCH_VM_JOBS=2``            VMs booted at once (after the host's run)
 - ``PAGEWATCH_VM_CACHE=DIR``         tools, kernels and per-run logs (``~/.cache/pagewatch-vm``)
 - ``PAGEWATCH_VM_VERBOSE=1``         show the kernel's console (boot problems)
+- ``PAGEWATCH_VM_HOST_REPORT=PATH``  host column from an earlier run with the report plugin
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class Options(argparse.Namespace):
     refresh: bool
     verbose: bool
     json_out: Path
+    host_report: Path | None
     pytest_args: list[str]
 
 
@@ -186,10 +188,14 @@ def choose_accel(opts: Options, cache: Path, bindir: Path, k: Kernel) -> tuple[b
 
 def run_host(opts: Options, cache: Path) -> dict[str, Any]:
     out = cache / "runs" / "host"
-    cmd = [sys.executable, "-m", "tests.vm.guest", "--label", "host", "--out", str(out), "--",
-           *opts.pytest_args]
+    cmd = [sys.executable, "-m", "tests.vm.guest", "--label", "host", "--out", str(out)]
+    if opts.host_report is not None:
+        cmd += ["--report-from", str(opts.host_report)]
+        log(f"host: the suite's results from {opts.host_report}, probe and self-check here")
+    else:
+        log("host: running the suite on this machine's kernel")
+    cmd += ["--", *opts.pytest_args]
     env = dict(os.environ, **guest_env("host", cache))
-    log("host: running the suite on this machine's kernel")
     rc, secs, timed_out = stream(cmd, "host", out.parent / "host.log", opts.timeout, env, REPO)
     col = collect(out, "host", rc, secs, timed_out, out.parent / "host.log")
     col.update(kind="host", release=os.uname().release)
@@ -267,12 +273,21 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--refresh", action="store_true", help="fetch the kernels again")
     ap.add_argument("--verbose", "-v", action="store_true",
                     default=env("PAGEWATCH_VM_VERBOSE", "0") not in ("0", ""))
+    ap.add_argument("--host-report", type=Path,
+                    default=Path(env("PAGEWATCH_VM_HOST_REPORT", "")) if
+                    env("PAGEWATCH_VM_HOST_REPORT") else None,
+                    help="host column from this earlier `pytest -p tests.vm.report "
+                         "--pagewatch-report=PATH` run instead of running the suite again")
     ap.add_argument("--json", dest="json_out", type=Path,
                     default=REPO / ".cache" / "kernel-matrix.json")
     opts = ap.parse_args(argv, namespace=Options())
     raw = opts.kernels or [env("PAGEWATCH_VM_KERNELS", "6.1,6.12")]
     opts.kernels = [k.strip() for item in raw for k in item.split(",") if k.strip()]
     opts.pytest_args = pytest_args
+    if opts.host_report is not None:
+        if not opts.host_report.is_file():
+            ap.error(f"--host-report {opts.host_report}: no such file")
+        opts.host_report = opts.host_report.resolve()
     return opts
 
 

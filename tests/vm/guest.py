@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vm", action="store_true", help="running inside a throw-away VM")
     ap.add_argument("--booted", type=float, default=None,
                     help="/proc/uptime when the VM's shell started (boot time)")
+    ap.add_argument("--report-from", type=Path, default=None,
+                    help="take the tests from this earlier tests.vm.report JSON, run no pytest")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     pytest_args = list(args.pytest_args)
@@ -158,12 +160,23 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     report = out / "tests.json"
-    cmd = [sys.executable, "-m", "pytest", "-p", "tests.vm.report",
-           f"--pagewatch-report={report}", "-p", "no:cacheprovider", "-q", "-rfE", *pytest_args]
-    print(f"pagewatch-vm[{args.label}]: $ {' '.join(cmd)}", flush=True)
-    t0 = time.monotonic()
-    rc = subprocess.call(cmd)
-    info["pytest"] = {"rc": rc, "seconds": round(time.monotonic() - t0, 2), "args": cmd[1:]}
+    if args.report_from is not None:
+        data = json.loads(args.report_from.read_text())
+        report.write_text(json.dumps(data, indent=1))
+        rc = int(data["exitstatus"])
+        info["pytest"] = {"rc": rc, "seconds": data.get("seconds"),
+                          "args": [f"(earlier run: {args.report_from})"]}
+        print(f"pagewatch-vm[{args.label}]: tests taken from {args.report_from}: "
+              f"{len(data['tests'])} tests, pytest exit {rc}", flush=True)
+    else:
+        cmd = [sys.executable, "-m", "pytest", "-p", "tests.vm.report",
+               f"--pagewatch-report={report}", "-p", "no:cacheprovider", "-q", "-rfE",
+               *pytest_args]
+        print(f"pagewatch-vm[{args.label}]: $ {' '.join(cmd)}", flush=True)
+        t0 = time.monotonic()
+        rc = subprocess.call(cmd)
+        info["pytest"] = {"rc": rc, "seconds": round(time.monotonic() - t0, 2),
+                          "args": cmd[1:]}
     info["uptime_at_end"] = _uptime()
     tmp = out / "guest.tmp"
     tmp.write_text(json.dumps(info, indent=1))
