@@ -51,7 +51,8 @@ def ensure_apt_packages() -> None:
             + " ".join(missing))
     log(f"installing {' '.join(missing)} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL)
+    # A third-party source that fails to update must not stop the install from Debian's.
+    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
