@@ -6,6 +6,7 @@ its ``available()`` gives (the kernel matrix runs it where it exists).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import socket
@@ -238,8 +239,8 @@ def test_no_write_is_lost_while_writers_race_collect(backend: str) -> None:
 
 def test_a_write_by_the_kernel_is_reported(backend: str) -> None:
     if backend == "mprotect":
-        pytest.skip("mprotect cannot see kernel writes: they fail with EFAULT (documented; "
-                    "tests/test_backends_fallback.py pins it)")
+        _a_write_by_the_kernel_fails_with_efault_under_mprotect()
+        return
     m = aligned(8)
     a = np.frombuffer(m, np.uint8)
     a[:] = 1
@@ -259,6 +260,24 @@ def test_a_write_by_the_kernel_is_reported(backend: str) -> None:
             os.close(fd)
         s1.close()
         s2.close()
+
+
+def _a_write_by_the_kernel_fails_with_efault_under_mprotect() -> None:
+    """mprotect's documented limit: a protected page is read-only to the kernel too."""
+    m = aligned(8)
+    np.frombuffer(m, np.uint8)[:] = 1
+    r, w = os.pipe()
+    try:
+        with pw.Tracker(m, backend="mprotect") as t:
+            t.reset()
+            os.write(w, b"x" * 100)
+            with pytest.raises(OSError) as info:
+                os.readv(r, [memoryview(m)[2 * PAGE_SIZE:2 * PAGE_SIZE + 100]])
+            assert info.value.errno == errno.EFAULT
+            assert pages_of(t.collect()) == set()
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 # ---- independent trackers ----------------------------------------------------------------
