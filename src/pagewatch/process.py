@@ -885,6 +885,7 @@ class ProcessTracker:
                                  "pagewatch.Tracker to track this process's own memory")
         self._hugetlb = hugetlb_devices(self.pid)
         with self._frozen():
+            self._bind_current_memory()
             ms = self._soft_dirty_mappings()  # TargetExec if it exec'd meanwhile
             clear_refs(self.pid, 4)
         self.attach_info = {"stop_ms": self.last_freeze["stop_ms"], "tid": None,
@@ -893,6 +894,40 @@ class ProcessTracker:
             for m in ms:
                 self._ours.add(m.start, m.end)
         self._check_strict()
+
+    def _bind_current_memory(self) -> None:
+        """Inside the attach's freeze: make the maps and pagemap files opened before it those
+        of the memory the target runs in now.
+
+        A process caught inside ``execve`` (``subprocess.Popen`` can return before the child's
+        exec has switched memory: seen on Linux 6.1) gives files bound to its *old* memory.
+        That memory may live on -- a ``vfork`` child's is its parent's -- so it reads as a
+        valid but foreign program: its bits would be read while ``clear_refs`` resets the new
+        program's, and every write of the target would be missed.  Every thread is stopped
+        now, on its way back to user mode, so no exec is in progress: a fresh open binds the
+        current memory, and if its maps differ from the old files', the old files go.
+        """
+        fresh = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            now = b"".join(iter(lambda: os.read(fresh, 1 << 16), b""))
+        except OSError:
+            os.close(fresh)
+            return  # the checks that follow tell exit or exec
+        try:
+            os.lseek(self._maps_fd, 0, os.SEEK_SET)
+            bound = b"".join(iter(lambda: os.read(self._maps_fd, 1 << 16), b""))
+        except OSError:
+            bound = b""
+        if bound == now:
+            os.close(fresh)
+            return
+        self._fds.remove(self._maps_fd)
+        os.close(self._maps_fd)
+        self._maps_fd = fresh
+        self._fds.append(fresh)
+        if self._pagemap is not None:
+            self._pagemap.close()
+        self._pagemap = Pagemap(self.pid)
 
     def _soft_dirty_mappings(self) -> list[Mapping]:
         """The selected mappings soft-dirty can track; the others go to ``skipped``."""
