@@ -868,6 +868,9 @@ class ProcessTracker:
             fd, self._adopt = self._adopt, None
         else:
             fd, self.attach_info = take_userfaultfd(self.pid, self._pidfd, timeout)
+            # The injected call ran in the memory the target runs in now (it cannot have been
+            # inside execve then): bind maps/pagemap to that memory too.
+            self._bind_current_memory()
         self._uffd = Userfaultfd(int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED), fd=fd)
         ms = self._read_maps()  # TargetExec if it exec'd while we attached
         found = []
@@ -896,8 +899,8 @@ class ProcessTracker:
         self._check_strict()
 
     def _bind_current_memory(self) -> None:
-        """Inside the attach's freeze: make the maps and pagemap files opened before it those
-        of the memory the target runs in now.
+        """Inside the attach's freeze (or right after the injection): make the maps and
+        pagemap files opened before it those of the memory the target runs in now.
 
         A process caught inside ``execve`` (``subprocess.Popen`` can return before the child's
         exec has switched memory: seen on Linux 6.1) gives files bound to its *old* memory.
