@@ -188,70 +188,22 @@ static uint64_t thread_cpu_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
-/* core.c's loop: grow the output by doubling, resume at walk_end, merge split runs. */
+/* The library's own loop (pw_scan_loop, core.c), timed with no Python around it. */
 static int scan_until_end(int fd, uint64_t start, uint64_t end, uint64_t flags, uint64_t mask,
                           size_t capacity, struct scan_result *res)
 {
-    size_t ps = page_size(), cap = capacity < 16 ? 16 : capacity, n = 0;
-    struct pw_page_region *buf = malloc(cap * sizeof(*buf));
-    if (!buf)
-        return ENOMEM;
-    uint64_t cursor = start, found = 0;
-    int err = 0;
+    const struct pw_pm_scan_arg tmpl = {.flags = flags, .category_mask = mask,
+                                        .return_mask = mask};
+    struct pw_scan out = {0};
     uint64_t c0 = thread_cpu_ns(), t0 = now_ns();
-    while (cursor < end) {
-        if (n == cap) {
-            struct pw_page_region *nb = realloc(buf, 2 * cap * sizeof(*buf));
-            if (!nb) {
-                err = ENOMEM;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        struct pw_pm_scan_arg arg = {
-            .size = sizeof(arg), .flags = flags, .start = cursor, .end = end,
-            .vec = (uint64_t)(uintptr_t)(buf + n), .vec_len = cap - n,
-            .category_mask = mask, .return_mask = mask,
-        };
-        int ret = ioctl(fd, PW_PAGEMAP_SCAN, &arg);
-        if (ret < 0) {
-            err = errno;
-            break;
-        }
-        int got = ret;
-        if (n > 0 && ret > 0) { /* a stale walk_end repeats runs: see core.c */
-            uint64_t held = buf[n - 1].end;
-            int skip = 0;
-            while (skip < ret && buf[n + skip].end <= held)
-                skip++;
-            if (skip < ret && buf[n + skip].start < held)
-                buf[n + skip].start = held;
-            if (skip) {
-                memmove(buf + n, buf + n + skip, (ret - skip) * sizeof(*buf));
-                ret -= skip;
-            }
-        }
-        for (int i = 0; i < ret; i++)
-            found += (buf[n + i].end - buf[n + i].start) / ps;
-        if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
-            buf[n - 1].categories == buf[n].categories) {
-            buf[n - 1].end = buf[n].end;
-            memmove(buf + n, buf + n + 1, (ret - 1) * sizeof(*buf));
-            ret--;
-        }
-        n += ret;
-        if (arg.walk_end <= cursor && got == 0) {
-            err = EAGAIN; /* no progress: a partial hugetlb page */
-            break;
-        }
-        cursor = arg.walk_end;
-    }
+    int err = pw_scan_loop(fd, start, end, &tmpl, 1, capacity, &out);
     res->ns = now_ns() - t0;
     res->cpu_ns = thread_cpu_ns() - c0;
-    res->pages = found;
-    res->regions = n;
-    free(buf);
+    res->pages = out.pages;
+    res->regions = out.n;
+    free(out.buf);
+    if (!err && out.walk_end < end)
+        err = EAGAIN; /* no progress: a partial hugetlb page */
     return err;
 }
 

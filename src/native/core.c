@@ -148,63 +148,38 @@ static PyObject *py_pagemap_scan_once(PyObject *self, PyObject *args, PyObject *
     return Py_BuildValue("(iKN)", ret, (unsigned long long)arg->walk_end, regions);
 }
 
-/*
- * The tracking loop: PAGEMAP_SCAN until walk_end == end, max_pages pages were found, or the
- * kernel makes no progress (a partial hugetlb page under WP_MATCHING).  The output grows
- * as needed; runs that a stop split are merged back when their categories are equal.
- * Returns (regions as an (n, 3) uint64 array, walk_end, pages found).  Without output
- * (want_output false) the kernel is passed vec = NULL, vec_len = 0.
- */
-static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
+int pw_scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_arg *tmpl,
+                 int want_output, size_t capacity, struct pw_scan *out)
 {
-    static char *kwlist[] = {"fd", "start", "end", "flags", "category_mask",
-                             "category_inverted", "category_anyof_mask", "return_mask",
-                             "max_pages", "capacity", "want_output", "pages_base", NULL};
-    int fd, want_output = 1;
-    long long pages_base = -1;
-    unsigned long long start, end, flags = 0, cmask = 0, cinv = 0, cany = 0, rmask = 0,
-                                    max_pages = 0, capacity = 256;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKK|KKKKKKKpL:pagemap_scan", kwlist, &fd,
-                                     &start, &end, &flags, &cmask, &cinv, &cany, &rmask,
-                                     &max_pages, &capacity, &want_output, &pages_base))
-        return NULL;
-    if (capacity < 16)
-        capacity = 16;
-    npy_intp cap = want_output ? (npy_intp)capacity : 0;
-    struct pw_page_region *buf = NULL;
-    if (cap) {
-        buf = PyMem_RawMalloc(cap * sizeof(*buf));
-        if (!buf)
-            return PyErr_NoMemory();
-    }
-    npy_intp n = 0;
     /* Hoisted: sysconf() per run cost ~90 us per collect of 16k runs. */
-    const unsigned long long page = (unsigned long long)sysconf(_SC_PAGESIZE);
-    unsigned long long found = 0, cursor = start;
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    const uint64_t max_pages = tmpl->max_pages;
+    size_t cap = want_output ? (capacity < 16 ? 16 : capacity) : 0, n = 0;
+    struct pw_page_region *buf = NULL;
+    uint64_t found = 0, cursor = start;
     int err = 0;
-
-    Py_BEGIN_ALLOW_THREADS
+    if (cap && !(buf = malloc(cap * sizeof(*buf))))
+        return ENOMEM;
     while (cursor < end) {
         if (max_pages && found >= max_pages)
             break;
         if (want_output && n == cap) {
-            npy_intp ncap = cap * 2;
-            struct pw_page_region *nb = PyMem_RawRealloc(buf, ncap * sizeof(*buf));
+            struct pw_page_region *nb = realloc(buf, 2 * cap * sizeof(*buf));
             if (!nb) {
                 err = ENOMEM;
                 break;
             }
             buf = nb;
-            cap = ncap;
+            cap *= 2;
         }
-        struct pw_pm_scan_arg arg = {
-            .size = sizeof(arg), .flags = flags, .start = cursor, .end = end,
-            .vec = want_output ? (uint64_t)(uintptr_t)(buf + n) : 0,
-            .vec_len = want_output ? (uint64_t)(cap - n) : 0,
-            .max_pages = max_pages ? max_pages - found : 0,
-            .category_inverted = cinv, .category_mask = cmask,
-            .category_anyof_mask = cany, .return_mask = rmask,
-        };
+        struct pw_pm_scan_arg arg = *tmpl;
+        arg.size = sizeof(arg);
+        arg.start = cursor;
+        arg.end = end;
+        arg.walk_end = 0;
+        arg.vec = want_output ? (uint64_t)(uintptr_t)(buf + n) : 0;
+        arg.vec_len = want_output ? (uint64_t)(cap - n) : 0;
+        arg.max_pages = max_pages ? max_pages - found : 0;
         int ret = ioctl(fd, PW_PAGEMAP_SCAN, &arg);
         if (ret < 0) {
             err = errno;
@@ -217,7 +192,7 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
          * address order without repeats (each dropped page is in it already). */
         int got = ret;
         if (n > 0 && ret > 0) {
-            unsigned long long held = buf[n - 1].end;
+            uint64_t held = buf[n - 1].end;
             int skip = 0;
             while (skip < ret && buf[n + skip].end <= held)
                 skip++;
@@ -238,16 +213,50 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
             ret -= 1;
         }
         n += ret;
-        if (arg.walk_end <= cursor && got == 0) {
-            /* No progress: the kernel backed out (partial hugetlb page); report where. */
-            break;
-        }
+        if (arg.walk_end <= cursor && got == 0)
+            break; /* no progress: the kernel backed out (partial hugetlb page) */
         cursor = arg.walk_end;
     }
-    Py_END_ALLOW_THREADS
+    out->buf = buf;
+    out->n = n;
+    out->cap = cap;
+    out->walk_end = cursor > end ? end : cursor;
+    out->pages = found;
+    return err;
+}
 
+/*
+ * The tracking loop (pw_scan_loop) for Python.  Returns (regions as an (n, 3) uint64 array,
+ * walk_end, pages found), or with pages_base >= 0 int64 (n, 2) page runs from that address.
+ * Without output (want_output false) the kernel is passed vec = NULL, vec_len = 0.
+ */
+static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "start", "end", "flags", "category_mask",
+                             "category_inverted", "category_anyof_mask", "return_mask",
+                             "max_pages", "capacity", "want_output", "pages_base", NULL};
+    int fd, want_output = 1;
+    long long pages_base = -1;
+    unsigned long long start, end, flags = 0, cmask = 0, cinv = 0, cany = 0, rmask = 0,
+                                    max_pages = 0, capacity = 256;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKK|KKKKKKKpL:pagemap_scan", kwlist, &fd,
+                                     &start, &end, &flags, &cmask, &cinv, &cany, &rmask,
+                                     &max_pages, &capacity, &want_output, &pages_base))
+        return NULL;
+    const struct pw_pm_scan_arg tmpl = {
+        .flags = flags, .max_pages = max_pages, .category_inverted = cinv,
+        .category_mask = cmask, .category_anyof_mask = cany, .return_mask = rmask,
+    };
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    struct pw_scan res = {0};
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = pw_scan_loop(fd, start, end, &tmpl, want_output, capacity, &res);
+    Py_END_ALLOW_THREADS
+    struct pw_page_region *buf = res.buf;
+    npy_intp n = (npy_intp)res.n;
     if (err) {
-        PyMem_RawFree(buf);
+        free(buf);
         return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
     }
     PyArrayObject *out;
@@ -270,12 +279,11 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
         if (out && n)
             memcpy(PyArray_DATA(out), buf, n * sizeof(*buf));
     }
-    PyMem_RawFree(buf);
+    free(buf);
     if (!out)
         return NULL;
-    if (cursor > end)
-        cursor = end;
-    return Py_BuildValue("(NKK)", out, cursor, found);
+    return Py_BuildValue("(NKK)", out, (unsigned long long)res.walk_end,
+                         (unsigned long long)res.pages);
 }
 
 /* ---- pidfd, memory, buffers ------------------------------------------------------- */

@@ -16,6 +16,7 @@ PyObject *pw_raise_errno(int err, const char *what)
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "pagewatch._native",
     "Thin wrappers over userfaultfd, PAGEMAP_SCAN, ptrace and signal handling.", -1, NULL,
+    NULL, NULL, NULL, NULL,
 };
 
 static int add_table(PyObject *m, PyMethodDef *table)
