@@ -6,6 +6,7 @@ import errno
 
 from .. import _native
 from ..errors import TargetGone
+from ..kernel.constants import MADV_NOHUGEPAGE
 from .base import Region
 
 _MS_ASYNC = 1  # <sys/mman.h>
@@ -26,3 +27,13 @@ def check_mapped(region: Region) -> None:
                 "whole or in part) while tracked: close the tracker before freeing its "
                 "target", exc.errno) from exc
         raise
+
+
+def no_huge_pages(region: Region) -> None:
+    """Keep transparent huge pages off ``region`` (``huge_pages="split"``): write-state stays
+    per 4 KiB page and a first write costs one small fault, not a 2 MiB one.  Best effort:
+    memory that refuses the advice is tracked as it is."""
+    try:
+        _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
+    except OSError:
+        pass

@@ -42,9 +42,9 @@ from typing import Any
 from .. import _native
 from ..dirty import DirtyPages
 from ..errors import InvalidRange, PagewatchError, TargetGone
-from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE
+from ..kernel.constants import PAGE_SIZE
 from ..kernel.maps import maps
-from ._memory import check_mapped
+from ._memory import check_mapped, no_huge_pages
 from .base import Backend, Region
 
 __all__ = ["MprotectBackend", "writable", "covers", "BACKEND"]
@@ -87,10 +87,7 @@ class MprotectBackend(Backend):
         super().__init__(region, huge_pages=huge_pages)
         extra = _exec_bit(region)
         if huge_pages == "split":
-            try:  # one fault per 4 KiB page, not per THP
-                _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
-            except OSError:
-                pass
+            no_huge_pages(region)
         self._lock = threading.Lock()
         try:
             self._id: int | None = _native.mp_watch(region.start, region.npages, extra)

@@ -47,8 +47,7 @@ import numpy as np
 from .. import _native
 from ..dirty import DirtyPages
 from ..errors import PagewatchError, TargetGone
-from ..kernel.constants import MADV_NOHUGEPAGE
-from ._memory import check_mapped
+from ._memory import check_mapped, no_huge_pages
 from .base import Hub, HubBackend, Region
 
 __all__ = ["SoftDirty", "BACKEND"]
@@ -133,10 +132,7 @@ class SoftDirty(HubBackend):
         super().__init__(region, huge_pages=huge_pages)
         self._forked = False
         if huge_pages == "split":
-            try:
-                _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
-            except OSError:
-                pass
+            no_huge_pages(region)
         with self.hub.lock:
             self._join()
             try:

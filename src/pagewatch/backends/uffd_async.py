@@ -16,12 +16,11 @@ import threading
 
 import numpy as np
 
-from .. import _native
 from ..errors import PagewatchError
-from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE, PageCategory, UffdFeature
+from ..kernel.constants import PAGE_SIZE, PageCategory, UffdFeature
 from ..kernel.pagemap import Pagemap, _scan
 from ..kernel.uffd import Userfaultfd
-from ._memory import check_mapped
+from ._memory import check_mapped, no_huge_pages
 from .base import Hub, HubBackend, Region
 
 _WRITTEN = int(PageCategory.WRITTEN)
@@ -96,10 +95,7 @@ class UffdAsync(HubBackend):
             if huge_pages == "split":
                 # New THPs would make written-state 2 MiB coarse until the first write splits
                 # them; the kernel splits the existing ones on write.
-                try:
-                    _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
-                except OSError:
-                    pass
+                no_huge_pages(region)
             covered = hub.covered(self, region.start, region.end)
             fresh = _runs_of(~covered, region.start)
             done: list[tuple[int, int]] = []

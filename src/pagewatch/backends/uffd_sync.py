@@ -44,9 +44,9 @@ import weakref
 from .. import _native
 from ..dirty import DirtyPages
 from ..errors import InvalidRange, PagewatchError, TargetGone, Unsupported
-from ..kernel.constants import MADV_NOHUGEPAGE, PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
+from ..kernel.constants import PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
 from ..kernel.uffd import Userfaultfd
-from ._memory import check_mapped
+from ._memory import check_mapped, no_huge_pages
 from .base import Backend, Region
 from .mprotect import writable
 
@@ -162,10 +162,7 @@ class UffdSync(Backend):
         self._forked = False
         self._lock = threading.Lock()
         if huge_pages == "split":
-            try:
-                _native.madvise(region.start, region.length, MADV_NOHUGEPAGE)
-            except OSError:
-                pass
+            no_huge_pages(region)
         with _hub.lock:
             uffd = _hub.open()
             try:
