@@ -641,18 +641,11 @@ def _selector(mappings: str | Callable[[Mapping], bool]) -> Callable[[Mapping], 
                      "Mapping -> bool")
 
 
-_sd_cache: tuple[bool, str] | None = None
-
-
 def soft_dirty_available() -> tuple[bool, str]:
     """Whether soft-dirty bits work on this kernel (tried once, in a child process)."""
-    global _sd_cache
-    if _sd_cache is None:
-        from .kernel.probe import _probe_soft_dirty
+    from .kernel.probe import probe_soft_dirty
 
-        c = _probe_soft_dirty()
-        _sd_cache = (c.available, c.reason)
-    return _sd_cache
+    return probe_soft_dirty()
 
 
 def _runs_of(regions: np.ndarray) -> np.ndarray:

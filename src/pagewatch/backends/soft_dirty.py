@@ -117,16 +117,11 @@ class SoftDirty(HubBackend):
     summary = "clear_refs + pagemap bit 55, read and cleared with the other threads stopped"
     hub = _SoftDirtyHub()
 
-    _available: tuple[bool, str] | None = None
-
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        if cls._available is None:
-            from ..kernel.probe import _probe_soft_dirty
+        from ..kernel.probe import probe_soft_dirty
 
-            cap = _probe_soft_dirty()
-            cls._available = (cap.available, cap.reason)
-        return cls._available
+        return probe_soft_dirty()
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)

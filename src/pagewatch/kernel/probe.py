@@ -249,6 +249,17 @@ def probe_wp_async() -> tuple[bool, str]:
     return _wp_async_cache.available, _wp_async_cache.reason
 
 
+_soft_dirty_cache: Capability | None = None
+
+
+def probe_soft_dirty() -> tuple[bool, str]:
+    """Whether soft-dirty bits work here (tried once per process, in a child, then cached)."""
+    global _soft_dirty_cache
+    if _soft_dirty_cache is None:
+        _soft_dirty_cache = _probe_soft_dirty()
+    return _soft_dirty_cache.available, _soft_dirty_cache.reason
+
+
 def probe() -> Capabilities:
     """Try every feature pagewatch can use and say which work here, each with a reason."""
     uffd, how, feats = _probe_userfaultfd()
