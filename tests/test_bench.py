@@ -251,13 +251,9 @@ def test_cli_rejects_an_unknown_backend(capsys: Any) -> None:
 
 
 @pytest.mark.backend("uffd-async")
-def test_cli_plot_writes_a_png(tmp_path: Any, smoke: dict[str, Any]) -> None:
+def test_cli_plot_writes_a_png(tmp_path: Any) -> None:
+    # One render only: under the matrix's emulated CPU each costs half a minute.
     pytest.importorskip("matplotlib", reason="matplotlib is the optional 'plot' extra")
-    from pagewatch.bench import plot
-
-    out = tmp_path / "bench.png"
-    plot.plot(smoke, str(out))
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out2 = tmp_path / "cli.png"
     assert main(["bench", "--smoke", "--backends", "uffd-async", "--plot", str(out2)]) == 0
     assert out2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
