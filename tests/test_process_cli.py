@@ -267,7 +267,7 @@ def test_record_with_a_duration_stops_by_itself_and_follows_an_exec(tmp_path: Pa
         t.cmd("addr")
         t.send("exec")  # becomes sleep(1) for 3 s
         time.sleep(0.05)
-        assert cli.main(["record", str(t.pid), "--interval", "0.1", "--duration", "0.6",
+        assert cli.main(["record", str(t.pid), "--interval", "0.1", "--duration", "1.5",
                          "-o", str(out)]) == 0
         objs = lines(out)
         kinds = [o["type"] for o in objs]
