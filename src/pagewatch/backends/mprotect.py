@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -75,13 +76,9 @@ class MprotectBackend(Backend):
     rank = 3
     summary = "PROT_READ + a SIGSEGV handler in C that records the page and un-protects it"
 
-    _available: tuple[bool, str] | None = None
-
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        if cls._available is None:
-            cls._available = _trial()
-        return cls._available
+        return _trial()
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
@@ -141,6 +138,7 @@ class MprotectBackend(Backend):
             _live.discard(self)
 
 
+@functools.cache  # one trial per process: its answer does not change
 def _trial() -> tuple[bool, str]:
     """Track one page for real: protect, write, collect, close."""
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)

@@ -36,6 +36,7 @@ Limits
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -148,13 +149,9 @@ class UffdSync(Backend):
     rank = 2
     summary = "userfaultfd write-protect, a C handler thread records and un-protects"
 
-    _available: tuple[bool, str] | None = None
-
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        if cls._available is None:
-            cls._available = _trial()
-        return cls._available
+        return _trial()
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
@@ -247,6 +244,7 @@ class UffdSync(Backend):
             _hub.stop_if_idle()
 
 
+@functools.cache  # one trial per process: its answer does not change
 def _trial() -> tuple[bool, str]:
     """Track one page for real: register, protect, write, collect, close."""
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
