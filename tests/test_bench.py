@@ -295,3 +295,16 @@ def test_quick_keeps_slow_backends_small_and_says_so() -> None:
                    for n in result["notes"])
     with pytest.raises(ValueError, match="unknown backend"):
         bench.plan(bench.Config.smoke(backends=("nope",)), result)
+
+
+def test_cli_refuses_an_output_it_cannot_write_before_measuring(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    def never(*a: Any, **kw: Any) -> None:
+        raise AssertionError("the benchmark ran before the output path was checked")
+
+    monkeypatch.setattr(bench, "run", never)
+    missing = tmp_path / "no" / "out.json"
+    assert main(["bench", "--smoke", "--json", str(missing)]) == 2
+    assert f"cannot write {missing}: folder {tmp_path / 'no'} does not exist" \
+        in capfd.readouterr().err

@@ -379,3 +379,50 @@ def test_plot_of_a_file_without_intervals_is_a_clear_error(
     f.write_text('{"type": "attach"}\n')
     assert cli.main(["plot", str(f), "-o", str(tmp_path / "x.png")]) == 2
     assert "no interval lines" in capfd.readouterr().err
+
+
+def test_plot_of_a_line_missing_a_field_names_the_line_and_the_field(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"type": "attach"}\n{"type": "interval", "mappings": [{"start": 0}]}\n')
+    assert cli.main(["plot", str(f), "-o", str(tmp_path / "x.png")]) == 2
+    err = capfd.readouterr().err
+    assert f"{f}:2: an interval line without pages, end, path, runs" in err
+
+
+def test_plot_of_a_missing_file_names_it_without_a_traceback(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    missing = tmp_path / "nope.jsonl"
+    assert cli.main(["plot", str(missing), "-o", str(tmp_path / "x.png")]) == 1
+    assert capfd.readouterr().err == f"pagewatch: {missing}: No such file or directory\n"
+
+
+def test_plot_into_a_missing_folder_fails_before_reading(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    f = tmp_path / "s.jsonl"
+    synthetic(f)
+    assert cli.main(["plot", str(f), "-o", str(tmp_path / "no" / "x.png")]) == 2
+    assert f"folder {tmp_path / 'no'} does not exist" in capfd.readouterr().err
+
+
+# ---- arguments ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["record", "-5"], "argument pid: -5 is not above zero"),
+    (["record", "0"], "argument pid: 0 is not above zero"),
+    (["top", "x"], "argument pid: 'x' is not a whole number"),
+    (["record", "1", "--interval", "0"], "--interval: 0 is not a number of seconds above"),
+    (["record", "1", "--interval", "nan"], "--interval: nan is not a number of seconds"),
+    (["record", "1", "--duration", "-1"], "--duration: -1 is not a number of seconds"),
+    (["top", "1", "--rows", "0"], "--rows: 0 is not above zero"),
+    (["run", "--top", "-1", "--", "true"], "--top: -1 is not above zero"),
+])
+def test_a_bad_number_is_refused_before_anything_runs(
+        argv: list[str], complaint: str, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert complaint in capfd.readouterr().err

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from . import check_writable
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -39,6 +41,8 @@ def run_bench(args: argparse.Namespace) -> int:
             print("pagewatch bench: --plot needs matplotlib: pip install 'pagewatch[plot]'",
                   file=sys.stderr)
             return 2
+    check_writable(args.json)
+    check_writable(args.plot)
     kw: dict[str, Any] = {}
     if args.backends:
         names = tuple(n.strip() for n in args.backends.split(",") if n.strip())

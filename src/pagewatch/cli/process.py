@@ -31,13 +31,14 @@ from .. import _native
 from ..errors import PagewatchError, TargetGone, Unsupported
 from ..kernel.constants import PAGE_SIZE
 from ..process import ProcessDirty, ProcessTracker, TargetExec, _read_text
+from . import check_writable, positive_float, positive_int
 
 MiB = 1 << 20
 
 
 def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--interval", type=float, default=None, metavar="S",
+    common.add_argument("--interval", type=positive_float, default=None, metavar="S",
                         help="seconds between collects (run: 0.5, record/top: 1)")
     common.add_argument("--backend", default="auto",
                         choices=["auto", "uffd-async", "soft-dirty"],
@@ -52,7 +53,7 @@ def register(sub: Any) -> None:
         epilog="example: pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"")
     r.add_argument("--output", "-o", metavar="FILE.jsonl",
                    help="also write one JSON line per interval to FILE")
-    r.add_argument("--top", type=int, default=5, metavar="N",
+    r.add_argument("--top", type=positive_int, default=5, metavar="N",
                    help="mappings listed in the summary (default 5)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the command to run")
@@ -63,8 +64,8 @@ def register(sub: Any) -> None:
         description="Attach to PID and write one JSON line per interval (to --output or "
         "stdout) with the written page runs of each mapping.  Ctrl-C ends it cleanly; the "
         "process goes on untouched.")
-    rec.add_argument("pid", type=int)
-    rec.add_argument("--duration", type=float, default=None, metavar="S",
+    rec.add_argument("pid", type=positive_int)
+    rec.add_argument("--duration", type=positive_float, default=None, metavar="S",
                      help="stop after S seconds (default: until Ctrl-C or the process exits)")
     rec.add_argument("--output", "-o", metavar="FILE.jsonl", help="default: stdout")
     rec.set_defaults(func=cmd_record)
@@ -73,9 +74,9 @@ def register(sub: Any) -> None:
         "top", parents=[common], help="live view of the pages a process writes, per mapping",
         description="Show written pages/s and MiB/s per mapping of PID, refreshed every "
         "interval (needs the 'rich' package: pip install 'pagewatch[cli]').  Ctrl-C quits.")
-    top.add_argument("pid", type=int)
-    top.add_argument("--rows", type=int, default=20, help="mappings shown (default 20)")
-    top.add_argument("--count", type=int, default=None, metavar="N",
+    top.add_argument("pid", type=positive_int)
+    top.add_argument("--rows", type=positive_int, default=20, help="mappings shown (default 20)")
+    top.add_argument("--count", type=positive_int, default=None, metavar="N",
                      help="quit after N refreshes")
     top.set_defaults(func=cmd_top)
 
@@ -85,7 +86,7 @@ def register(sub: Any) -> None:
         "(needs matplotlib: pip install 'pagewatch[plot]').")
     plot.add_argument("file", metavar="FILE.jsonl")
     plot.add_argument("-o", "--output", required=True, metavar="heat.png")
-    plot.add_argument("--rows", type=int, default=400,
+    plot.add_argument("--rows", type=positive_int, default=400,
                       help="address bins of the heatmap (default 400)")
     plot.set_defaults(func=cmd_plot)
 
@@ -557,6 +558,13 @@ def _load(path: str) -> list[dict[str, Any]]:
                 raise PagewatchError(f"{path}:{n} is not JSON ({exc.msg}): give a file "
                                      "written by 'pagewatch record' or 'run --output'") from exc
             if obj.get("type", "interval") == "interval" and "mappings" in obj:
+                missing = [k for k in ("pages",) if k not in obj] + sorted(
+                    {k for m in obj["mappings"] for k in ("start", "end", "path", "runs")
+                     if k not in m})
+                if missing:
+                    raise PagewatchError(f"{path}:{n}: an interval line without "
+                                         f"{', '.join(missing)}: give a file written by "
+                                         "'pagewatch record' or 'run --output'")
                 out.append(obj)
     if not out:
         raise PagewatchError(f"{path} has no interval lines: give a file written by "
@@ -622,6 +630,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise Unsupported("pagewatch plot", "matplotlib is not installed",
                           "Install it: pip install 'pagewatch[plot]'") from exc
+    check_writable(args.output)
     lines = _load(args.file)
     grid, labels, total = heatmap(lines, args.rows)
     t = np.array([obj.get("t", i) for i, obj in enumerate(lines)], float)
