@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import mmap
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from pagewatch import _native
 from pagewatch.kernel.constants import PAGE_SIZE
+
+# Started as a shell's background job, this process ignores SIGINT and so would every
+# pagewatch it starts: the tests of Ctrl-C would test nothing.  A handler (unlike SIG_IGN)
+# is reset to the default by exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class Mem:

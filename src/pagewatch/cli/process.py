@@ -62,7 +62,8 @@ def register(sub: Any) -> None:
     rec = sub.add_parser(
         "record", parents=[common], help="record the pages a running process writes",
         description="Attach to PID and write one JSON line per interval (to --output or "
-        "stdout) with the written page runs of each mapping.  Ctrl-C ends it cleanly; the "
+        "stdout) with the written page runs of each mapping.  Ctrl-C or SIGTERM ends it "
+        "cleanly, after a last collect; the "
         "process goes on untouched.")
     rec.add_argument("pid", type=positive_int)
     rec.add_argument("--duration", type=positive_float, default=None, metavar="S",
@@ -161,6 +162,10 @@ def _exited(pidfd: int, timeout: float) -> bool:
     return bool(r)
 
 
+class _Wake(Exception):
+    """Raised by :meth:`Session.stop` to cut the wait between two collects short."""
+
+
 class Session:
     """Collect from a process every interval until it exits (or ``until`` says stop),
     attaching again after an exec."""
@@ -178,6 +183,8 @@ class Session:
         self.tracker = self._attach()
         self.first = self.tracker
         self.execs = 0
+        self.stopping = False
+        self._waiting = False
 
     def _attach(self, after_exec: bool = False) -> ProcessTracker:
         # After an exec, the new program's memory is all new: report what it holds.
@@ -195,13 +202,23 @@ class Session:
             self.on_collect(d)
 
     def loop(self, pidfd: int, deadline: float | None = None) -> None:
-        """Collect every interval until the process exits or ``deadline`` passes."""
+        """Collect every interval until the process exits, ``deadline`` passes or
+        :meth:`stop` is called (from a signal handler): then one last collect, so the
+        writes since the previous one are in the output too."""
         next_t = time.monotonic() + self.interval
         while True:
             wait = next_t - time.monotonic()
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
-            exited = _exited(pidfd, wait)
+            exited = False
+            if not self.stopping:
+                try:
+                    self._waiting = True
+                    exited = _exited(pidfd, wait)
+                except _Wake:
+                    pass
+                finally:
+                    self._waiting = False
             next_t += self.interval
             if next_t < time.monotonic():  # we fell behind: do not try to catch up
                 next_t = time.monotonic() + self.interval
@@ -221,8 +238,16 @@ class Session:
             except TargetGone as exc:
                 self._take(exc.collected)  # type: ignore[arg-type]
                 return
-            if exited or (deadline is not None and time.monotonic() >= deadline):
+            if exited or self.stopping or (deadline is not None
+                                           and time.monotonic() >= deadline):
                 return
+
+    def stop(self, signum: int, frame: Any) -> None:
+        """A signal handler: end the loop after one last collect.  It interrupts the wait
+        only, never a collect (whose pages, already re-protected, would be lost)."""
+        self.stopping = True
+        if self._waiting:
+            raise _Wake
 
     def close(self) -> None:
         self.tracker.close()
@@ -463,11 +488,15 @@ def cmd_record(args: argparse.Namespace) -> int:
     try:
         with _output(args.output, sys.stdout) as out:
             session = Session(args.pid, args, interval, out)
+            # Ctrl-C or kill(1): the end of the recording, not an error.  A signal ignored
+            # already (SIGINT in a shell's background job) stays ignored.
+            old = {sig: signal.signal(sig, session.stop) for sig in (signal.SIGINT,
+                   signal.SIGTERM) if signal.getsignal(sig) != signal.SIG_IGN}
             try:
                 session.loop(pidfd, deadline)
-            except KeyboardInterrupt:
-                pass  # Ctrl-C: the end of the recording, not an error
             finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
                 session.close()
         if args.output is not None or not sys.stdout.isatty():
             elapsed = time.monotonic() - session.stats.t0
