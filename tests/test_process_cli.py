@@ -428,3 +428,22 @@ def test_a_bad_number_is_refused_before_anything_runs(
         cli.main(argv)
     assert exc.value.code == 2
     assert complaint in capfd.readouterr().err
+
+
+@needs_tracking
+def test_record_into_a_closed_pipe_ends_quietly_like_cat() -> None:
+    build("pattern")
+    t = pattern_target()
+    try:
+        t.cmd("addr")
+        rec = subprocess.Popen([*PAGEWATCH, "record", str(t.pid), "--interval", "0.05"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert rec.stdout is not None and rec.stderr is not None
+        assert '"type":"attach"' in rec.stdout.readline()
+        rec.stdout.close()  # `pagewatch record PID | head -1`: the reader is gone
+        err = rec.stderr.read()
+        assert rec.wait(timeout=30) == 141, err
+        assert "Traceback" not in err
+        assert t.cmd("w 1 1") == "ok"  # detached, the target goes on
+    finally:
+        t.close()

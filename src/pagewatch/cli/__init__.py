@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``pagewatch record PID | head``): end quietly, as cat does.
+        # Python would complain again when it flushes stdout at exit: point it elsewhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
     except OSError as exc:
         if exc.filename is None:  # not a file the user named: a bug, keep the traceback
             raise
