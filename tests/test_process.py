@@ -277,6 +277,28 @@ class TestLifecycle:
         with pytest.raises(pw.PagewatchError, match="pagewatch.Tracker"):
             ProcessTracker(os.getpid())
 
+    @pytest.mark.parametrize("pid", [0, -1])
+    def test_a_pid_that_cannot_be_a_process_is_a_value_error(self, pid: int) -> None:
+        with pytest.raises(ValueError, match=f"positive process id, not {pid}"):
+            ProcessTracker(pid)
+
+    def test_a_kernel_thread_is_refused_as_one_not_as_a_missing_process(self) -> None:
+        kthreadd = [p for p in os.listdir("/proc") if p.isdigit()
+                    and _comm(int(p)) == "kthreadd"]
+        if not kthreadd:
+            pytest.skip("no kernel thread in this pid namespace (kthreadd is not visible)")
+        with pytest.raises(pw.Unsupported, match=r"\(kthreadd\).*kernel thread, with no "
+                           "user memory. Give the pid of a user-space process"):
+            ProcessTracker(int(kthreadd[0]))
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
 
 # ---- permissions and conflicts -------------------------------------------------------------
 

@@ -714,6 +714,25 @@ class _Intervals:
         self.runs = merged
 
 
+_PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
+
+
+def _refuse_kernel_thread(pid: int) -> None:
+    """A kernel thread has no user memory: say so rather than 'no such process' (its
+    /proc/PID/maps reads as ESRCH)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return  # gone or hidden: the attach says which
+    name = stat[stat.find("(") + 1:stat.rfind(")")]
+    fields = stat[stat.rfind(")") + 2:].split()
+    # fields[0] is the state (field 3 of proc(5)), so flags (field 9) is fields[6].
+    if len(fields) > 6 and int(fields[6]) & _PF_KTHREAD:
+        raise Unsupported(f"tracking process {pid} ({name})", "it is a kernel thread, "
+                          "with no user memory", "Give the pid of a user-space process")
+
+
 class ProcessTracker:
     """Which pages another process writes.
 
@@ -756,6 +775,8 @@ class ProcessTracker:
                  timeout: float = 5.0, strict: bool = False, report_existing: bool = False,
                  userfaultfd: int | None = None) -> None:
         self.pid = int(pid)
+        if self.pid <= 0:
+            raise ValueError(f"pid must be a positive process id, not {pid!r}")
         self._report_existing = report_existing
         self._adopt = userfaultfd
         self._timeout = float(timeout)
@@ -790,6 +811,7 @@ class ProcessTracker:
             raise PagewatchError(f"pidfd_open({self.pid}) failed: {exc.strerror}",
                                  exc.errno) from exc
         try:
+            _refuse_kernel_thread(self.pid)
             self._open(backend, timeout)
         except BaseException:
             self._release()
