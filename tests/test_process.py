@@ -18,7 +18,7 @@ from pagewatch.kernel.constants import PAGE_SIZE, PM_UFFD_WP
 from pagewatch.kernel.pagemap import read_pagemap
 from pagewatch.kernel.probe import probe_wp_async
 from pagewatch.process import ProcessDirty, ProcessTracker, TargetExec
-from tests.targets.common import Target, build, pattern_target, python_target
+from tests.targets.common import SLEEPING, SYS_READ, Target, build, pattern_target, python_target
 
 ok, why = process.soft_dirty_available()
 wp_ok, wp_why = probe_wp_async()
@@ -174,7 +174,7 @@ def gadget_of(pid: int) -> int:
 class TestTargetIsUnharmed:
     def test_a_nanosleep_interrupted_by_the_attach_is_restarted(self, target: Target) -> None:
         target.send("sleep 1200")
-        time.sleep(0.3)
+        target.wait_in_syscall(*SLEEPING)
         ret, info = _native.inject_syscall(target.pid, gadget_of(target.pid), 39, (0,) * 6,
                                            5000)
         assert ret == target.pid  # getpid() ran inside the target
@@ -187,8 +187,9 @@ class TestTargetIsUnharmed:
     @pytest.mark.backend("uffd-async")
     @pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
     def test_a_read_interrupted_by_the_attach_is_restarted(self, target: Target) -> None:
-        addr, _ = buffer_of(target)  # the target now waits in read(0, ...)
+        addr, _ = buffer_of(target)
         for _ in range(3):
+            target.wait_in_syscall(SYS_READ)
             ProcessTracker(target.pid).close()
         assert target.cmd("w 1 1") == "ok"
         assert target.cmd("addr").split()[0] == str(addr)

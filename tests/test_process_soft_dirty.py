@@ -32,7 +32,15 @@ from pagewatch.cli import process as pcli
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.maps import Mapping, maps
 from pagewatch.process import ProcessTracker, frozen
-from tests.targets.common import Target, build, duration, pattern_target, python_target
+from tests.targets.common import (
+    SLEEPING,
+    SYS_READ,
+    Target,
+    build,
+    duration,
+    pattern_target,
+    python_target,
+)
 from tests.test_process_truth import PYTHON_WORKLOAD, Snapshot, Verdict, judge, snapshot
 
 sd_ok, sd_why = process.soft_dirty_available()
@@ -175,8 +183,8 @@ def test_the_targets_parent_sees_no_stop_and_a_stopped_target_stays_stopped(
 
 def test_a_sleep_and_a_read_cut_short_by_freezes_are_restarted(target: Target) -> None:
     target.send("sleep 800")
-    time.sleep(0.2)
     for _ in range(3):
+        target.wait_in_syscall(*SLEEPING)
         with frozen(target.pid):
             pass
         time.sleep(0.1)
@@ -184,6 +192,7 @@ def test_a_sleep_and_a_read_cut_short_by_freezes_are_restarted(target: Target) -
     assert (word, rc, err) == ("slept", "0", "0")  # not EINTR
     assert float(elapsed) >= 0.8  # the rest of the sleep was slept
     for _ in range(3):  # now it waits in read(0, ...)
+        target.wait_in_syscall(SYS_READ)
         with frozen(target.pid):
             pass
     assert target.cmd("w 2 1") == "ok"

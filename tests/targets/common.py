@@ -59,6 +59,18 @@ class Target:
         self.send(line)
         return self.read()
 
+    def wait_in_syscall(self, *numbers: int, timeout: float = 30.0) -> None:
+        """Wait until the target blocks in one of the system calls ``numbers`` (x86-64), so
+        that a test of an interrupted call interrupts one, however slow the machine."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/syscall") as f:
+                nr = f.read().split()[0]
+            if nr.lstrip("-").isdigit() and int(nr) in numbers:
+                return
+            time.sleep(0.005)
+        raise TimeoutError(f"target {self.pid} did not block in syscall(s) {numbers}")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -69,6 +81,12 @@ class Target:
                     f.close()
                 except OSError:
                     pass
+
+
+#: x86-64 system call numbers the tests wait for (a sleep cut short by a stop goes on in
+#: restart_syscall)
+SYS_READ, SYS_NANOSLEEP, SYS_RESTART_SYSCALL, SYS_CLOCK_NANOSLEEP = 0, 35, 219, 230
+SLEEPING = (SYS_NANOSLEEP, SYS_RESTART_SYSCALL, SYS_CLOCK_NANOSLEEP)
 
 
 def pattern_target() -> Target:
