@@ -208,6 +208,18 @@ class TestTargetIsUnharmed:
         assert target.read() == expected
         assert target.cmd("mask") == mask
 
+    @pytest.mark.parametrize("where", ["data", "null"])
+    def test_an_address_that_is_not_a_syscall_instruction_is_never_run(
+            self, target: Target, where: str) -> None:
+        # The gadget is found before the stop: a target inside execve then had other memory.
+        # At the stop it is checked and, if it is no syscall instruction, looked for again.
+        addr, _ = buffer_of(target)  # writable data, not code
+        bogus = addr if where == "data" else 0
+        ret, _ = _native.inject_syscall(target.pid, bogus, 39, (0,) * 6, 5000)
+        assert ret == target.pid
+        assert target.cmd("w 1 1") == "ok"
+        assert target.cmd("addr").split()[0] == str(addr)
+
     def test_a_stopped_target_stays_stopped_after_the_attach(self, target: Target) -> None:
         target.proc.send_signal(signal.SIGSTOP)
         time.sleep(0.1)
@@ -220,6 +232,24 @@ class TestTargetIsUnharmed:
             assert f.read().rpartition(")")[2].split()[0] == "T"
         target.proc.send_signal(signal.SIGCONT)
         assert target.cmd("w 1 1") == "ok"
+
+
+@pytest.mark.skipif(not (wp_ok or ok), reason=f"no way to track another process here: "
+                    f"uffd-async: {wp_why}; soft-dirty: {why}")
+def test_an_attach_the_instant_the_target_starts_tracks_it_every_time() -> None:
+    """subprocess.Popen returns while the child may still be inside execve (its memory half
+    built, or still its vfork parent's): the attach must bind to the program that runs."""
+    exe = str(build("pattern"))
+    for _ in range(15):
+        t = Target([exe, "cmd"])
+        try:
+            with ProcessTracker(t.pid) as p:
+                addr, _ = buffer_of(t)
+                p.collect()
+                assert t.cmd("w 7 3") == "ok"
+                assert 7 in written(p.collect(), addr)
+        finally:
+            t.close()
 
 
 # ---- exec, exit, dead pids -----------------------------------------------------------------

@@ -196,6 +196,60 @@ static int prepare(struct session *s)
     return 0;
 }
 
+/* A `syscall` instruction in the process: its [vdso], else any executable mapping. */
+static unsigned long long find_gadget(pid_t pid)
+{
+    char path[64], line[512];
+    unsigned long long found = 0;
+    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    snprintf(path, sizeof path, "/proc/%d/mem", (int)pid);
+    int mem = open(path, O_RDONLY | O_CLOEXEC);
+    for (int pass = 0; pass < 2 && !found && mem >= 0; pass++) {
+        rewind(f);
+        while (!found && fgets(line, sizeof line, f)) {
+            unsigned long long lo, hi;
+            char perms[8];
+            if (sscanf(line, "%llx-%llx %7s", &lo, &hi, perms) != 3)
+                continue;
+            int vdso = strstr(line, "[vdso]") != NULL;
+            if (pass == 0 ? !vdso : (perms[0] != 'r' || perms[2] != 'x' || vdso ||
+                                     strstr(line, "[vsyscall]")))
+                continue;
+            size_t len = hi - lo > (16u << 20) ? (16u << 20) : (size_t)(hi - lo);
+            unsigned char *buf = malloc(len);
+            if (!buf)
+                break;
+            ssize_t n = pread(mem, buf, len, (off_t)lo);
+            for (ssize_t i = 0; n > 1 && i < n - 1; i++)
+                if (buf[i] == 0x0f && buf[i + 1] == 0x05) {
+                    found = lo + (unsigned long long)i;
+                    break;
+                }
+            free(buf);
+        }
+    }
+    if (mem >= 0)
+        close(mem);
+    fclose(f);
+    return found;
+}
+
+#define PW_PTRACE_PEEKTEXT 1
+
+/* Whether s->gadget holds a syscall instruction (0f 05), read with the thread stopped.  The
+ * caller found it before the stop: a target that was inside execve then had other memory. */
+static int gadget_ok(struct session *s)
+{
+    if (!s->gadget)
+        return 0;
+    errno = 0;
+    long word = pt(PW_PTRACE_PEEKTEXT, s->tid, (void *)(uintptr_t)s->gadget, NULL);
+    return errno == 0 && (word & 0xffff) == 0x050f;
+}
+
 static int attach(struct session *s)
 {
     if (pt(PW_PTRACE_SEIZE, s->tid, NULL, (void *)(long)PW_PTRACE_O_TRACESYSGOOD) < 0)
@@ -220,7 +274,12 @@ static int attach(struct session *s)
             return fail(s, errno, "PTRACE_CONT");
     }
     s->t_stopped = now_ns();
-    return prepare(s);
+    if (prepare(s) < 0)
+        return -1;
+    /* Never run code at an address that is not a syscall instruction now: look again. */
+    if (!gadget_ok(s) && !(s->gadget = find_gadget(s->tid)))
+        return fail(s, ENOENT, "finding a syscall instruction in the target's memory");
+    return 0;
 }
 
 /* Run one syscall in the stopped target; its result (or -errno) goes to *ret. */
@@ -470,47 +529,6 @@ static void frozen_hold(struct tracer *t)
         pthread_cond_wait(&t->cv, &t->mu);
     t->frozen = 0;
     pthread_mutex_unlock(&t->mu);
-}
-
-/* A `syscall` instruction in the child: its [vdso], else any executable mapping. */
-static unsigned long long find_gadget(pid_t pid)
-{
-    char path[64], line[512];
-    unsigned long long found = 0;
-    snprintf(path, sizeof path, "/proc/%d/maps", (int)pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 0;
-    snprintf(path, sizeof path, "/proc/%d/mem", (int)pid);
-    int mem = open(path, O_RDONLY | O_CLOEXEC);
-    for (int pass = 0; pass < 2 && !found && mem >= 0; pass++) {
-        rewind(f);
-        while (!found && fgets(line, sizeof line, f)) {
-            unsigned long long lo, hi;
-            char perms[8];
-            if (sscanf(line, "%llx-%llx %7s", &lo, &hi, perms) != 3)
-                continue;
-            int vdso = strstr(line, "[vdso]") != NULL;
-            if (pass == 0 ? !vdso : (perms[0] != 'r' || perms[2] != 'x' || vdso ||
-                                     strstr(line, "[vsyscall]")))
-                continue;
-            size_t len = hi - lo > (16u << 20) ? (16u << 20) : (size_t)(hi - lo);
-            unsigned char *buf = malloc(len);
-            if (!buf)
-                break;
-            ssize_t n = pread(mem, buf, len, (off_t)lo);
-            for (ssize_t i = 0; n > 1 && i < n - 1; i++)
-                if (buf[i] == 0x0f && buf[i + 1] == 0x05) {
-                    found = lo + (unsigned long long)i;
-                    break;
-                }
-            free(buf);
-        }
-    }
-    if (mem >= 0)
-        close(mem);
-    fclose(f);
-    return found;
 }
 
 /* Whether the child runs under a seccomp filter ("Seccomp: 2"): its filter could kill it

@@ -377,14 +377,13 @@ def why_no_ptrace(pid: int) -> str:
 
 def _find_gadget(pid: int) -> int:
     """Address of a ``syscall`` instruction (0f 05) in the target, read-only: the [vdso] has
-    several (its fallbacks), else any executable mapping does."""
+    several (its fallbacks), else any executable mapping does.  0 if none is there yet (a
+    target inside execve): the injection looks again, and checks, once the target stopped."""
     try:
         with open(f"/proc/{pid}/maps") as f:
             ms = [_parse(line) for line in f if line.strip()]
     except OSError as exc:
         raise proc_open_error(exc, pid, "maps") from exc
-    if not ms:
-        raise TargetGone(f"process {pid} has no memory (a kernel thread, or it is exiting)")
     candidates = [m for m in ms if m.path == "[vdso]"]
     candidates += [m for m in ms if m.executable and m.readable
                    and m.path not in SPECIAL_MAPPINGS]
@@ -408,8 +407,7 @@ def _find_gadget(pid: int) -> int:
                 return m.start + at
     finally:
         os.close(fd)
-    raise Unsupported(f"tracking process {pid}", "no syscall instruction found in its "
-                      "executable memory to run the injected userfaultfd(2) call")
+    return 0
 
 
 def _pick_thread(pid: int) -> int:
@@ -467,6 +465,11 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
                 "try again, or with a longer timeout", exc.errno) from exc
         if exc.errno == errno.ENOEXEC:
             raise Unsupported(f"tracking process {pid}", "it runs 32-bit code") from exc
+        if exc.errno == errno.ENOENT and "syscall instruction" in str(what):
+            raise Unsupported(f"tracking process {pid}", "no syscall instruction found in "
+                              "its executable memory to run the injected userfaultfd(2) "
+                              "call", "Use the soft-dirty backend where the kernel has it",
+                              exc.errno) from exc
         raise PagewatchError(f"injecting userfaultfd(2) into process {pid} failed at "
                              f"{what}: {exc.strerror}", exc.errno) from exc
     info = {"tid": tid, "stop_ms": raw["stop_ns"] / 1e6, "wait_ms": raw["wait_ns"] / 1e6,
