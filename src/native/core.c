@@ -362,16 +362,27 @@ static PyObject *py_buffer_info(PyObject *self, PyObject *obj)
  * that runs in C while Python threads call collect. */
 static PyObject *py_poke(PyObject *self, PyObject *args)
 {
-    unsigned long long addr, len, stride;
-    int value;
-    if (!PyArg_ParseTuple(args, "KKKi:poke", &addr, &len, &stride, &value))
+    unsigned long long addr, len, stride, value;
+    int width = 1;
+    if (!PyArg_ParseTuple(args, "KKKK|i:poke", &addr, &len, &stride, &value, &width))
         return NULL;
+    if (width != 1 && width != 8) {
+        PyErr_SetString(PyExc_ValueError, "width must be 1 or 8");
+        return NULL;
+    }
+    if (width == 8 && (addr % 8 || stride % 8)) {
+        PyErr_SetString(PyExc_ValueError, "8-byte writes need an address and stride aligned to 8");
+        return NULL;
+    }
     if (stride == 0)
-        stride = 1;
+        stride = (unsigned long long)width;
     Py_BEGIN_ALLOW_THREADS
-    volatile unsigned char *p = (volatile unsigned char *)(uintptr_t)addr;
-    for (unsigned long long off = 0; off < len; off += stride)
-        p[off] = (unsigned char)value;
+    for (unsigned long long off = 0; off + (unsigned long long)width <= len; off += stride) {
+        if (width == 8)
+            *(volatile uint64_t *)(uintptr_t)(addr + off) = value;
+        else
+            *(volatile unsigned char *)(uintptr_t)(addr + off) = (unsigned char)value;
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -395,6 +406,8 @@ PyMethodDef pw_core_methods[] = {
     {"msync", py_msync, METH_VARARGS, "msync(addr, len, flags): ENOMEM if not all mapped."},
     {"mprotect", py_mprotect, METH_VARARGS, "mprotect(addr, len, prot)."},
     {"buffer_info", py_buffer_info, METH_O, "buffer_info(obj) -> (address, nbytes, readonly)."},
-    {"poke", py_poke, METH_VARARGS, "poke(addr, len, stride, value): write bytes, GIL released."},
+    {"poke", py_poke, METH_VARARGS,
+     "poke(addr, len, stride, value, width=1): write a byte (width 8: an aligned uint64)\n"
+     "every stride bytes of [addr, addr+len), GIL released."},
     {NULL, NULL, 0, NULL},
 };

@@ -12,7 +12,11 @@ Semantics and costs
 -------------------
 * **Exact by content.**  A page counts as written when its bytes differ from the last
   collect's: writing the bytes a page already holds is not a change, and a page changed
-  then changed back between two collects is not reported.  Writes by the kernel
+  then changed back between two collects is not reported.  So while writers run, a
+  reader that copies the reported pages after ``collect()`` may copy a content B that a
+  page holds only for a moment (A, then B, then A again): no later collect reports the
+  page, and the reader keeps B.  A backend that tracks writes has no such case; with
+  ``compare``, copy while the writers are paused.  Writes by the kernel
   (``readv``, ``recv_into``), by other processes through shared memory and
   ``MADV_DONTNEED`` zeroing are all seen, since only content matters.
 * Memory: one private copy of the tracked range (anonymous, so it can be swapped).
