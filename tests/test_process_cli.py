@@ -261,6 +261,29 @@ def test_record_ends_on_ctrl_c_or_kill_with_a_last_collect_and_detaches_cleanly(
 
 
 @needs_tracking
+def test_record_stopped_by_ctrl_c_during_the_attach_still_ends_cleanly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build("pattern")
+    t = pattern_target()
+    out = tmp_path / "rec.jsonl"
+    real = pcli.Session._attach
+
+    def attach_then_ctrl_c(self: pcli.Session, after_exec: bool = False) -> Any:
+        p = real(self, after_exec)
+        os.kill(os.getpid(), signal.SIGINT)  # before the session could install anything
+        return p
+
+    monkeypatch.setattr(pcli.Session, "_attach", attach_then_ctrl_c)
+    try:
+        t.cmd("addr")
+        assert cli.main(["record", str(t.pid), "--interval", "600", "-o", str(out)]) == 0
+        assert [o["type"] for o in lines(out)] == ["attach", "interval"]
+        assert t.cmd("w 1 1") == "ok"
+    finally:
+        t.close()
+
+
+@needs_tracking
 def test_record_with_a_duration_stops_by_itself_and_follows_an_exec(tmp_path: Path) -> None:
     build("pattern")
     t = pattern_target()

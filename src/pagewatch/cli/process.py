@@ -163,7 +163,23 @@ def _exited(pidfd: int, timeout: float) -> bool:
 
 
 class _Wake(Exception):
-    """Raised by :meth:`Session.stop` to cut the wait between two collects short."""
+    """Raised by :class:`StopRequest` to cut the wait between two collects short."""
+
+
+class StopRequest:
+    """A signal handler that asks a :class:`Session` to end after one last collect.  It
+    interrupts the session's wait only, never an attach or a collect (whose pages, already
+    re-protected, would be lost).  Installed before the attach, so that a signal at any
+    moment ends the session cleanly."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.waiting = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+        if self.waiting:
+            raise _Wake
 
 
 class Session:
@@ -172,7 +188,9 @@ class Session:
 
     def __init__(self, pid: int, args: argparse.Namespace, interval: float,
                  out: JsonLines, command: list[str] | None = None,
-                 on_collect: Callable[[ProcessDirty], None] | None = None) -> None:
+                 on_collect: Callable[[ProcessDirty], None] | None = None,
+                 stop: StopRequest | None = None) -> None:
+        self.stop = stop or StopRequest()
         self.pid = pid
         self.args = args
         self.interval = interval
@@ -183,8 +201,6 @@ class Session:
         self.tracker = self._attach()
         self.first = self.tracker
         self.execs = 0
-        self.stopping = False
-        self._waiting = False
 
     def _attach(self, after_exec: bool = False) -> ProcessTracker:
         # After an exec, the new program's memory is all new: report what it holds.
@@ -203,22 +219,22 @@ class Session:
 
     def loop(self, pidfd: int, deadline: float | None = None) -> None:
         """Collect every interval until the process exits, ``deadline`` passes or
-        :meth:`stop` is called (from a signal handler): then one last collect, so the
-        writes since the previous one are in the output too."""
+        ``self.stop`` (a signal handler) fires: then one last collect, so the writes since
+        the previous one are in the output too."""
         next_t = time.monotonic() + self.interval
         while True:
             wait = next_t - time.monotonic()
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
             exited = False
-            if not self.stopping:
+            if not self.stop.stopping:
                 try:
-                    self._waiting = True
+                    self.stop.waiting = True
                     exited = _exited(pidfd, wait)
                 except _Wake:
                     pass
                 finally:
-                    self._waiting = False
+                    self.stop.waiting = False
             next_t += self.interval
             if next_t < time.monotonic():  # we fell behind: do not try to catch up
                 next_t = time.monotonic() + self.interval
@@ -238,16 +254,9 @@ class Session:
             except TargetGone as exc:
                 self._take(exc.collected)  # type: ignore[arg-type]
                 return
-            if exited or self.stopping or (deadline is not None
-                                           and time.monotonic() >= deadline):
+            if exited or self.stop.stopping or (deadline is not None
+                                                and time.monotonic() >= deadline):
                 return
-
-    def stop(self, signum: int, frame: Any) -> None:
-        """A signal handler: end the loop after one last collect.  It interrupts the wait
-        only, never a collect (whose pages, already re-protected, would be lost)."""
-        self.stopping = True
-        if self._waiting:
-            raise _Wake
 
     def close(self) -> None:
         self.tracker.close()
@@ -487,17 +496,20 @@ def cmd_record(args: argparse.Namespace) -> int:
     session: Session | None = None
     try:
         with _output(args.output, sys.stdout) as out:
-            session = Session(args.pid, args, interval, out)
-            # Ctrl-C or kill(1): the end of the recording, not an error.  A signal ignored
-            # already (SIGINT in a shell's background job) stays ignored.
-            old = {sig: signal.signal(sig, session.stop) for sig in (signal.SIGINT,
-                   signal.SIGTERM) if signal.getsignal(sig) != signal.SIG_IGN}
+            # Ctrl-C or kill(1), even during the attach: the end of the recording, not an
+            # error.  A signal ignored already (SIGINT in a background job) stays ignored.
+            stop = StopRequest()
+            old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+                   if signal.getsignal(sig) != signal.SIG_IGN}
             try:
-                session.loop(pidfd, deadline)
+                session = Session(args.pid, args, interval, out, stop=stop)
+                try:
+                    session.loop(pidfd, deadline)
+                finally:
+                    session.close()
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
-                session.close()
         if args.output is not None or not sys.stdout.isatty():
             elapsed = time.monotonic() - session.stats.t0
             _summary(session.stats, session.interval, session.first,
