@@ -93,33 +93,6 @@ def test_run_reports_every_page_the_command_wrote_and_keeps_its_exit_code(
     assert "exited with code 3" in captured.err and "write working set:" in captured.err
 
 
-EXEC_FROM_A_THREAD = """
-import os, sys, threading, time
-def run_writer():
-    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
-threading.Thread(target=run_writer).start()
-time.sleep(60)
-"""
-
-
-@needs_tracking
-def test_run_takes_over_a_program_executed_by_a_thread_other_than_the_main_one(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    # The tracer traces the main thread: another thread's execve takes over the pid
-    # untraced, and the new program would run, and write, unseen.
-    out = tmp_path / "run.jsonl"
-    rc = cli.main(["run", "--interval", "0.05", "-o", str(out), "--", sys.executable, "-c",
-                   EXEC_FROM_A_THREAD, WRITER.format(n=3000, code=3)])
-    captured = capfd.readouterr()
-    assert rc == 3, captured.err
-    addr, size = (int(x) for x in captured.out.split())
-    objs = lines(out)
-    assert [o.get("late") for o in objs if o["type"] == "exec"] == [True]
-    want = set(range(-(-addr // PAGE_SIZE), (addr + size) // PAGE_SIZE))
-    assert want <= pages_in(objs, addr, addr + size)
-    assert "1 of them, started by a thread other than the main one" in captured.err
-
-
 def test_run_of_a_missing_command_fails_like_a_shell(capfd: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "--", "no-such-command-pagewatch"]) == 127
     assert "no-such-command-pagewatch: No such file or directory" in capfd.readouterr().err

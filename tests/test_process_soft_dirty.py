@@ -487,23 +487,6 @@ class TestSoftDirty:
                 holder.wait()
             t.close()
 
-    def test_pagewatch_run_takes_over_a_program_executed_by_another_thread(
-            self, tmp_path: Path, capfd: pytest.CaptureFixture[str], _: int) -> None:
-        from tests.test_process_cli import EXEC_FROM_A_THREAD, WRITER, lines, pages_in
-
-        out = tmp_path / "run.jsonl"
-        rc = cli.main(["run", "--backend", "soft-dirty", "--interval", "0.05", "-o", str(out),
-                       "--", sys.executable, "-c", EXEC_FROM_A_THREAD,
-                       WRITER.format(n=2000, code=3)])
-        captured = capfd.readouterr()
-        assert rc == 3, captured.err
-        addr, size = (int(x) for x in captured.out.split())
-        objs = lines(out)
-        assert [o.get("late") for o in objs if o["type"] == "exec"] == [True]
-        assert all(o["backend"] == "soft-dirty" for o in objs if o["type"] == "attach")
-        want = set(range(-(-addr // PAGE_SIZE), (addr + size) // PAGE_SIZE))
-        assert want <= pages_in(objs, addr, addr + size)
-
     def test_pagewatch_run_collects_a_threaded_command_through_its_tracer(
             self, tmp_path: Path, capfd: pytest.CaptureFixture[str], _: int) -> None:
         out = tmp_path / "run.jsonl"

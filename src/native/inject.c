@@ -454,9 +454,7 @@ static PyObject *session_error(struct session *s)
 #define PW_PTRACE_O_TRACEEXIT 0x40
 #define PW_PTRACE_EVENT_EXEC 4
 #define PW_PTRACE_EVENT_EXIT 6
-/* EV_LATE_EXEC: like EV_EXEC, for a program that ran untraced since its exec (see
- * still_traced) and was taken over again mid-run. */
-enum { EV_ATTACHED = 1, EV_EXEC = 2, EV_EXIT = 3, EV_GONE = 4, EV_ERROR = 5, EV_LATE_EXEC = 6 };
+enum { EV_ATTACHED = 1, EV_EXEC = 2, EV_EXIT = 3, EV_GONE = 4, EV_ERROR = 5 };
 
 struct pw_event {
     int32_t kind, a;
@@ -552,30 +550,9 @@ static int seccomp_filtered(pid_t pid)
     return filtered;
 }
 
-/* Whether the tracer thread still traces t->pid.  A thread other than the main one that
- * calls execve takes over the pid untraced: the kernel releases the traced main thread
- * without a report, so the new program would run, and write, unseen. */
-static int still_traced(struct tracer *t)
-{
-    char path[64], line[256];
-    int tracer = -1;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)t->pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 1; /* gone: the wait tells */
-    while (fgets(line, sizeof line, f))
-        if (!strncmp(line, "TracerPid:", 10)) {
-            tracer = atoi(line + 10);
-            break;
-        }
-    fclose(f);
-    return tracer < 0 || tracer == (int)syscall(SYS_gettid);
-}
-
-/* At an exec stop (running = 0), or just after seizing a running child again (running = 1):
- * step to an interrupt stop, inject, restore, report, hold.  Returns -1 if the child died
- * (its status then in *status). */
-static int on_exec(struct tracer *t, int *status, int running)
+/* At an exec stop: step to an interrupt stop before the first instruction, inject, restore,
+ * report, hold.  Returns -1 if the child died (its status then in *status). */
+static int on_exec(struct tracer *t, int *status)
 {
     struct uffd_job j;
     memset(&j, 0, sizeof j);
@@ -590,7 +567,7 @@ static int on_exec(struct tracer *t, int *status, int running)
     double t0 = now_ns();
     int err = 0;
     if (pt(PW_PTRACE_INTERRUPT, t->pid, NULL, NULL) < 0 ||
-        resume_until(&j.s, running ? -1 : PW_PTRACE_CONT, 1) < 0) {
+        resume_until(&j.s, PW_PTRACE_CONT, 1) < 0) {
         err = j.s.err ? j.s.err : errno;
     } else {
         j.s.gadget = seccomp_filtered(t->pid) ? 0 : find_gadget(t->pid);
@@ -617,8 +594,7 @@ static int on_exec(struct tracer *t, int *status, int running)
             flags = j.flags[i];
     if (j.local_fd < 0 && !err)
         err = (int)-(j.results[1] != -ENOEXEC ? j.results[1] : j.results[0]);
-    post(t, running ? EV_LATE_EXEC : EV_EXEC, j.local_fd >= 0 ? j.local_fd : -err, flags,
-         now_ns() - t0);
+    post(t, EV_EXEC, j.local_fd >= 0 ? j.local_fd : -err, flags, now_ns() - t0);
     return 0;
 }
 
@@ -641,7 +617,6 @@ static void *tracer_main(void *arg)
     }
     long delay = 20000;
     int status = 0;
-    double next_check = now_ns() + 10e6;
     for (;;) {
         int st;
         pid_t r = waitpid(t->pid, &st, __WALL | WNOHANG);
@@ -663,18 +638,6 @@ static void *tracer_main(void *arg)
                     pt(PW_PTRACE_DETACH, t->pid, NULL, NULL);
                 post(t, EV_GONE, s.seized ? -2 : s.exit_status, 0, 0);
                 break;
-            }
-            if (now_ns() >= next_check) {
-                next_check = now_ns() + 10e6;
-                if (!still_traced(t) && pt(PW_PTRACE_SEIZE, t->pid, NULL, (void *)opts) == 0) {
-                    if (on_exec(t, &status, 1) < 0) {
-                        post(t, EV_GONE, status, 0, 0);
-                        break;
-                    }
-                    hold(t);
-                    pt(PW_PTRACE_CONT, t->pid, NULL, NULL);
-                    continue;
-                }
             }
             if (!t->interrupted && freeze_wanted(t)) {
                 /* A freeze: stop the child; the stop is held below when it comes. */
@@ -698,7 +661,7 @@ static void *tracer_main(void *arg)
         if (event != 0 && freeze_wanted(t))
             frozen_hold(t); /* any ptrace-stop but a signal-delivery-stop: it is stopped */
         if (event == PW_PTRACE_EVENT_EXEC) {
-            if (on_exec(t, &status, 0) < 0) {
+            if (on_exec(t, &status) < 0) {
                 post(t, EV_GONE, status, 0, 0);
                 break;
             }

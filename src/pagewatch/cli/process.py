@@ -272,8 +272,7 @@ def _output(path: str | None, default: IO[str] | None) -> Iterator[JsonLines]:
 
 
 def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop_ms: float | None,
-             execs: int, head: str, top: int, file: IO[str], followed: bool = False,
-             late_execs: int = 0) -> None:
+             execs: int, head: str, top: int, file: IO[str], followed: bool = False) -> None:
     backend = tracker.backend if tracker is not None else "nothing (not tracked)"
     lines = [f"pagewatch: {head}; tracked with {backend}"
              + (f" (target stopped {stop_ms:.2f} ms at attach)" if stop_ms is not None else "")]
@@ -297,16 +296,12 @@ def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop
                      "its first instruction (unless said otherwise above)" if followed else
                      f"  the process executed {execs} new program(s): tracked again after "
                      "each exec (its first writes are reported as pages holding data)")
-    if late_execs:
-        lines.append(f"  {late_execs} of them, started by a thread other than the main one, "
-                     "were taken over just after their start: the pages they held then are "
-                     "reported as written")
     print("\n".join(lines), file=file)
 
 
 # ---- run ----------------------------------------------------------------------------------
 
-EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR, EV_LATE_EXEC = 1, 2, 3, 4, 5, 6
+EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR = 1, 2, 3, 4, 5
 
 
 def _exit_code(status: int) -> int:
@@ -356,7 +351,6 @@ class Run:
         self.first: ProcessTracker | None = None
         self.stop_ms: float | None = None
         self.execs = -1  # the first exec is the command itself
-        self.late_execs = 0
         self.status: int | None = None
         self.error: str | None = None
         self.exec_errno: int | None = None
@@ -383,22 +377,14 @@ class Run:
         if kind == EV_ERROR:
             self.error = (f"cannot trace {self.cmd[0]}: ptrace refused it "
                           f"({os.strerror(a)}); it runs untracked")
-        elif kind in (EV_EXEC, EV_LATE_EXEC):
-            # Late: a thread other than the main one ran execve, which the tracer (tracing
-            # the main thread) saw only afterwards: the new program ran a moment untracked,
-            # so what its memory holds is reported as written (at-least-once).
-            late = kind == EV_LATE_EXEC
+        elif kind == EV_EXEC:
             self.execs += 1
-            self.late_execs += late
             name = (_read_text(f"/proc/{self.pid}/comm") or self.cmd[0]).strip()
             if self.tracker is not None:
                 self._collect()  # raises nothing: the old program's memory is gone
             if self.execs:
-                line: dict[str, Any] = {"type": "exec",
-                                        "t": round(time.monotonic() - self.stats.t0, 6)}
-                if late:
-                    line["late"] = True
-                self.out.write(line)
+                self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
+                                                            6)})
             try:
                 held = time.monotonic()
                 if a < 0:
@@ -409,15 +395,13 @@ class Run:
                         raise Unsupported(f"tracking {name} with uffd-async", why)
                     try:  # soft-dirty needs no injection
                         self.tracker = ProcessTracker(self.pid, backend="soft-dirty",
-                                                      mappings=self.args.mappings,
-                                                      report_existing=late)
+                                                      mappings=self.args.mappings)
                     except Unsupported as exc:
                         raise Unsupported(f"tracking {name}", f"uffd-async: {why}; "
                                           f"soft-dirty: {exc.reason}") from exc
                 else:
                     self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
-                                                  mappings=self.args.mappings, userfaultfd=a,
-                                                  report_existing=late)
+                                                  mappings=self.args.mappings, userfaultfd=a)
                 self.first = self.first or self.tracker
                 # Stopped for the injection (c) and while its mappings were registered.
                 stop_ms = c / 1e6 + (time.monotonic() - held) * 1e3
@@ -498,7 +482,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - run.stats.t0
     _summary(run.stats, run.interval, run.first, run.stop_ms, max(run.execs, 0),
              f"{cmd[0]} (pid {run.pid}) {how} after {elapsed:.2f} s", args.top, sys.stderr,
-             followed=True, late_execs=run.late_execs)
+             followed=True)
     return rc
 
 
