@@ -18,7 +18,15 @@ from pagewatch.kernel.constants import PAGE_SIZE, PM_UFFD_WP
 from pagewatch.kernel.pagemap import read_pagemap
 from pagewatch.kernel.probe import probe_wp_async
 from pagewatch.process import ProcessDirty, ProcessTracker, TargetExec
-from tests.targets.common import SLEEPING, SYS_READ, Target, build, pattern_target, python_target
+from tests.targets.common import (
+    HOLD_TRACE,
+    SLEEPING,
+    SYS_READ,
+    Target,
+    build,
+    pattern_target,
+    python_target,
+)
 
 ok, why = process.soft_dirty_available()
 wp_ok, wp_why = probe_wp_async()
@@ -408,17 +416,6 @@ def test_an_unprivileged_user_tracks_its_own_process_without_any_privilege() -> 
         assert in_buffer == {addr + 7 * PAGE_SIZE}
     finally:
         t.close()
-
-
-HOLD_TRACE = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:
-    print("seize failed", ctypes.get_errno(), flush=True)
-else:
-    print("tracing", flush=True)
-time.sleep(30)
-"""
 
 
 def test_a_process_already_traced_is_refused_naming_the_tracer(target: Target) -> None:

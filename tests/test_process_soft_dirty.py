@@ -33,6 +33,7 @@ from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.maps import Mapping, maps
 from pagewatch.process import ProcessTracker, frozen
 from tests.targets.common import (
+    HOLD_TRACE,
     SLEEPING,
     SYS_READ,
     Target,
@@ -196,17 +197,6 @@ def test_a_sleep_and_a_read_cut_short_by_freezes_are_restarted(target: Target) -
         with frozen(target.pid):
             pass
     assert target.cmd("w 2 1") == "ok"
-
-
-HOLD_TRACE = """
-import ctypes, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:
-    print("seize failed", ctypes.get_errno(), flush=True)
-else:
-    print("tracing", flush=True)
-time.sleep(30)
-"""
 
 
 def test_a_thread_traced_by_a_debugger_is_refused_naming_it_and_nothing_stays_stopped() -> None:

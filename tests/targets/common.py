@@ -89,6 +89,18 @@ SYS_READ, SYS_NANOSLEEP, SYS_RESTART_SYSCALL, SYS_CLOCK_NANOSLEEP = 0, 35, 219, 
 SLEEPING = (SYS_NANOSLEEP, SYS_RESTART_SYSCALL, SYS_CLOCK_NANOSLEEP)
 
 
+#: a Python program that PTRACE_SEIZEs the thread argv[1] and holds it: "a debugger"
+HOLD_TRACE = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:
+    print("seize failed", ctypes.get_errno(), flush=True)
+else:
+    print("tracing", flush=True)
+time.sleep(30)
+"""
+
+
 def pattern_target() -> Target:
     return Target([str(build("pattern")), "cmd"])
 
