@@ -723,13 +723,10 @@ _PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 def _refuse_kernel_thread(pid: int) -> None:
     """A kernel thread has no user memory: say so rather than 'no such process' (its
     /proc/PID/maps reads as ESRCH)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return  # gone or hidden: the attach says which
-    name = stat[stat.find("(") + 1:stat.rfind(")")]
-    fields = stat[stat.rfind(")") + 2:].split()
+    # Unreadable (gone or hidden): no fields, and the attach says which.
+    stat = _read_text(f"/proc/{pid}/stat") or ""
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    fields = rest.split()
     # fields[0] is the state (field 3 of proc(5)), so flags (field 9) is fields[6].
     if len(fields) > 6 and int(fields[6]) & _PF_KTHREAD:
         raise Unsupported(f"tracking process {pid} ({name})", "it is a kernel thread, "
