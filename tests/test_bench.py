@@ -147,7 +147,7 @@ def test_raw_floor_sees_every_written_page_once(mech: str) -> None:
 
 @pytest.mark.backend("uffd-async")
 @pytest.mark.skipif(not ASYNC, reason="no async uffd-wp")
-def test_raw_scan_loop_gets_then_resets_the_written_pages() -> None:
+def test_raw_scan_floor_gets_then_resets_the_written_pages() -> None:
     with Mapping(256 * PAGE_SIZE) as m, RawAsync(m) as raw:
         m.write(make_pattern("strided", m.npages, np.random.default_rng(0)))
         assert raw.scan(reset=False)[1] == 16
@@ -217,6 +217,18 @@ def test_result_holds_every_figure_for_each_available_backend(smoke: dict[str, A
         assert o["ratio"] == pytest.approx(o["tracker_collect"]["median"] / o["raw_c"]["median"])
         assert o["ratio_cpu"] == pytest.approx(
             o["tracker_collect_cpu"]["median"] / o["raw_c_cpu"]["median"])
+        assert set(o["small"]) == {label for label, _, _ in measures.SMALL_CASES}
+        for case in o["small"].values():
+            assert case["ratio"] == pytest.approx(
+                case["tracker_collect"]["median"] / case["raw_c"]["median"])
+        ov = smoke["overlap"]
+        assert ov["ratio"] == pytest.approx(
+            ov["overlapping_collect"]["median"] / ov["lone_collect"]["median"])
+        st = smoke["setup"]
+        assert st["tracker_per_16GiB"]["median"] == pytest.approx(
+            st["tracker"]["median"] * 16 * measures.GiB / st["bytes"])
+        text = bench.report.render_text(smoke)
+        assert "Overlapping trackers" in text and "Tracker setup" in text
         assert set(smoke["floor"]["collect"]["fractions"]) == {
             measures.fraction_key(f) for f in measures.FRACTIONS}
     floor = smoke["floor"]["write"][str(smoke["config"]["write_bytes"])]

@@ -18,7 +18,16 @@
     size), ``collect`` (ms per written fraction, ``reset`` and ``noreset``), ``precision``
     (written / reported / false positives / false negatives per case).
 ``python_overhead``
-    ``Tracker.collect()`` against the raw C loop, interleaved: ``ratio`` (target 1.2).
+    ``Tracker.collect()`` against the minimal C collect (one PAGEMAP_SCAN ioctl into a
+    vector large enough, ``_native.scan_floor``), interleaved: ``ratio`` at 16,384 written
+    pages in 1 GiB (target 1.1), and under ``small`` the same at 4 KiB and 2 MiB with one
+    page written (target 3).
+``overlap``
+    One collect by one of 100 trackers of the same 256 MiB against a lone tracker's,
+    interleaved: ``ratio`` (target 3).
+``setup``
+    Creating and closing a tracker of a fresh 16 GiB mapping against the kernel's
+    register + write-protect + unregister of the same size: ``tracker_per_16GiB``, ``ratio``.
 ``alternatives[<key>]``
     Hashing every page and copy-and-compare, measured like the backends.
 ``ratios``
@@ -69,6 +78,13 @@ class Config:
     overhead_bytes: int = GiB
     overhead_pages: int = 16384
     overhead_pairs: int = 41
+    small_pairs: int = 401
+    overlap_bytes: int = 256 * MiB
+    overlap_trackers: int = 100
+    overlap_pages: int = 4096
+    overlap_pairs: int = 11
+    setup_bytes: int = 16 * GiB
+    setup_reps: int = 3
     precision_pages: int = 4096
     fresh_bytes: int = 64 * MiB
     reps: int = 5
@@ -96,7 +112,8 @@ class Config:
             mode="full", write_bytes=GiB,
             reset_sizes=(64 * MiB, 128 * MiB, 256 * MiB, 512 * MiB, GiB, 2 * GiB, 4 * GiB),
             collect_bytes=GiB, alternative_bytes=GiB, reps=11, slow_reps=5,
-            alternative_reps=5, overhead_pairs=101,
+            alternative_reps=5, overhead_pairs=101, small_pairs=1001, overlap_pairs=41,
+            setup_reps=7,
             caps={"uffd-sync": 256 * MiB, "mprotect": 128 * MiB})
         base.update(kw)
         return cls(**base)
@@ -107,8 +124,9 @@ class Config:
         base: dict[str, Any] = dict(
             mode="smoke", write_bytes=MiB, reset_sizes=(256 * 1024, MiB), collect_bytes=MiB,
             alternative_bytes=MiB, overhead_bytes=4 * MiB, overhead_pages=64,
-            overhead_pairs=3, precision_pages=64, fresh_bytes=MiB, reps=2, slow_reps=2,
-            alternative_reps=2)
+            overhead_pairs=3, small_pairs=5, overlap_bytes=MiB, overlap_trackers=5,
+            overlap_pages=16, overlap_pairs=3, setup_bytes=64 * MiB, setup_reps=2,
+            precision_pages=64, fresh_bytes=MiB, reps=2, slow_reps=2, alternative_reps=2)
         base.update(kw)
         return cls(**base)
 
@@ -288,10 +306,17 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
         ]
 
     if "uffd-async" in names and infos.get("uffd-async") and infos["uffd-async"].available:
-        steps.append(step("python overhead (Tracker.collect / raw C)", result,
+        steps.append(step("python overhead (Tracker.collect / minimal C collect)", result,
                           "python_overhead", functools.partial(
                               measures.python_overhead, cfg.overhead_bytes,
-                              cfg.overhead_pages, cfg.overhead_pairs)))
+                              cfg.overhead_pages, cfg.overhead_pairs, cfg.small_pairs)))
+        steps.append(step(f"{cfg.overlap_trackers} overlapping trackers / a lone one", result,
+                          "overlap", functools.partial(
+                              measures.overlapping_trackers, cfg.overlap_bytes,
+                              cfg.overlap_trackers, cfg.overlap_pages, cfg.overlap_pairs)))
+        steps.append(step(f"tracker setup + close of {_size(cfg.setup_bytes)}", result,
+                          "setup", functools.partial(
+                              measures.tracker_setup, cfg.setup_bytes, cfg.setup_reps)))
     for key in measures.ALTERNATIVES:
         steps.append(step(f"alternative: {key}", result["alternatives"], key, functools.partial(
             measures.alternative_collect, key, cfg.alternative_bytes, cfg.fractions,
@@ -375,6 +400,8 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> dict[str
         "floor": {},
         "backends": {},
         "python_overhead": None,
+        "overlap": None,
+        "setup": None,
         "alternatives": {},
         "notes": [],
         "errors": {},

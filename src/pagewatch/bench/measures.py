@@ -41,7 +41,8 @@ __all__ = [
     "MiB", "GiB", "PATTERNS", "PRECISION_CASES", "FRACTIONS", "STRIDE", "stat", "Pattern",
     "make_pattern", "Mapping", "RawAsync", "fraction_key", "size_key", "floor_writes",
     "floor_fresh_touch", "floor_reset", "floor_collect", "backend_write", "backend_reset",
-    "backend_collect", "backend_precision", "python_overhead", "alternative_collect",
+    "backend_collect", "backend_precision", "python_overhead", "collect_vs_floor",
+    "overlapping_trackers", "tracker_setup", "SMALL_CASES", "alternative_collect",
     "ALTERNATIVES", "hugepage_size",
 ]
 
@@ -248,9 +249,10 @@ class RawAsync:
             raise
 
     def scan(self, reset: bool = True) -> tuple[int, int]:
-        """One PAGEMAP_SCAN loop over the mapping, timed in C: ``(ns, pages written)``."""
-        ns, pages, _, _ = _native.scan_loop(self.pm, self.m.addr, self.m.addr + self.m.nbytes,
-                                            _WP_MATCHING if reset else 0, _WRITTEN)
+        """One PAGEMAP_SCAN over the mapping (the minimal C call, ``_native.scan_floor``),
+        timed in C: ``(ns, pages written)``."""
+        ns, pages, _, _ = _native.scan_floor(self.pm, self.m.addr, self.m.addr + self.m.nbytes,
+                                             _WP_MATCHING if reset else 0, _WRITTEN)
         return int(ns), int(pages)
 
     def close(self) -> None:
@@ -543,57 +545,170 @@ def _neighbour_case(name: str, npages: int) -> dict[str, Any]:
     return case
 
 
-def python_overhead(nbytes: int, pages: int, pairs: int) -> dict[str, Any]:
-    """``Tracker.collect()`` over the raw C PAGEMAP_SCAN loop, measured interleaved on the
-    same ``uffd-async`` region in the same state: ``pages`` pages written (every
-    ``npages // pages``-th page) before each."""
-    out: dict[str, Any] = {"bytes": nbytes, "pages": pages}
+def _interleaved(a: Callable[[], None], b: Callable[[], None], pairs: int) -> None:
+    """Run ``a`` and ``b`` once each to warm them, then ``pairs`` times each, alternating
+    which goes first, so a drift in the machine hits both alike."""
+    a()
+    b()
+    for i in range(pairs):
+        for f in ((a, b) if i % 2 == 0 else (b, a)):
+            f()
+
+
+def _versus(out: dict[str, Any], mine: str, floor: str, py: list[float], raw: list[float],
+            py_cpu: list[float], raw_cpu: list[float], unit: str) -> None:
+    """Medians of both sides, the ratio of the medians and the ratio per pair, in wall-clock
+    time and in thread CPU time (the same work without what other processes took)."""
+    out[mine] = stat(py, unit)
+    out[floor] = stat(raw, unit)
+    out["pair_ratio"] = stat([a / b for a, b in zip(py, raw, strict=True)], "x")
+    out["ratio"] = out[mine]["median"] / out[floor]["median"]
+    out[f"{mine}_cpu"] = stat(py_cpu, unit)
+    out[f"{floor}_cpu"] = stat(raw_cpu, unit)
+    out["pair_ratio_cpu"] = stat([a / b for a, b in zip(py_cpu, raw_cpu, strict=True) if b > 0],
+                                 "x")
+    out["ratio_cpu"] = out[f"{mine}_cpu"]["median"] / out[f"{floor}_cpu"]["median"]
+
+
+def collect_vs_floor(nbytes: int, pages: int, pairs: int, target: float) -> dict[str, Any]:
+    """``Tracker.collect()`` over the minimal C collect (``_native.scan_floor``: one
+    PAGEMAP_SCAN ioctl into a vector already large enough), interleaved on the same
+    ``uffd-async`` region in the same state: ``pages`` pages written (every
+    ``npages // pages``-th page) before each.  Times in ms."""
+    out: dict[str, Any] = {"bytes": nbytes, "pages": pages, "target": target}
     with Mapping(nbytes) as m, Tracker(m.region, backend="uffd-async") as t:
         pm = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
             p = Pattern("strided", m.npages, max(1, m.npages // pages))
-            py, raw, py_cpu, raw_cpu = [], [], [], []
+            py: list[float] = []
+            raw: list[float] = []
+            py_cpu: list[float] = []
+            raw_cpu: list[float] = []
+            collect = t.collect
 
             def tracker() -> None:
                 m.write(p)
                 c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-                d = t.collect()
-                py.append((time.perf_counter_ns() - t0) / 1e6)
+                d = collect()
+                t1 = time.perf_counter_ns()
+                py.append((t1 - t0) / 1e6)
                 py_cpu.append((time.thread_time_ns() - c0) / 1e6)
                 if len(d) != p.nwrites:
                     raise AssertionError(f"Tracker.collect() saw {len(d)} of {p.nwrites} pages")
 
             def native() -> None:
                 m.write(p)
-                ns, found, _, cpu = _native.scan_loop(pm, t.region.start, t.region.end,
-                                                      _WP_MATCHING, _WRITTEN)
+                ns, found, _, cpu = _native.scan_floor(pm, t.region.start, t.region.end,
+                                                       _WP_MATCHING, _WRITTEN)
                 raw.append(ns / 1e6)
                 raw_cpu.append(cpu / 1e6)
                 if found != p.nwrites:
-                    raise AssertionError(f"the raw loop saw {found} of {p.nwrites} pages")
+                    raise AssertionError(f"the raw call saw {found} of {p.nwrites} pages")
 
-            tracker()  # warm both paths once
-            native()
+            _interleaved(tracker, native, pairs)
             for xs in (py, raw, py_cpu, raw_cpu):
-                xs.clear()
-            for i in range(pairs):
-                # Alternate who goes first, so a drift in the machine hits both alike.
-                for step in ((tracker, native) if i % 2 == 0 else (native, tracker)):
-                    step()
+                del xs[0]  # the warm-up
         finally:
             os.close(pm)
-    # Wall-clock time is what a caller waits; the thread's CPU time is the same work without
-    # the time other processes took the CPU from it, so it holds on a busy machine.
-    out["tracker_collect"] = stat(py, "ms")
+    _versus(out, "tracker_collect", "raw_c", py, raw, py_cpu, raw_cpu, "ms")
+    return out
+
+
+#: the small-range cases of :func:`python_overhead`: (label, bytes, pages written)
+SMALL_CASES = (("4 KiB, 1 page written", 4096, 1), ("2 MiB, 1 page written", 2 * MiB, 1))
+
+
+def python_overhead(nbytes: int, pages: int, pairs: int,
+                    small_pairs: int | None = None) -> dict[str, Any]:
+    """``Tracker.collect()`` against the minimal C collect (:func:`collect_vs_floor`):
+    ``pages`` written pages in ``nbytes`` (target 1.1x) at the top level, and the small
+    ranges of :data:`SMALL_CASES` (target 3x) under ``small``, measured with ``small_pairs``
+    pairs (their calls take microseconds: more samples for a steady median)."""
+    out = collect_vs_floor(nbytes, pages, pairs, 1.1)
+    small_pairs = small_pairs if small_pairs is not None else 10 * pairs
+    out["small"] = {label: collect_vs_floor(size, n, small_pairs, 3.0)
+                    for label, size, n in SMALL_CASES if size >= PAGE_SIZE}
+    return out
+
+
+def overlapping_trackers(nbytes: int, trackers: int, pages: int, pairs: int) -> dict[str, Any]:
+    """One ``Tracker.collect()`` by one of ``trackers`` trackers of the same ``nbytes``,
+    against the collect of a lone tracker of another ``nbytes`` mapping, interleaved; before
+    each, ``pages`` pages (every ``npages // pages``-th) of the collected mapping are
+    written.  The other trackers never collect: what they must still report piles up for
+    them, as it does for an idle tracker.  Times in ms; target: 3x the lone tracker."""
+    out: dict[str, Any] = {"bytes": nbytes, "trackers": trackers, "pages": pages, "target": 3.0}
+    with contextlib.ExitStack() as stack:
+        lone_m = stack.enter_context(Mapping(nbytes))
+        many_m = stack.enter_context(Mapping(nbytes))
+        lone = stack.enter_context(Tracker(lone_m.region, backend="uffd-async"))
+        many = [stack.enter_context(Tracker(many_m.region, backend="uffd-async"))
+                for _ in range(trackers)]
+        p = Pattern("strided", lone_m.npages, max(1, lone_m.npages // pages))
+        many_t: list[float] = []
+        lone_t: list[float] = []
+        many_c: list[float] = []
+        lone_c: list[float] = []
+
+        def timed(m: Mapping, t: Tracker, wall: list[float], cpu: list[float]) -> None:
+            m.write(p)
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            d = t.collect()
+            wall.append((time.perf_counter_ns() - t0) / 1e6)
+            cpu.append((time.thread_time_ns() - c0) / 1e6)
+            if len(d) != p.nwrites:
+                raise AssertionError(f"a collect saw {len(d)} of {p.nwrites} pages")
+
+        _interleaved(functools.partial(timed, many_m, many[0], many_t, many_c),
+                     functools.partial(timed, lone_m, lone, lone_t, lone_c), pairs)
+        for xs in (many_t, lone_t, many_c, lone_c):
+            del xs[0]
+        # Each idle tracker must still report every page written since it started.
+        for t in many[1:]:
+            got = len(t.collect())
+            if got != p.nwrites:
+                raise AssertionError(f"an idle overlapping tracker saw {got} of {p.nwrites}")
+    _versus(out, "overlapping_collect", "lone_collect", many_t, lone_t, many_c, lone_c, "ms")
+    return out
+
+
+def tracker_setup(nbytes: int, reps: int) -> dict[str, Any]:
+    """Creating and closing a ``uffd-async`` :class:`Tracker` of a fresh ``nbytes`` mapping
+    (never touched), against the kernel's part done with the thin native calls on the same
+    kind of mapping (``UFFDIO_REGISTER`` + ``UFFDIO_WRITEPROTECT``, then
+    ``UFFDIO_UNREGISTER``), interleaved.  Times in ms, also given per 16 GiB."""
+    out: dict[str, Any] = {"bytes": nbytes, "reps": reps}
+    mine: list[float] = []
+    raw: list[float] = []
+
+    def tracker() -> None:
+        with Mapping(nbytes, populate=False) as m:
+            t0 = time.perf_counter_ns()
+            Tracker(m.region, backend="uffd-async").close()
+            mine.append((time.perf_counter_ns() - t0) / 1e6)
+
+    def native() -> None:
+        with Mapping(nbytes, populate=False) as m:
+            fd, _ = open_userfaultfd()
+            try:
+                want = int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED)
+                _native.uffdio_api(fd, want)
+                t0 = time.perf_counter_ns()
+                _native.uffdio_register(fd, m.addr, m.nbytes, int(RegisterMode.WP))
+                _native.uffdio_writeprotect(fd, m.addr, m.nbytes, int(WriteProtectMode.WP))
+                _native.uffdio_unregister(fd, m.addr, m.nbytes)
+                raw.append((time.perf_counter_ns() - t0) / 1e6)
+            finally:
+                os.close(fd)
+
+    _interleaved(tracker, native, reps)
+    del mine[0], raw[0]
+    out["tracker"] = stat(mine, "ms")
     out["raw_c"] = stat(raw, "ms")
-    out["pair_ratio"] = stat([a / b for a, b in zip(py, raw, strict=True)], "x")
-    out["ratio"] = out["tracker_collect"]["median"] / out["raw_c"]["median"]
-    out["tracker_collect_cpu"] = stat(py_cpu, "ms")
-    out["raw_c_cpu"] = stat(raw_cpu, "ms")
-    out["pair_ratio_cpu"] = stat([a / b for a, b in zip(py_cpu, raw_cpu, strict=True) if b > 0],
-                                 "x")
-    out["ratio_cpu"] = out["tracker_collect_cpu"]["median"] / out["raw_c_cpu"]["median"]
-    out["target"] = 1.2
+    out["ratio"] = out["tracker"]["median"] / out["raw_c"]["median"]
+    scale = (16 * GiB) / nbytes
+    out["tracker_per_16GiB"] = stat([x * scale for x in mine], "ms")
+    out["raw_c_per_16GiB"] = stat([x * scale for x in raw], "ms")
     return out
 
 
