@@ -26,6 +26,7 @@ from tests.targets.common import (
     build,
     pattern_target,
     python_target,
+    stop,
 )
 
 ok, why = process.soft_dirty_available()
@@ -230,7 +231,7 @@ class TestTargetIsUnharmed:
 
     def test_a_stopped_target_stays_stopped_after_the_attach(self, target: Target) -> None:
         target.proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.1)
+        stop(target.pid)  # in its group-stop, however slow the machine
         ret, info = _native.inject_syscall(target.pid, gadget_of(target.pid), 39, (0,) * 6,
                                            5000)
         assert ret == target.pid
@@ -271,7 +272,7 @@ class TestLifecycle:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 with open(f"/proc/{target.pid}/comm") as f:
-                    if f.read().strip() == "sleep":
+                    if f.read().strip() == "cat":
                         break
                 time.sleep(0.01)
             with pytest.raises(TargetExec, match="executed a new program"):

@@ -284,21 +284,35 @@ def test_record_stopped_by_ctrl_c_during_the_attach_still_ends_cleanly(
 
 
 @needs_tracking
-def test_record_with_a_duration_stops_by_itself_and_follows_an_exec(tmp_path: Path) -> None:
+def test_record_with_a_count_stops_by_itself_and_follows_an_exec(tmp_path: Path) -> None:
     build("pattern")
     t = pattern_target()
     out = tmp_path / "rec.jsonl"
     try:
         t.cmd("addr")
-        t.send("exec")  # becomes sleep(1) for 3 s
-        time.sleep(0.05)
-        assert cli.main(["record", str(t.pid), "--interval", "0.1", "--duration", "1.5",
+        t.send("exec")  # becomes cat(1), waiting on its stdin until the test ends
+        assert cli.main(["record", str(t.pid), "--interval", "0.1", "--count", "4",
                          "-o", str(out)]) == 0
         objs = lines(out)
         kinds = [o["type"] for o in objs]
-        assert kinds.count("interval") >= 3
+        assert kinds.count("interval") == 4
         if "exec" in kinds:  # attached before the exec: attached again after it
             assert kinds[kinds.index("exec") + 1] == "attach"
+    finally:
+        t.close()
+
+
+@needs_tracking
+def test_record_with_a_duration_stops_by_itself_with_a_last_collect(tmp_path: Path) -> None:
+    t = pattern_target()
+    out = tmp_path / "rec.jsonl"
+    try:
+        t.cmd("addr")
+        assert cli.main(["record", str(t.pid), "--interval", "5", "--duration", "0.2",
+                         "-o", str(out)]) == 0
+        # Ended by the duration, before the first interval: the last collect is written.
+        assert [o["type"] for o in lines(out)] == ["attach", "interval"]
+        assert t.cmd("w 1 1") == "ok"
     finally:
         t.close()
 

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,18 @@ from pagewatch.kernel.maps import Mapping, maps
 from pagewatch.process import ProcessTracker, frozen
 from tests.targets.common import (
     HOLD_TRACE,
+    PATTERN_STEPS,
     SLEEPING,
     SYS_READ,
     Target,
     build,
     duration,
+    paced_pattern,
     pattern_target,
     python_target,
+    python_workload,
 )
-from tests.test_process_truth import PYTHON_WORKLOAD, Snapshot, Verdict, judge, snapshot
+from tests.test_process_truth import Snapshot, Verdict, judge, snapshot
 
 sd_ok, sd_why = process.soft_dirty_available()
 soft_dirty = [pytest.mark.backend("soft-dirty"),
@@ -183,15 +186,16 @@ def test_the_targets_parent_sees_no_stop_and_a_stopped_target_stays_stopped(
 
 
 def test_a_sleep_and_a_read_cut_short_by_freezes_are_restarted(target: Target) -> None:
-    target.send("sleep 800")
+    # Long enough for three freezes however slow the machine: each waits until the target
+    # sleeps again (a freeze that found it elsewhere would test nothing).
+    target.send("sleep 3000")
     for _ in range(3):
         target.wait_in_syscall(*SLEEPING)
         with frozen(target.pid):
             pass
-        time.sleep(0.1)
     word, rc, err, elapsed = target.read().split()
     assert (word, rc, err) == ("slept", "0", "0")  # not EINTR
-    assert float(elapsed) >= 0.8  # the rest of the sleep was slept
+    assert float(elapsed) >= 3.0  # the rest of the sleep was slept
     for _ in range(3):  # now it waits in read(0, ...)
         target.wait_in_syscall(SYS_READ)
         with frozen(target.pid):
@@ -320,13 +324,16 @@ class Truth:
 
 
 def track_running(proc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch,
-                  interval: float, max_intervals: int = 60) -> tuple[Verdict, list[float]]:
-    """Collect from the running target every ``interval`` s and judge every collect."""
+                  interval: float, resume: Callable[[int], object] = lambda judged: None,
+                  max_intervals: int = 200) -> tuple[Verdict, list[float]]:
+    """Collect from the running target every ``interval`` s and judge every collect;
+    ``resume(n)`` after each (``n`` judged so far) gives a paced target its next part."""
     truth = Truth(proc.pid, monkeypatch)
     v = Verdict()
     stops = []
     with ProcessTracker(proc.pid, backend="soft-dirty") as p:
         assert p.backend == "soft-dirty" and len(truth.snaps) == 1
+        resume(0)
         for _ in range(max_intervals):
             time.sleep(interval)
             if proc.poll() is not None:
@@ -338,6 +345,7 @@ def track_running(proc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
             assert d.stop_ms is not None and len(truth.snaps) >= 2
             stops.append(d.stop_ms - truth.snap_ms[-1])  # the stop a collect alone makes
             judge(truth.snaps[-2], truth.snaps[-1], d, v)
+            resume(v.intervals)
     return v, stops
 
 
@@ -378,39 +386,42 @@ class TestSoftDirty:
 
     def test_no_write_of_the_pattern_target_is_lost_while_it_runs(
             self, monkeypatch: pytest.MonkeyPatch, _: int) -> None:
-        exe = str(build("pattern"))
-        rounds = str(max(300, int(400 * duration())))
-        expected = subprocess.run([exe, "run", rounds], capture_output=True, text=True,
-                                  check=True).stdout
-        proc = subprocess.Popen([exe, "run", rounds], stdout=subprocess.PIPE)
+        rounds = max(300, int(400 * duration()))
+        expected = subprocess.run([str(build("pattern")), "run", str(rounds)],
+                                  capture_output=True, text=True, check=True).stdout
+        target = paced_pattern(rounds, stdout=subprocess.PIPE)
+        proc = target.proc
         try:
-            v, stops = track_running(proc, monkeypatch, 0.02)
+            v, stops = track_running(proc, monkeypatch, 0.02, lambda judged: target.step())
+            target.finish()
             out = proc.communicate(timeout=120)[0].decode()
         finally:
             proc.kill()
             proc.wait()
         print(f"\npattern target (2 threads), collected while running: {v}; "
               f"{freeze_times(stops)}")
-        assert v.intervals >= 3, "the target ended too soon to be judged"
+        # One part of its work per interval: it cannot end before PATTERN_STEPS - 1 of them.
+        assert v.intervals >= PATTERN_STEPS - 1, "the target ended too soon to be judged"
         assert v.changed > 0
         assert not v.missed, f"{len(v.missed)} changed pages were not reported: {v.missed[:10]}"
         assert out == expected  # stopped at every reset, it computes the same thing
 
     def test_a_multithreaded_python_workload_loses_no_write_and_ends_right(
             self, monkeypatch: pytest.MonkeyPatch, _: int) -> None:
-        seconds = max(1.5, 2 * duration())
-        proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(seconds)],
-                                stdout=subprocess.PIPE)
+        target = python_workload()
+        proc = target.proc
         try:
-            time.sleep(0.3)
-            v, stops = track_running(proc, monkeypatch, 0.1, max_intervals=40)
+            # It works until its stdin closes: after 4 intervals judged.
+            v, stops = track_running(proc, monkeypatch, 0.1,
+                                     lambda judged: judged >= 4 and target.finish())
+            target.finish()
             out = proc.communicate(timeout=120)[0].decode()
         finally:
             proc.kill()
             proc.wait()
         print(f"\npython dict/list workload (3 threads), collected while running: {v}; "
               f"{freeze_times(stops)}")
-        assert v.intervals >= 3
+        assert v.intervals >= 4
         assert v.changed > 100
         assert not v.missed, f"{len(v.missed)} changed pages were not reported: {v.missed[:10]}"
         assert out == "done\n"

@@ -14,8 +14,9 @@ import os
 import random
 import signal
 import subprocess
-import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,14 @@ from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.maps import Mapping
 from pagewatch.kernel.probe import probe_wp_async
 from pagewatch.process import ProcessDirty, ProcessTracker
-from tests.targets.common import build, duration, stop
+from tests.targets.common import (
+    PATTERN_STEPS,
+    build,
+    duration,
+    paced_pattern,
+    python_workload,
+    stop,
+)
 
 wp_ok, wp_why = probe_wp_async()
 pytestmark = [
@@ -117,14 +125,19 @@ def judge(prev: Snapshot, cur: Snapshot, d: ProcessDirty, v: Verdict) -> None:
         v.extra[f"{kind(m)}: {why}"] += 1
 
 
-def track_and_judge(proc: subprocess.Popen[bytes], interval: float, max_intervals: int = 40
-                    ) -> Verdict:
+def track_and_judge(proc: subprocess.Popen[bytes], interval: float,
+                    resume: Callable[[int], object] = lambda judged: None,
+                    max_intervals: int = 200) -> Verdict:
+    """Stop, collect and judge ``proc`` every ``interval`` s until it ends.  ``resume(n)`` is
+    called each time the target is let go, ``n`` intervals judged so far: a paced target gets
+    its next part of work there, so the number of intervals follows events, not the clock."""
     v = Verdict()
     stop(proc.pid)
     with ProcessTracker(proc.pid) as p:
         d = p.collect()
         prev = snapshot(proc.pid, list(d))
         os.kill(proc.pid, signal.SIGCONT)
+        resume(0)
         for _ in range(max_intervals):
             time.sleep(interval)
             if proc.poll() is not None:
@@ -144,65 +157,44 @@ def track_and_judge(proc: subprocess.Popen[bytes], interval: float, max_interval
                     os.kill(proc.pid, signal.SIGCONT)
             judge(prev, cur, d, v)
             prev = cur
+            resume(v.intervals)
     return v
 
 
 def test_the_known_pattern_target_loses_no_write_and_ends_with_the_right_output() -> None:
-    exe = str(build("pattern"))
-    rounds = str(max(200, int(300 * duration())))
-    expected = subprocess.run([exe, "run", rounds], capture_output=True, text=True,
-                              check=True).stdout
-    proc = subprocess.Popen([exe, "run", rounds], stdout=subprocess.PIPE)
+    rounds = max(200, int(300 * duration()))
+    expected = subprocess.run([str(build("pattern")), "run", str(rounds)], capture_output=True,
+                              text=True, check=True).stdout
+    target = paced_pattern(rounds, stdout=subprocess.PIPE)
+    proc = target.proc
     try:
-        v = track_and_judge(proc, 0.05)
-        out = proc.communicate(timeout=60)[0].decode()
+        v = track_and_judge(proc, 0.05, lambda judged: target.step())
+        target.finish()
+        out = proc.communicate(timeout=120)[0].decode()
     finally:
         proc.kill()
         proc.wait()
     print(f"\npattern target: {v}")
-    assert v.intervals >= 3, "the target ended too soon to be judged"
+    # One part of its work per interval: it cannot end before PATTERN_STEPS - 1 intervals.
+    assert v.intervals >= PATTERN_STEPS - 1, "the target ended too soon to be judged"
     assert v.changed > 0
     assert not v.missed, f"{len(v.missed)} changed pages were not reported: {v.missed[:10]}"
     assert out == expected  # tracked or not, the target computes the same thing
 
 
-PYTHON_WORKLOAD = """
-import json, random, sys, threading, time
-end = time.monotonic() + float(sys.argv[1])
-def work(seed):
-    r = random.Random(seed)
-    d, lists = {}, []
-    while time.monotonic() < end:
-        for _ in range(2000):
-            d[r.randrange(1 << 20)] = [r.random() for _ in range(4)]
-        lists.append(sorted(d)[:5000])
-        if len(lists) > 20:
-            lists.pop(0)
-        json.dumps({str(k): v for k, v in list(d.items())[:500]})
-        if len(d) > 200_000:
-            d.clear()
-threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-print("done")
-"""
-
-
 def test_a_multithreaded_python_workload_loses_no_write() -> None:
-    seconds = max(1.0, 2 * duration())
-    proc = subprocess.Popen([sys.executable, "-c", PYTHON_WORKLOAD, str(seconds)],
-                            stdout=subprocess.PIPE)
+    target = python_workload()
+    proc = target.proc
     try:
-        time.sleep(0.3)  # let it start its threads
-        v = track_and_judge(proc, 0.1)
-        out = proc.communicate(timeout=60)[0].decode()
+        # It works until its stdin closes: after 4 intervals judged.
+        v = track_and_judge(proc, 0.1, lambda judged: judged >= 4 and target.finish())
+        target.finish()
+        out = proc.communicate(timeout=120)[0].decode()
     finally:
         proc.kill()
         proc.wait()
     print(f"\npython dict/list workload (3 threads): {v}")
-    assert v.intervals >= 3
+    assert v.intervals >= 4
     assert v.changed > 100
     assert not v.missed, f"{len(v.missed)} changed pages were not reported: {v.missed[:10]}"
     assert out == "done\n"
@@ -216,26 +208,45 @@ def test_gnu_sort_of_a_big_file_loses_no_write(tmp_path: os.PathLike[str]) -> No
             f.write(f"{r.getrandbits(64):020d} {r.random()}\n")
     expected = subprocess.run(["sort", "-S", "64M", "--parallel=2", src], check=True,
                               capture_output=True).stdout
-    proc = subprocess.Popen(["sort", "-S", "64M", "--parallel=2", src],
+    # sort reads its input from a pipe fed one part per interval: it reads (and fills its
+    # buffers) for at least as many intervals as there are parts, then sorts and ends.
+    with open(src, "rb") as f:
+        data = f.read()
+    cut = [data.find(b"\n", len(data) * k // 4) + 1 for k in range(1, 4)]
+    parts = [data[a:b] for a, b in zip([0, *cut], [*cut, len(data)], strict=True)]
+    proc = subprocess.Popen(["sort", "-S", "64M", "--parallel=2"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
+    stdin = proc.stdin
+    assert stdin is not None
     chunks: list[bytes] = []
-    import threading
 
     def drain() -> None:
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read(1 << 16), b""):  # type: ignore[union-attr]
             chunks.append(chunk)
 
+    def feed(judged: int) -> None:
+        if stdin.closed:
+            return
+        if judged < len(parts):
+            stdin.write(parts[judged])
+            stdin.flush()
+        if judged >= len(parts) - 1:
+            stdin.close()
+
     reader = threading.Thread(target=drain)
     reader.start()
     try:
-        v = track_and_judge(proc, 0.05)
-        proc.wait(60)
-        reader.join(60)
+        v = track_and_judge(proc, 0.05, feed)
+        if not stdin.closed:
+            stdin.close()
+        proc.wait(120)
+        reader.join(120)
     finally:
         proc.kill()
         proc.wait()
     print(f"\nsort: {v}")
-    assert v.intervals >= 2, "sort ended too soon to be judged"
+    assert v.intervals >= len(parts) - 1, "sort ended too soon to be judged"
     assert not v.missed, f"{len(v.missed)} changed pages were not reported: {v.missed[:10]}"
     assert b"".join(chunks) == expected
+

@@ -125,3 +125,78 @@ def stop(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.001)
     raise TimeoutError(f"process {pid} did not stop")
+
+
+class Paced:
+    """A target whose work comes in parts, each started by one byte on its stdin, so a test
+    that needs N intervals of work gets them however slow the machine (never by the clock).
+
+    ``step()`` lets the next part start; ``finish()`` closes stdin: the target does the rest
+    at once and ends."""
+
+    def __init__(self, cmd: list[str], **kwargs: object) -> None:
+        self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, **kwargs)  # type: ignore[call-overload]
+
+    def step(self) -> None:
+        if self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(b"\x01")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # it ended, or finish() came first
+            pass
+
+    def finish(self) -> None:
+        if self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self.proc.stdin = None  # so that communicate() does not flush a closed file
+
+
+#: the pattern target's run mode in this many paced parts (``pattern run ROUNDS STEPS``)
+PATTERN_STEPS = 6
+
+
+def paced_pattern(rounds: int, **kwargs: object) -> Paced:
+    """``pattern run ROUNDS`` in PATTERN_STEPS parts: its output depends on ROUNDS only."""
+    return Paced([str(build("pattern")), "run", str(rounds), str(PATTERN_STEPS)], **kwargs)
+
+
+#: a Python workload of three threads churning dicts and lists until its stdin closes; it
+#: prints "started" once the threads run and "done" at the end
+PYTHON_WORKLOAD = """
+import json, random, sys, threading
+done = threading.Event()
+def work(seed):
+    r = random.Random(seed)
+    d, lists = {}, []
+    while not done.is_set():
+        for _ in range(2000):
+            d[r.randrange(1 << 20)] = [r.random() for _ in range(4)]
+        lists.append(sorted(d)[:5000])
+        if len(lists) > 20:
+            lists.pop(0)
+        json.dumps({str(k): v for k, v in list(d.items())[:500]})
+        if len(d) > 200_000:
+            d.clear()
+threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+for t in threads:
+    t.start()
+print("started", flush=True)
+sys.stdin.buffer.read()
+done.set()
+for t in threads:
+    t.join()
+print("done", flush=True)
+"""
+
+
+def python_workload() -> Paced:
+    """PYTHON_WORKLOAD started, its threads running (it ends at ``finish()``)."""
+    p = Paced([sys.executable, "-c", PYTHON_WORKLOAD], stdout=subprocess.PIPE)
+    assert p.proc.stdout is not None and p.proc.stdout.readline() == b"started\n"
+    return p

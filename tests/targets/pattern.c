@@ -2,9 +2,12 @@
  * A target process for the ProcessTracker tests.
  *
  *   pattern cmd            read commands on stdin, answer one line each (see below)
- *   pattern run ROUNDS     write a known pattern for ROUNDS rounds (two threads, kernel
+ *   pattern run ROUNDS [STEPS]
+ *                          write a known pattern for ROUNDS rounds (two threads, kernel
  *                          writes, mmap/munmap churn, 1 ms sleeps), then print a checksum
- *                          that depends only on ROUNDS
+ *                          that depends only on ROUNDS.  With STEPS, the rounds come in STEPS
+ *                          parts, each started by one byte read from stdin (EOF: no more
+ *                          waiting), so a test paces the work by events, not by the clock
  *
  * Commands: addr | w PAGE VALUE | same PAGE | kread PAGE | thread PAGE VALUE |
  * fork PAGE VALUE | mmap NPAGES | rw REGION PAGE VALUE | munmap | mprotect PAGE N | sleep MS |
@@ -96,13 +99,22 @@ static void *run_thread(void *arg)
     return NULL;
 }
 
-static int run(int rounds)
+static int run(int rounds, int steps)
 {
     pthread_t th;
     struct runner other = {rounds, 1};
     pthread_create(&th, NULL, run_thread, &other);
     uint64_t churn = 0;
+    int paced = steps > 0;
     for (int round = 0; round < rounds; round++) {
+        if (paced && round % ((rounds + steps - 1) / steps) == 0) {
+            char go;
+            ssize_t n;
+            do
+                n = read(0, &go, 1);
+            while (n < 0 && errno == EINTR);
+            paced = n == 1; /* EOF or an error: run the rest at once */
+        }
         for (int i = 0; i < NPAGES; i++) {
             if (i % 8 == 1)
                 continue; /* the other thread's pages */
@@ -136,7 +148,7 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0);
     buf = mmap_pages(NPAGES);
     if (argc > 2 && !strcmp(argv[1], "run"))
-        return run(atoi(argv[2]));
+        return run(atoi(argv[2]), argc > 3 ? atoi(argv[3]) : 0);
     char line[256];
     while (fgets(line, sizeof line, stdin)) {
         char cmd[32];
@@ -182,7 +194,7 @@ int main(int argc, char **argv)
             regions[a][b * PG + 100] = (uint8_t)v;
             printf("ok\n");
         } else if (!strcmp(cmd, "exec")) {
-            execlp("sleep", "sleep", "3", (char *)NULL);
+            execlp("cat", "cat", (char *)NULL); /* waits on stdin: ends when the test does */
             printf("exec failed\n");
         } else if (!strcmp(cmd, "munmap")) {
             nregions--;

@@ -153,6 +153,19 @@ def tool_env(bindir: Path) -> dict[str, str]:
     return dict(os.environ, PATH=path)
 
 
+def cpu_has_virtualization() -> bool:
+    """Whether /proc/cpuinfo names hardware virtualization (Intel vmx, AMD svm)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"vmx", "svm"})
+    return False
+
+
 def choose_accel(opts: Options, cache: Path, bindir: Path, k: Kernel) -> tuple[bool, str]:
     if opts.kvm in ("0", "off", "no"):
         return False, "TCG (PAGEWATCH_VM_KVM=0)"
@@ -160,6 +173,10 @@ def choose_accel(opts: Options, cache: Path, bindir: Path, k: Kernel) -> tuple[b
         return False, "TCG (no usable /dev/kvm)"
     if opts.kvm in ("1", "on", "yes"):
         return True, "KVM (PAGEWATCH_VM_KVM=1)"
+    if not cpu_has_virtualization():
+        # Some hosts (PVM) expose /dev/kvm without vmx/svm: qemu then aborts or hangs at boot,
+        # which the trial below only learns after its 90 s time-out.
+        return False, "TCG (/dev/kvm is there but the CPU flags have neither vmx nor svm)"
     memo = cache / "kvm-check.json"
     key = f"{os.uname().release} | {qemu_version()} | {k.release}"
     try:

@@ -68,6 +68,8 @@ def register(sub: Any) -> None:
     rec.add_argument("pid", type=positive_int)
     rec.add_argument("--duration", type=positive_float, default=None, metavar="S",
                      help="stop after S seconds (default: until Ctrl-C or the process exits)")
+    rec.add_argument("--count", type=positive_int, default=None, metavar="N",
+                     help="stop after N intervals (default: until Ctrl-C or the process exits)")
     rec.add_argument("--output", "-o", metavar="FILE.jsonl", help="default: stdout")
     rec.set_defaults(func=cmd_record)
 
@@ -217,10 +219,11 @@ class Session:
         if self.on_collect is not None:
             self.on_collect(d)
 
-    def loop(self, pidfd: int, deadline: float | None = None) -> None:
-        """Collect every interval until the process exits, ``deadline`` passes or
-        ``self.stop`` (a signal handler) fires: then one last collect, so the writes since
-        the previous one are in the output too."""
+    def loop(self, pidfd: int, deadline: float | None = None, count: int | None = None
+             ) -> None:
+        """Collect every interval until the process exits, ``deadline`` passes, ``count``
+        intervals are written or ``self.stop`` (a signal handler) fires: then one last
+        collect, so the writes since the previous one are in the output too."""
         next_t = time.monotonic() + self.interval
         while True:
             wait = next_t - time.monotonic()
@@ -256,6 +259,8 @@ class Session:
                 return
             if exited or self.stop.stopping or (deadline is not None
                                                 and time.monotonic() >= deadline):
+                return
+            if count is not None and len(self.stats.per_interval) >= count:
                 return
 
     def close(self) -> None:
@@ -504,7 +509,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             try:
                 session = Session(args.pid, args, interval, out, stop=stop)
                 try:
-                    session.loop(pidfd, deadline)
+                    session.loop(pidfd, deadline, args.count)
                 finally:
                     session.close()
             finally:
