@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import signal
 from collections.abc import Iterator
 
@@ -53,3 +54,15 @@ def mem() -> Iterator[type[Mem]]:
             m.close()
         except (BufferError, ValueError):
             pass
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # In a guest of the kernel matrix (tests/vm), a kernel-independent test would only repeat
+    # the host's run 5-10x slower: the host's column already holds its result.
+    label = os.environ.get("PAGEWATCH_KERNEL_MATRIX")
+    if not label or label == "host":
+        return
+    keep = [i for i in items if i.get_closest_marker("kernel_independent") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
