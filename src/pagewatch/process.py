@@ -113,7 +113,6 @@ Limits
 
 from __future__ import annotations
 
-import bisect
 import collections.abc
 import contextlib
 import dataclasses
@@ -145,6 +144,7 @@ from .kernel.constants import (
 from .kernel.maps import Mapping, _parse
 from .kernel.pagemap import Pagemap, _scan, clear_refs
 from .kernel.uffd import Userfaultfd
+from .rangeset import RangeSet
 
 __all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec", "BACKENDS"]
 
@@ -655,68 +655,6 @@ def _runs_of(regions: np.ndarray) -> np.ndarray:
     return np.asarray(regions, dtype=np.uint64).reshape(-1, 3)[:, :2].astype(np.int64)
 
 
-class _Intervals:
-    """Sorted, disjoint ``[start, end)`` address ranges: the ranges we registered."""
-
-    def __init__(self) -> None:
-        self.runs: list[tuple[int, int]] = []
-
-    def add(self, start: int, end: int) -> None:
-        keep = [(s, e) for s, e in self.runs if e < start or s > end]
-        for s, e in self.runs:
-            if not (e < start or s > end):
-                start, end = min(start, s), max(end, e)
-        keep.append((start, end))
-        self.runs = sorted(keep)
-
-    def remove(self, start: int, end: int) -> None:
-        out = []
-        for s, e in self.runs:
-            if e <= start or s >= end:
-                out.append((s, e))
-                continue
-            if s < start:
-                out.append((s, start))
-            if e > end:
-                out.append((end, e))
-        self.runs = out
-
-    def within(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of ``[start, end)`` in the set."""
-        i = bisect.bisect_right(self.runs, (start, start)) - 1
-        out = []
-        for s, e in self.runs[max(i, 0):]:
-            if s >= end:
-                break
-            if e > start:
-                out.append((max(s, start), min(e, end)))
-        return out
-
-    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of ``[start, end)`` not in the set."""
-        out, cur = [], start
-        for s, e in self.within(start, end):
-            if s > cur:
-                out.append((cur, s))
-            cur = e
-        if cur < end:
-            out.append((cur, end))
-        return out
-
-    def keep_only(self, ranges: list[tuple[int, int]]) -> None:
-        """Drop what lies outside ``ranges`` (sorted): unmapped memory."""
-        out = []
-        for a, b in ranges:
-            out += self.within(a, b)
-        merged: list[tuple[int, int]] = []
-        for s, e in out:
-            if merged and merged[-1][1] >= s:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        self.runs = merged
-
-
 _PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 
 
@@ -793,7 +731,7 @@ class ProcessTracker:
         #: mappings that could not be tracked, keyed by (start, end)
         self._skipped: dict[tuple[int, int], SkippedMapping] = {}
         #: ranges registered with our userfaultfd (soft-dirty: tracked at the last reset)
-        self._ours = _Intervals()
+        self._ours = RangeSet()
         #: hugetlbfs devices (soft-dirty cannot track their memory)
         self._hugetlb: frozenset[tuple[int, int]] = frozenset()
         #: absolute ``[start, end)`` runs reported at first sight, kept until a reset
@@ -1215,7 +1153,7 @@ class ProcessTracker:
         if gone is not None:
             self._raise_gone(gone.errno, self._result(done, new, False))
         if reset:
-            self._ours = _Intervals()
+            self._ours = RangeSet()
             for m in ms:
                 self._ours.add(m.start, m.end)
         result = self._result(done, new, reset)
@@ -1304,7 +1242,7 @@ class ProcessTracker:
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
         spans = [(m.start, m.end) for m in everything if self._select(m)]
         self._ours.keep_only(spans)
-        live = _Intervals()
+        live = RangeSet()
         for a, b in spans:
             live.add(a, b)
         for key in [k for k in self._skipped if live.missing(*k)]:
