@@ -9,6 +9,8 @@ import pytest
 
 from pagewatch.rangeset import RangeSet
 
+pytestmark = pytest.mark.kernel_independent
+
 
 def model_runs(addrs: set[int]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []

@@ -26,7 +26,14 @@ time they are seen -- every page that holds data of its own (present or swapped,
 page, not an unmodified page of a file), since nothing tells what was written before we saw
 it; memory that replaced tracked memory at the same addresses (``munmap`` + ``mmap``,
 ``mmap(MAP_FIXED)``, as malloc does with its arenas) is reported in full, zero pages included,
-as its old content is gone; mappings that went away are dropped.  Mappings that cannot be
+as its old content is gone; mappings that went away are dropped.  Tracked memory stays
+tracked, and is scanned at each collect, whatever protection it is given later: a page written
+and then made ``PROT_READ`` or ``PROT_NONE`` before the collect (the dynamic loader's RELRO, a
+W^X JIT) is reported, as the written state lives in the page-table entry and survives
+``mprotect``.  A read-only private mapping not tracked yet that holds data of its own (written
+while it was writable, between two collects: RELRO at a ``dlopen``) is reported whole the first
+time and tracked from then on (``uffd-async``; with ``soft-dirty`` only memory tracked at the
+last reset is read again).  Mappings that cannot be
 registered are listed in ``skipped`` with the reason (another userfaultfd holds them, a kind of
 memory uffd-wp does not support, ...).
 
@@ -825,7 +832,8 @@ class ProcessTracker:
             # inside execve then): bind maps/pagemap to that memory too.
             self._bind_current_memory()
         self._uffd = Userfaultfd(int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED), fd=fd)
-        ms = self._read_maps()  # TargetExec if it exec'd while we attached
+        everything = self._read_all_maps()  # TargetExec if it exec'd while we attached
+        ms = [m for m in everything if self._select(m) or self._written_read_only(m)]
         found = []
         for m in ms:
             runs, _ = self._register(m, [(m.start, m.end)], first_sight=self._report_existing)
@@ -889,7 +897,10 @@ class ProcessTracker:
         """The selected mappings soft-dirty can track; the others go to ``skipped``."""
         ms = []
         self._skipped = {}
-        for m in self._read_maps():
+        # Selected ones, and the ones tracked at the last reset whatever their protection
+        # now: a page written and then made read-only keeps its bit.
+        for m in [m for m in self._read_all_maps()
+                  if self._select(m) or self._ours.overlaps(m.start, m.end)]:
             try:
                 hugetlb = _dev(m.dev, 16) in self._hugetlb
             except ValueError:
@@ -1020,9 +1031,31 @@ class ProcessTracker:
                               "Pass strict=False to track the others and list these in "
                               "'skipped'")
 
-    def _collect_uffd(self, m: Mapping, reset: bool) -> tuple[np.ndarray, bool]:
-        """Written runs of mapping ``m``, and whether part of it was seen for the first time."""
-        new, is_new = self._register(m, self._ours.missing(m.start, m.end), first_sight=True)
+    def _written_read_only(self, m: Mapping) -> bool:
+        """Whether ``m`` is a read-only private mapping, not tracked, that would be selected
+        if it were writable and holds data of its own: it was written while writable (the
+        dynamic loader's RELRO, a W^X JIT's code) or copied on write by a debugger's write.
+
+        Such memory is registered and tracked from then on, and its pages reported the first
+        time; at attach they are not (tracking starts there), unless ``report_existing``.
+        """
+        if (not m.private or m.writable or m.path in SPECIAL_MAPPINGS
+                or (m.start, m.end) in self._skipped):
+            return False
+        perms = m.perms[0] + "w" + m.perms[2:]
+        if not self._select(dataclasses.replace(m, perms=perms)):
+            return False
+        return bool(len(self._own_data(m, m.start, m.end, 0, _HOLDS_DATA)))
+
+    def _collect_uffd(self, m: Mapping, reset: bool, register: bool = True
+                      ) -> tuple[np.ndarray, bool]:
+        """Written runs of mapping ``m``, and whether part of it was seen for the first time.
+        Without ``register``, only the parts already tracked are scanned."""
+        if register:
+            new, is_new = self._register(m, self._ours.missing(m.start, m.end),
+                                         first_sight=True)
+        else:
+            new, is_new = _EMPTY_RUNS, False
         for _attempt in range(3):
             try:
                 got = [_runs_of(self._scan(s, e, category_mask=_WRITTEN, return_mask=_WRITTEN,
@@ -1040,7 +1073,11 @@ class ProcessTracker:
                         for r in self._unregistered(s, e)]
             for a, b in replaced:
                 self._ours.remove(a, b)
-            more, _ = self._register(m, self._ours.missing(m.start, m.end), first_sight=True)
+            if register:
+                more, _ = self._register(m, self._ours.missing(m.start, m.end),
+                                         first_sight=True)
+            else:
+                more = _EMPTY_RUNS
             new = np.concatenate([new, more, np.array(replaced, np.int64).reshape(-1, 2)])
             is_new = True
         else:
@@ -1210,13 +1247,24 @@ class ProcessTracker:
             if self.backend == "soft-dirty":
                 return self._collect_soft_dirty_all(reset)
             everything = self._read_all_maps()
-            ms = [m for m in everything if self._select(m)]
             self._forget_unmapped(everything)
             new: set[Mapping] = set()
             done: list[tuple[Mapping, np.ndarray]] = []
             try:
-                for m in ms:
-                    runs, is_new = self._collect_uffd(m, reset)
+                for m in everything:
+                    if self._select(m):
+                        register = True
+                    elif self._ours.overlaps(m.start, m.end):
+                        # Tracked, and made read-only (or otherwise unselected) since: its
+                        # pages written before are still marked (the written state is per
+                        # page-table entry and survives mprotect), so it is scanned, and
+                        # stays registered, as long as it exists.
+                        register = False
+                    elif self._written_read_only(m):
+                        register = True  # written while writable, between two collects
+                    else:
+                        continue
+                    runs, is_new = self._collect_uffd(m, reset, register)
                     if is_new:
                         new.add(m)
                     done.append((m, runs))
@@ -1240,11 +1288,10 @@ class ProcessTracker:
             return result  # (strict applies at attach; later skips are in result.skipped)
 
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
-        spans = [(m.start, m.end) for m in everything if self._select(m)]
-        self._ours.keep_only(spans)
-        live = RangeSet()
-        for a, b in spans:
-            live.add(a, b)
+        """Drop what is no longer mapped.  Tracked memory that is still mapped stays tracked
+        whatever its protection now (it is harvested at each collect)."""
+        self._ours.keep_only([(m.start, m.end) for m in everything])
+        live = RangeSet((m.start, m.end) for m in everything if self._select(m))
         for key in [k for k in self._skipped if live.missing(*k)]:
             del self._skipped[key]
 
