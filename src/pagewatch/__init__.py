@@ -14,12 +14,13 @@ from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel.probe import Capabilities, Capability, probe
 from .process import ProcessDirty, ProcessTracker
+from .snapshot import Snapshot, snapshot_array
 from .tracker import Tracker, track
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tracker", "track", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
+    "Tracker", "track", "Snapshot", "snapshot_array", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
     "probe", "Capabilities", "Capability", "PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange",
     "TargetGone", "__version__",
 ]

@@ -1,0 +1,167 @@
+/*
+ * copy.c: the page-run loops of Snapshot (src/pagewatch/snapshot.py), GIL released.
+ *
+ *   copy_runs     copy the bytes of given page runs from one block to another, clipped to
+ *                 [lo, hi): a target that shares its first and last pages with other data
+ *                 never has those neighbours overwritten
+ *   madvise_runs  one madvise() per page run (restore by MADV_DONTNEED)
+ *   differing_pages  the pages of given runs whose bytes differ between two blocks
+ *
+ * Runs are an int64 (n, 2) array of [first, end) page indices relative to both blocks'
+ * page 0 (the layout of DirtyPages.runs).  No policy here: the caller checked the ranges.
+ */
+#include "pw.h"
+#define NO_IMPORT_ARRAY
+#define PY_ARRAY_UNIQUE_SYMBOL pagewatch_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+/* The runs argument as a C-contiguous int64 (n, 2) array (a new reference), or NULL. */
+static PyArrayObject *as_runs(PyObject *obj)
+{
+    PyArrayObject *runs = (PyArrayObject *)PyArray_FROMANY(
+        obj, NPY_INT64, 1, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!runs)
+        return NULL;
+    if (PyArray_SIZE(runs) % 2 || (PyArray_NDIM(runs) == 2 && PyArray_DIM(runs, 1) != 2)) {
+        PyErr_SetString(PyExc_ValueError, "runs must be an int64 (n, 2) array");
+        Py_DECREF(runs);
+        return NULL;
+    }
+    const int64_t *r = (const int64_t *)PyArray_DATA(runs);
+    for (npy_intp i = 0; i < PyArray_SIZE(runs); i += 2)
+        if (r[i] < 0 || r[i + 1] < r[i]) {
+            PyErr_SetString(PyExc_ValueError, "runs must be [first, end) with 0 <= first <= end");
+            Py_DECREF(runs);
+            return NULL;
+        }
+    return runs;
+}
+
+static PyObject *py_copy_runs(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dst", "src", "runs", "lo", "hi", "page_size", NULL};
+    unsigned long long dst, src, lo, hi, ps = 4096;
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKOKK|K:copy_runs", kwlist, &dst, &src, &obj,
+                                     &lo, &hi, &ps))
+        return NULL;
+    if (ps == 0) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be > 0");
+        return NULL;
+    }
+    PyArrayObject *runs = as_runs(obj);
+    if (!runs)
+        return NULL;
+    const int64_t *r = (const int64_t *)PyArray_DATA(runs);
+    npy_intp n = PyArray_SIZE(runs) / 2;
+    unsigned long long copied = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n; i++) {
+        unsigned long long a = (unsigned long long)r[2 * i] * ps;
+        unsigned long long b = (unsigned long long)r[2 * i + 1] * ps;
+        if (a < lo)
+            a = lo;
+        if (b > hi)
+            b = hi;
+        if (a >= b)
+            continue;
+        memcpy((void *)(uintptr_t)(dst + a), (const void *)(uintptr_t)(src + a), b - a);
+        copied += b - a;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(runs);
+    return PyLong_FromUnsignedLongLong(copied);
+}
+
+static PyObject *py_madvise_runs(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base", "runs", "advice", "page_size", NULL};
+    unsigned long long base, ps = 4096;
+    int advice;
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOi|K:madvise_runs", kwlist, &base, &obj,
+                                     &advice, &ps))
+        return NULL;
+    PyArrayObject *runs = as_runs(obj);
+    if (!runs)
+        return NULL;
+    const int64_t *r = (const int64_t *)PyArray_DATA(runs);
+    npy_intp n = PyArray_SIZE(runs) / 2;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n && !err; i++) {
+        if (r[2 * i + 1] == r[2 * i])
+            continue;
+        if (madvise((void *)(uintptr_t)(base + (unsigned long long)r[2 * i] * ps),
+                    (size_t)(r[2 * i + 1] - r[2 * i]) * ps, advice) < 0)
+            err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(runs);
+    if (err)
+        return pw_raise_errno(err, "madvise");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_differing_pages(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"a", "b", "runs", "lo", "hi", "page_size", NULL};
+    unsigned long long a, b, lo, hi, ps = 4096;
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KKOKK|K:differing_pages", kwlist, &a, &b, &obj,
+                                     &lo, &hi, &ps))
+        return NULL;
+    if (ps == 0) {
+        PyErr_SetString(PyExc_ValueError, "page_size must be > 0");
+        return NULL;
+    }
+    PyArrayObject *runs = as_runs(obj);
+    if (!runs)
+        return NULL;
+    const int64_t *r = (const int64_t *)PyArray_DATA(runs);
+    npy_intp n = PyArray_SIZE(runs) / 2, total = 0;
+    for (npy_intp i = 0; i < n; i++)
+        total += (npy_intp)(r[2 * i + 1] - r[2 * i]);
+    npy_intp dims[1] = {total};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (!out) {
+        Py_DECREF(runs);
+        return NULL;
+    }
+    int64_t *o = (int64_t *)PyArray_DATA(out);
+    npy_intp found = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n; i++)
+        for (int64_t p = r[2 * i]; p < r[2 * i + 1]; p++) {
+            unsigned long long x = (unsigned long long)p * ps, y = x + ps;
+            if (x < lo)
+                x = lo;
+            if (y > hi)
+                y = hi;
+            if (x < y && memcmp((const void *)(uintptr_t)(a + x),
+                                (const void *)(uintptr_t)(b + x), y - x))
+                o[found++] = p;
+        }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(runs);
+    PyObject *res = PySequence_GetSlice((PyObject *)out, 0, found);
+    Py_DECREF(out);
+    return res;
+}
+
+PyMethodDef pw_copy_methods[] = {
+    {"copy_runs", (PyCFunction)(void (*)(void))py_copy_runs, METH_VARARGS | METH_KEYWORDS,
+     "copy_runs(dst, src, runs, lo, hi, page_size=4096) -> bytes copied: for each run of\n"
+     "pages, copy [max(first*page_size, lo), min(end*page_size, hi)) from src+off to dst+off."},
+    {"madvise_runs", (PyCFunction)(void (*)(void))py_madvise_runs, METH_VARARGS | METH_KEYWORDS,
+     "madvise_runs(base, runs, advice, page_size=4096): madvise each run of pages."},
+    {"differing_pages", (PyCFunction)(void (*)(void))py_differing_pages,
+     METH_VARARGS | METH_KEYWORDS,
+     "differing_pages(a, b, runs, lo, hi, page_size=4096) -> int64 array of the pages of\n"
+     "runs whose bytes in [lo, hi) differ between a+off and b+off."},
+    {NULL, NULL, 0, NULL},
+};

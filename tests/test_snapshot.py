@@ -1,0 +1,341 @@
+"""Snapshot: restore and update rewrite only the written pages, exactly, for every backend.
+
+The random sequences against a numpy model are in test_snapshot_model.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import pagewatch as pw
+from pagewatch import _native
+from pagewatch import snapshot as snapshot_mod
+from pagewatch.backends.base import BACKENDS, backend_class
+from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE
+from pagewatch.kernel.pagemap import read_pagemap
+
+MADV_HUGEPAGE = 14
+HUGE = 2 << 20
+
+
+def _backend_params() -> list[object]:
+    params = []
+    for name in BACKENDS:
+        try:
+            ok, why = backend_class(name).available()
+        except ImportError as exc:
+            ok, why = False, f"not built: {exc}"
+        params.append(pytest.param(name, id=name, marks=[
+            pytest.mark.backend(name),
+            pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")]))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def aligned_array(npages: int) -> np.ndarray:
+    """A page-aligned uint8 array in its own anonymous mapping."""
+    mm = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(mm, np.uint8)
+
+
+def make(kind: str, npages: int) -> np.ndarray:
+    if kind == "anonymous":
+        return aligned_array(npages)
+    return pw.snapshot_array(npages * PAGE_SIZE, np.uint8)
+
+
+def fill(a: np.ndarray, seed: int) -> None:
+    a[:] = np.random.default_rng(seed).integers(0, 256, a.size, dtype=np.uint8)
+
+
+KINDS = ["anonymous", "snapshot_array"]
+
+
+# ---- exactness ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_restore_puts_the_baseline_back_and_the_next_diff_is_empty(backend: str,
+                                                                   kind: str) -> None:
+    a = make(kind, 64)
+    fill(a, 1)
+    base = a.copy()
+    with pw.Snapshot(a, backend=backend) as snap:
+        assert snap.method == ("dontneed" if kind == "snapshot_array" else "copy")
+        a[3 * PAGE_SIZE + 7] ^= 0xFF
+        a[10 * PAGE_SIZE:14 * PAGE_SIZE] = 9
+        a[-1] ^= 1
+        assert set(snap.diff().pages().tolist()) == {3, 10, 11, 12, 13, 63}
+        rewritten = snap.restore()
+        assert set(rewritten.pages().tolist()) == {3, 10, 11, 12, 13, 63}
+        assert np.array_equal(a, base)
+        assert not snap.diff()
+        # and again: the pages restored are tracked as before
+        a[10 * PAGE_SIZE] ^= 1
+        assert snap.diff().pages().tolist() == [10]
+        snap.restore()
+        assert np.array_equal(a, base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_makes_the_current_content_the_baseline(backend: str, kind: str) -> None:
+    a = make(kind, 32)
+    fill(a, 2)
+    with pw.Snapshot(a, backend=backend) as snap:
+        a[5 * PAGE_SIZE:6 * PAGE_SIZE] = 1
+        assert snap.update().pages().tolist() == [5]
+        assert not snap.diff()
+        saved = a.copy()
+        a[5 * PAGE_SIZE] = 2
+        a[20 * PAGE_SIZE] ^= 3
+        assert snap.restore().pages().tolist() == [5, 20]
+        assert np.array_equal(a, saved)
+
+
+def test_restore_of_an_unaligned_target_leaves_its_neighbours_on_shared_pages_alone(
+        backend: str) -> None:
+    outer = aligned_array(8)
+    fill(outer, 3)
+    target = outer[100:-100]  # shares page 0 and page 7 with 100 bytes each
+    base = target.copy()
+    with pw.Snapshot(target, backend=backend) as snap:
+        target[:] = 0
+        outer[:100] = 0xAA
+        outer[-100:] = 0xBB
+        snap.restore()
+        assert np.array_equal(target, base)
+        assert (outer[:100] == 0xAA).all() and (outer[-100:] == 0xBB).all()
+
+
+def test_restore_by_dropping_maps_the_memfd_page_again_instead_of_copying() -> None:
+    a = pw.snapshot_array(16 * PAGE_SIZE, np.uint8)
+    a[:] = 7
+    with pw.Snapshot(a) as snap:
+        a[4 * PAGE_SIZE] = 1
+        start = a.ctypes.data + 4 * PAGE_SIZE
+
+        def is_file_page() -> bool:
+            return bool(int(read_pagemap("self", start, start + PAGE_SIZE)[0]) & PM_FILE)
+
+        assert not is_file_page()  # the write made a private copy
+        snap.restore()
+        assert a[4 * PAGE_SIZE] == 7
+        assert is_file_page()  # read back from the memfd: no copy was made
+
+
+def test_update_of_a_snapshot_array_writes_the_memfd_so_a_page_dropped_later_reads_it(
+        backend: str) -> None:
+    a = pw.snapshot_array(8 * PAGE_SIZE, np.uint8)
+    with pw.Snapshot(a, backend=backend) as snap:
+        a[2 * PAGE_SIZE:3 * PAGE_SIZE] = 5
+        snap.update()
+        # the program drops the page itself: it must come back with the new baseline
+        _native.madvise(a.ctypes.data + 2 * PAGE_SIZE, PAGE_SIZE, mmap.MADV_DONTNEED)
+        assert (a[2 * PAGE_SIZE:3 * PAGE_SIZE] == 5).all()
+        a[2 * PAGE_SIZE] = 6
+        snap.restore()
+        assert (a[2 * PAGE_SIZE:3 * PAGE_SIZE] == 5).all()
+        assert not a[:2 * PAGE_SIZE].any() and not a[3 * PAGE_SIZE:].any()
+
+
+# ---- shape, method, memory ----------------------------------------------------------------
+
+def test_a_dict_or_list_of_targets_is_one_snapshot_with_results_shaped_alike() -> None:
+    grid, agents = aligned_array(4), pw.snapshot_array(2 * PAGE_SIZE, np.uint8)
+    with pw.Snapshot({"grid": grid, "agents": agents}) as snap:
+        assert snap.method == "mixed"
+        assert "snapshot_array" in snap.method_reason
+        grid[0] = 1
+        agents[PAGE_SIZE] = 1
+        d = snap.diff()
+        assert set(d) == {"grid", "agents"}
+        assert d["grid"].pages().tolist() == [0] and d["agents"].pages().tolist() == [1]
+        r = snap.restore()
+        assert isinstance(r, dict) and len(r["agents"]) == 1
+        assert not grid.any() and not agents.any()
+    with pw.Snapshot([grid, agents]) as snap:
+        grid[PAGE_SIZE] = 3
+        d = snap.diff()
+        assert isinstance(d, list) and d[0].pages().tolist() == [1] and not d[1]
+        assert snap.nbytes_baseline == 6 * PAGE_SIZE
+
+
+def test_the_method_and_its_reason_are_reported() -> None:
+    plain = aligned_array(4)
+    with pw.Snapshot(plain) as snap:
+        assert snap.method == "copy" and "snapshot_array" in snap.method_reason
+    with pytest.raises(ValueError, match="dontneed"):
+        pw.Snapshot(plain, method="dontneed")
+    a = pw.snapshot_array(8 * PAGE_SIZE, np.uint8)
+    with pw.Snapshot(a) as first:
+        assert first.method == "dontneed"
+        with pw.Snapshot(a) as second:  # the memfd holds the first one's baseline
+            assert second.method == "copy" and "another snapshot" in second.method_reason
+    with pw.Snapshot(a[10:]) as part:
+        assert part.method == "copy" and "page boundaries" in part.method_reason
+    with pw.Snapshot(a[PAGE_SIZE:3 * PAGE_SIZE]) as part:
+        assert part.method == "dontneed"
+    with pw.Snapshot(a, method="copy") as snap:
+        assert snap.method == "copy" and snap.method_reason == "asked for (method='copy')"
+    with pytest.raises(ValueError, match="method"):
+        pw.Snapshot(a, method="fork")
+
+
+def test_nbytes_baseline_counts_the_pages_the_baseline_holds() -> None:
+    outer = aligned_array(4)
+    with pw.Snapshot(outer[10:PAGE_SIZE + 20]) as snap:  # covers 2 pages
+        assert snap.nbytes_baseline == 2 * PAGE_SIZE
+    with pw.Snapshot(pw.snapshot_array(3 * PAGE_SIZE + 1, np.uint8)) as snap:
+        assert snap.nbytes_baseline == 4 * PAGE_SIZE
+
+
+def test_a_baseline_larger_than_available_memory_fails_up_front(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = aligned_array(64)
+    monkeypatch.setattr(snapshot_mod, "_available_memory", lambda: 16 * PAGE_SIZE)
+    with pytest.raises(pw.PagewatchError, match="available") as info:
+        pw.Snapshot(a)
+    assert info.value.errno == errno.ENOMEM
+    # a snapshot_array needs no copy: it is not refused
+    with pw.Snapshot(pw.snapshot_array(64 * PAGE_SIZE, np.uint8)) as snap:
+        assert snap.method == "dontneed"
+
+
+def test_a_baseline_larger_than_the_machine_is_refused_before_anything_is_copied() -> None:
+    size = snapshot_mod._available_memory() + (256 << 20)
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)  # NORESERVE
+    try:
+        with pytest.raises(pw.PagewatchError, match="MiB are available"):
+            pw.Snapshot(mm)
+        assert int(read_pagemap("self", _native.buffer_info(mm)[0],
+                                _native.buffer_info(mm)[0] + PAGE_SIZE)[0]) >> 63 == 0
+    finally:
+        mm.close()
+
+
+def test_a_closed_snapshot_refuses_work_and_leaves_the_target_as_it_is() -> None:
+    a = aligned_array(4)
+    snap = pw.Snapshot(a)
+    a[0] = 1
+    snap.close()
+    snap.close()
+    assert snap.closed and a[0] == 1
+    with pytest.raises(ValueError, match="closed"):
+        snap.restore()
+
+
+# ---- neighbours: other snapshots, trackers, fork ------------------------------------------
+
+def test_snapshots_and_a_tracker_on_the_same_memory_do_not_disturb_each_other(
+        backend: str) -> None:
+    a = aligned_array(32)
+    with pw.Snapshot(a, backend=backend) as s1, pw.Tracker(a, backend=backend) as t:
+        a[0:PAGE_SIZE] = 1
+        with pw.Snapshot(a, backend=backend) as s2:
+            a[PAGE_SIZE * 5] = 2
+            s1.restore()  # writes pages 0 and 5 back: the others see that as writes
+            assert not a.any()
+            # compare sees content: back to what it saw first, nothing changed for it
+            assert t.collect().pages().tolist() == ([] if backend == "compare" else [0, 5])
+            # s2's baseline has page 0 == 1, page 5 == 0 (compare sees no change there)
+            assert s2.diff().pages().tolist() == ([0] if backend == "compare" else [0, 5])
+            s2.restore()
+            assert a[0] == 1 and a[5 * PAGE_SIZE] == 0
+            assert 0 in s1.diff().pages().tolist()
+            s1.restore()
+            assert not a.any()
+
+
+def test_a_forked_child_writing_its_copy_leaves_the_parents_snapshot_exact(
+        backend: str) -> None:
+    a = make("snapshot_array", 16)
+    fill(a, 4)
+    base = a.copy()
+    with pw.Snapshot(a, backend=backend) as snap:
+        a[PAGE_SIZE] ^= 1
+        pid = os.fork()
+        if pid == 0:  # child: write its copy everywhere, then leave without cleanup
+            try:
+                a[:] = 0
+                code = 0 if not a.any() else 1
+            finally:
+                os._exit(locals().get("code", 2))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        a[2 * PAGE_SIZE] ^= 1
+        assert snap.diff().pages().tolist() == [1, 2]
+        snap.restore()
+        assert np.array_equal(a, base)
+
+
+# ---- concurrent writers -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_write_racing_restore_is_undone_or_reported(backend: str, kind: str) -> None:
+    """Dropping restores (snapshot_array) promise it always; copy-back with check=True."""
+    npages = 1024
+    a = make(kind, npages)
+    # each page written twice, at random moments: the second write may fall inside the
+    # restore that rewrites the page after the first
+    order = np.random.default_rng(8).permutation(np.tile(np.arange(npages), 2))
+    with pw.Snapshot(a, backend=backend) as snap:
+        done = threading.Event()
+
+        def writer() -> None:
+            for p in order.tolist():
+                _native.poke(a.ctypes.data + p * PAGE_SIZE, 1, 1, 0x5A)
+            done.set()
+
+        th = threading.Thread(target=writer)
+        rounds = 0
+        th.start()
+        while not done.is_set() or rounds < 3:
+            snap.restore(check=kind == "anonymous")
+            rounds += 1
+        th.join()
+        d = snap.diff().bitmap()
+        holds = a.reshape(npages, PAGE_SIZE)[:, 0] == 0x5A
+        assert not (holds & ~d).any(), f"{int((holds & ~d).sum())} racing writes lost"
+        snap.restore()
+        assert not a.any()
+
+
+# ---- huge pages ------------------------------------------------------------------------
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "absent"
+
+
+@pytest.mark.skipif(_thp_mode() in ("never", "absent"),
+                    reason=f"transparent huge pages are {_thp_mode()} on this kernel")
+def test_a_target_on_transparent_huge_pages_kept_restores_exactly(backend: str) -> None:
+    mm = mmap.mmap(-1, 4 * HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = _native.buffer_info(mm)[0]
+    start = -(-addr // HUGE) * HUGE
+    _native.madvise(start, 2 * HUGE, MADV_HUGEPAGE)
+    a = np.frombuffer(mm, np.uint8)[start - addr:start - addr + 2 * HUGE]
+    fill(a, 5)
+    base = a.copy()
+    with pw.Snapshot(a, backend=backend, huge_pages="keep") as snap:
+        a[100] ^= 1
+        a[HUGE + 12345] ^= 1
+        snap.restore()
+        assert np.array_equal(a, base)
+        a[HUGE - 1] ^= 1
+        snap.restore()
+        assert np.array_equal(a, base)
+    del a
+    mm.close()
