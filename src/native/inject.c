@@ -713,6 +713,7 @@ static void *tracer_main(void *arg)
  * the threads, which go on.
  */
 #define PW_PF_IO_WORKER 0x10
+#define PW_PF_EXITING 0x4
 enum { FT_WAIT, FT_STOPPED, FT_GONE, FT_TRACER, FT_UNFROZEN };
 enum { FZ_FREEZING, FZ_FROZEN, FZ_FAILED, FZ_DONE };
 
@@ -829,6 +830,13 @@ static int frz_seize(struct freezer *f, int i)
     if (e == EPERM && (th->tr = tracer_holding(th->tid)) != NULL) {
         th->state = FT_TRACER;
         tracer_freeze(th->tr, 1);
+        return 0;
+    }
+    /* The kernel refuses to seize a thread that is exiting (PF_EXITING), and our own run
+     * tracer may have reaped it since the look above: both are gone, not a refusal. */
+    st = task_state(f->pid, th->tid, &flags);
+    if (e == EPERM && (st == 'Z' || st == 'X' || (flags & PW_PF_EXITING))) {
+        th->state = FT_GONE;
         return 0;
     }
     return frz_fail(f, e, "PTRACE_SEIZE", th->tid);
@@ -1314,6 +1322,14 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     pthread_join(t->th, NULL);
     Py_END_ALLOW_THREADS
+    /* The end the thread saw, if Python has not read it: its wait may have reaped the child. */
+    struct pw_event e;
+    int gone = 0, status = 0;
+    while (read(t->ev_r, &e, sizeof e) == (ssize_t)sizeof e)
+        if (e.kind == EV_GONE) {
+            gone = 1;
+            status = e.a;
+        }
     close(t->ev_r);
     close(t->ev_w);
     pthread_mutex_destroy(&t->mu);
@@ -1321,6 +1337,8 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
     pthread_mutex_lock(&tracers_mu);
     t->used = 0;
     pthread_mutex_unlock(&tracers_mu);
+    if (gone)
+        return PyLong_FromLong(status);
     Py_RETURN_NONE;
 #else
     return no_inject();
@@ -1447,7 +1465,8 @@ PyMethodDef pw_inject_methods[] = {
     {"tracer_release", py_tracer_release, METH_VARARGS,
      "tracer_release(handle): let the child held at an exec or exit stop go on."},
     {"tracer_stop", py_tracer_stop, METH_VARARGS,
-     "tracer_stop(handle): detach (if still attached) and end the tracer thread."},
+     "tracer_stop(handle): detach (if still attached) and end the tracer thread; returns the\n"
+     "wait status of an end (EV_GONE) the thread saw that was not read, else None."},
     {"freeze", py_freeze, METH_VARARGS,
      "freeze(pid, timeout_ms) -> handle\n"
      "Stop every thread of process `pid` (PTRACE_SEIZE + PTRACE_INTERRUPT from a worker "

@@ -440,7 +440,9 @@ class Run:
                 next_t = max(next_t + self.interval, time.monotonic())
 
     def close(self) -> None:
-        _native.tracer_stop(self.handle)
+        unread = _native.tracer_stop(self.handle)
+        if self.status is None and unread is not None and unread >= 0:
+            self.status = unread  # the tracer reaped it (an error here left that unread)
         if self.status is None:  # detached early (an error): let it finish, as the shell would
             self.status = os.waitpid(self.pid, 0)[1]
         if self.tracker is not None:
