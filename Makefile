@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 $(STAMP): pyproject.toml setup.py $(wildcard src/native/*.c src/native/*.h)
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,cli,plot]'
+	$(VPY) -m pip install -q -e '.[test,cli,plot,exporter]'
 	touch $(STAMP)
 
 # The main job: what this machine's kernel offers, each "no" with its reason.
