@@ -262,6 +262,7 @@ def test_cli_rejects_an_unknown_backend(capsys: Any) -> None:
     assert "unknown backend nope" in capsys.readouterr().err
 
 
+@pytest.mark.kernel_independent  # the render; the bench it draws is tested on every kernel
 @pytest.mark.backend("uffd-async")
 def test_cli_plot_writes_a_png(tmp_path: Any) -> None:
     # One render only: under the matrix's emulated CPU each costs half a minute.

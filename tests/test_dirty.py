@@ -10,6 +10,8 @@ import pytest
 
 from pagewatch import DirtyPages
 
+pytestmark = pytest.mark.kernel_independent  # numpy only: nothing here touches the kernel
+
 PS = 4096
 BASE = 0x7F0000000000
 

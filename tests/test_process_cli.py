@@ -386,6 +386,7 @@ def test_heatmap_puts_written_pages_at_their_addresses_with_gaps_removed(
     assert [name for _, name in labels] == ["a", "b"]
 
 
+@pytest.mark.kernel_independent
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
     f = tmp_path / "s.jsonl"

@@ -15,6 +15,11 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+def in_emulated_guest() -> bool:
+    """Whether the suite runs in a guest of the kernel matrix (5-10x slower under TCG)."""
+    return os.environ.get("PAGEWATCH_KERNEL_MATRIX", "host") != "host"
+
+
 def duration(default: float = 1.5) -> float:
     """How long concurrency tests run (env PAGEWATCH_TEST_SECONDS scales them)."""
     return float(os.environ.get("PAGEWATCH_TEST_SECONDS", default))

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.vm import BACKENDS, matrix
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +56,7 @@ def run_sample(tmp_path: Path) -> dict[str, dict[str, Any]]:
     return {t["nodeid"].split("::")[1]: t for t in data["tests"]}
 
 
+@pytest.mark.kernel_independent
 def test_the_report_records_outcome_reason_and_backend(tmp_path: Path) -> None:
     t = run_sample(tmp_path)
     assert (t["test_marked"]["outcome"], t["test_marked"]["backend"]) == ("passed", "soft-dirty")
@@ -80,11 +83,13 @@ def every_backend_passes(extra: str = "") -> list[dict[str, Any]]:
             for b in BACKENDS]
 
 
+@pytest.mark.kernel_independent
 def test_the_guard_passes_a_clean_matrix() -> None:
     cols = [column("host", every_backend_passes()), column("6.12", every_backend_passes())]
     assert matrix.guard(cols) == []
 
 
+@pytest.mark.kernel_independent
 def test_the_guard_names_a_failure_a_test_skipped_everywhere_and_a_backend_never_run() -> None:
     host = every_backend_passes()
     host[1] = {**host[1], "outcome": "skipped", "reason": "no soft-dirty"}
@@ -105,6 +110,7 @@ def test_the_guard_names_a_failure_a_test_skipped_everywhere_and_a_backend_never
     assert "skipped on every kernel (1 tests): t::b[soft-dirty]" in text
 
 
+@pytest.mark.kernel_independent
 def test_the_guard_wants_what_a_debian_kernel_has_exercised_there() -> None:
     on_61 = [{**t, "outcome": "skipped", "reason": "not built"}
              if t["backend"] == "uffd-sync" else t for t in every_backend_passes()]
@@ -113,6 +119,7 @@ def test_the_guard_wants_what_a_debian_kernel_has_exercised_there() -> None:
                         "(not built)"]
 
 
+@pytest.mark.kernel_independent
 def test_the_guard_fails_a_kernel_without_results_or_with_an_abnormal_pytest_exit() -> None:
     ok = column("host", every_backend_passes())
     broken = {"label": "6.12", "error": "the run left no results (exit 255)", "tests": None}
