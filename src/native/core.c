@@ -9,6 +9,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -148,23 +150,105 @@ static PyObject *py_pagemap_scan_once(PyObject *self, PyObject *args, PyObject *
     return Py_BuildValue("(iKN)", ret, (unsigned long long)arg->walk_end, regions);
 }
 
-int pw_scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_arg *tmpl,
-                 int want_output, size_t capacity, struct pw_scan *out)
+/*
+ * The output vector of the tracking loop: each thread keeps one (freed when it exits), so a
+ * collect allocates nothing but its result.  It is sized from the range (at most n/2 + 1
+ * runs in n pages), up to SCRATCH_KEEP runs; a larger answer moves to a malloc'd vector
+ * grown by doubling, freed after the call.
+ */
+#define SCRATCH_KEEP ((size_t)(4u << 20) / sizeof(struct pw_page_region))
+
+struct scratch {
+    struct pw_page_region *buf;
+    size_t cap;
+};
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok;
+
+static void scratch_free(void *p)
 {
-    /* Hoisted: sysconf() per run cost ~90 us per collect of 16k runs. */
-    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    struct scratch *s = p;
+    free(s->buf);
+    free(s);
+}
+
+static void scratch_init(void)
+{
+    scratch_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+/* This thread's scratch vector with room for `want` runs (want <= SCRATCH_KEEP), or NULL. */
+static struct scratch *scratch_get(size_t want)
+{
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_ok)
+        return NULL;
+    struct scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof(*s))))
+            return NULL;
+        if (pthread_setspecific(scratch_key, s)) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->cap < want) {
+        size_t cap = s->cap * 2 > want ? s->cap * 2 : want;
+        if (cap > SCRATCH_KEEP)
+            cap = SCRATCH_KEEP;
+        struct pw_page_region *nb = malloc(cap * sizeof(*nb));
+        if (!nb)
+            return NULL;
+        free(s->buf);
+        s->buf = nb;
+        s->cap = cap;
+    }
+    return s;
+}
+
+/*
+ * The PAGEMAP_SCAN loop, with no Python in it.  `tmpl` gives flags, masks and max_pages;
+ * start, end, vec and vec_len are the loop's.  With want_output, out->buf holds out->n runs
+ * in address order (out->owned: malloc'd here, the caller frees it; otherwise it is the
+ * thread's scratch vector, valid until this thread's next call).  Stops at end, at
+ * max_pages, or when the kernel makes no progress (out->walk_end < end then).  Returns 0 or
+ * an errno.  Call without the GIL, or with it for a small range.
+ */
+static int scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_arg *tmpl,
+                     int want_output, struct pw_scan *out)
+{
+    /* Shifts, not divisions by a run-time page size (a 64-bit division per run cost ~14 %
+     * of a get of 16k runs). */
+    const unsigned shift = pw_page_shift();
     const uint64_t max_pages = tmpl->max_pages;
-    size_t cap = want_output ? (capacity < 16 ? 16 : capacity) : 0, n = 0;
+    size_t cap = 0, n = 0;
+    int owned = 0;
     struct pw_page_region *buf = NULL;
+    if (want_output) {
+        uint64_t bound = ((end - start) >> shift) / 2 + 2;
+        if (max_pages && max_pages + 2 < bound)
+            bound = max_pages + 2;
+        struct scratch *s = scratch_get(bound < SCRATCH_KEEP ? (size_t)bound : SCRATCH_KEEP);
+        if (!s)
+            return ENOMEM;
+        buf = s->buf;
+        cap = s->cap;
+    }
     uint64_t found = 0, cursor = start;
     int err = 0;
-    if (cap && !(buf = malloc(cap * sizeof(*buf))))
-        return ENOMEM;
     while (cursor < end) {
         if (max_pages && found >= max_pages)
             break;
         if (want_output && n == cap) {
-            struct pw_page_region *nb = realloc(buf, 2 * cap * sizeof(*buf));
+            struct pw_page_region *nb;
+            if (owned) {
+                nb = realloc(buf, 2 * cap * sizeof(*buf));
+            } else if ((nb = malloc(2 * cap * sizeof(*buf)))) {
+                memcpy(nb, buf, n * sizeof(*buf));
+                owned = 1;
+            }
             if (!nb) {
                 err = ENOMEM;
                 break;
@@ -204,7 +288,7 @@ int pw_scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_a
             }
         }
         for (int i = 0; i < ret; i++)
-            found += (buf[n + i].end - buf[n + i].start) / page;
+            found += (buf[n + i].end - buf[n + i].start) >> shift;
         /* Merge the first new run into the last old one when the stop split a run. */
         if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
             buf[n - 1].categories == buf[n].categories) {
@@ -219,16 +303,53 @@ int pw_scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_a
     }
     out->buf = buf;
     out->n = n;
-    out->cap = cap;
+    out->owned = owned;
     out->walk_end = cursor > end ? end : cursor;
     out->pages = found;
     return err;
 }
 
+/* Ranges up to this many bytes are scanned with the GIL held: releasing and taking it
+ * back costs about as much as walking them. */
+#define SCAN_KEEP_GIL ((uint64_t)2 << 20)
+
+static int scan_maybe_nogil(int fd, uint64_t start, uint64_t end,
+                            const struct pw_pm_scan_arg *tmpl, int want_output,
+                            struct pw_scan *res)
+{
+    int err;
+    if (end - start <= SCAN_KEEP_GIL)
+        return scan_loop(fd, start, end, tmpl, want_output, res);
+    Py_BEGIN_ALLOW_THREADS
+    err = scan_loop(fd, start, end, tmpl, want_output, res);
+    Py_END_ALLOW_THREADS
+    return err;
+}
+
+/* int64 (n, 2) [first, end) page indices from `base`, categories dropped: the form
+ * DirtyPages keeps, made while copying out. */
+static PyObject *runs_from(const struct pw_scan *res, uint64_t base)
+{
+    const unsigned shift = pw_page_shift();
+    const uint64_t round = ((uint64_t)1 << shift) - 1;
+    npy_intp dims[2] = {(npy_intp)res->n, 2};
+    PyArrayObject *out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_INT64, 0);
+    if (!out)
+        return NULL;
+    int64_t *o = PyArray_DATA(out);
+    const struct pw_page_region *buf = res->buf;
+    for (size_t i = 0; i < res->n; i++) {
+        o[2 * i] = (int64_t)((buf[i].start - base) >> shift);
+        o[2 * i + 1] = (int64_t)((buf[i].end - base + round) >> shift);
+    }
+    return (PyObject *)out;
+}
+
 /*
- * The tracking loop (pw_scan_loop) for Python.  Returns (regions as an (n, 3) uint64 array,
- * walk_end, pages found), or with pages_base >= 0 int64 (n, 2) page runs from that address.
+ * The tracking loop for Python.  Returns (regions as an (n, 3) uint64 array, walk_end,
+ * pages found), or with pages_base >= 0 int64 (n, 2) page runs from that address.
  * Without output (want_output false) the kernel is passed vec = NULL, vec_len = 0.
+ * `capacity` is accepted and ignored: the vector is sized from the range.
  */
 static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -243,47 +364,76 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
                                      &start, &end, &flags, &cmask, &cinv, &cany, &rmask,
                                      &max_pages, &capacity, &want_output, &pages_base))
         return NULL;
+    if (end < start)
+        end = start;
     const struct pw_pm_scan_arg tmpl = {
         .flags = flags, .max_pages = max_pages, .category_inverted = cinv,
         .category_mask = cmask, .category_anyof_mask = cany, .return_mask = rmask,
     };
-    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     struct pw_scan res = {0};
-    int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = pw_scan_loop(fd, start, end, &tmpl, want_output, capacity, &res);
-    Py_END_ALLOW_THREADS
-    struct pw_page_region *buf = res.buf;
-    npy_intp n = (npy_intp)res.n;
+    int err = scan_maybe_nogil(fd, start, end, &tmpl, want_output, &res);
+    PyObject *out = NULL;
     if (err) {
-        free(buf);
-        return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
-    }
-    PyArrayObject *out;
-    if (pages_base >= 0) {
-        /* Runs as int64 [first, end) page indices from pages_base, categories dropped: the
-         * form DirtyPages keeps, made while copying out instead of by three numpy passes. */
-        npy_intp dims[2] = {n, 2};
-        out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_INT64, 0);
-        if (out) {
-            int64_t *o = PyArray_DATA(out);
-            uint64_t b = (uint64_t)pages_base;
-            for (npy_intp i = 0; i < n; i++) {
-                o[2 * i] = (int64_t)((buf[i].start - b) / page);
-                o[2 * i + 1] = (int64_t)((buf[i].end - b + page - 1) / page);
-            }
-        }
+        pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
+    } else if (pages_base >= 0) {
+        out = runs_from(&res, (uint64_t)pages_base);
     } else {
-        npy_intp dims[2] = {n, 3};
-        out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_UINT64, 0);
-        if (out && n)
-            memcpy(PyArray_DATA(out), buf, n * sizeof(*buf));
+        npy_intp dims[2] = {(npy_intp)res.n, 3};
+        out = PyArray_EMPTY(2, dims, NPY_UINT64, 0);
+        if (out && res.n)
+            memcpy(PyArray_DATA((PyArrayObject *)out), res.buf, res.n * sizeof(*res.buf));
     }
-    free(buf);
+    if (res.owned)
+        free(res.buf);
     if (!out)
         return NULL;
     return Py_BuildValue("(NKK)", out, (unsigned long long)res.walk_end,
                          (unsigned long long)res.pages);
+}
+
+/*
+ * scan_runs(fd, start, end, base, flags, mask, max_pages) -> (runs, walk_end, pages):
+ * the tracker's collect in one call, positional arguments only (no keyword parsing on the
+ * path every collect takes).  Pages matching `mask` (category_mask = return_mask) as int64
+ * (n, 2) [first, end) page indices from `base`.  Raises OSError(errno).
+ */
+static PyObject *py_scan_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scan_runs(fd, start, end, base, flags, mask, max_pages)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    unsigned long long v[6];
+    for (int i = 0; i < 6; i++)
+        v[i] = PyLong_AsUnsignedLongLong(args[i + 1]);
+    if (PyErr_Occurred())
+        return NULL;
+    uint64_t start = v[0], end = v[1] < v[0] ? v[0] : v[1];
+    const struct pw_pm_scan_arg tmpl = {
+        .flags = v[3], .max_pages = v[5], .category_mask = v[4], .return_mask = v[4],
+    };
+    struct pw_scan res = {0};
+    int err = scan_maybe_nogil(fd, start, end, &tmpl, 1, &res);
+    PyObject *out = err ? pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)") : runs_from(&res, v[2]);
+    if (res.owned)
+        free(res.buf);
+    if (!out)
+        return NULL;
+    PyObject *t = PyTuple_New(3);
+    if (!t) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, out);
+    PyTuple_SET_ITEM(t, 1, PyLong_FromUnsignedLongLong(res.walk_end));
+    PyTuple_SET_ITEM(t, 2, PyLong_FromUnsignedLongLong(res.pages));
+    if (!PyTuple_GET_ITEM(t, 1) || !PyTuple_GET_ITEM(t, 2)) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return t;
 }
 
 /* ---- pidfd, memory, buffers ------------------------------------------------------- */
@@ -401,6 +551,9 @@ PyMethodDef pw_core_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "One PAGEMAP_SCAN ioctl -> (ret, walk_end, regions)."},
     {"pagemap_scan", (PyCFunction)(void (*)(void))py_pagemap_scan, METH_VARARGS | METH_KEYWORDS,
      "PAGEMAP_SCAN looped until done -> (regions, walk_end, pages)."},
+    {"scan_runs", (PyCFunction)(void (*)(void))py_scan_runs, METH_FASTCALL,
+     "scan_runs(fd, start, end, base, flags, mask, max_pages) -> (int64 (n, 2) page runs "
+     "from base, walk_end, pages): the PAGEMAP_SCAN loop for a tracker's collect."},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, targetfd, flags=0) -> fd."},
     {"madvise", py_madvise, METH_VARARGS, "madvise(addr, len, advice)."},
     {"msync", py_msync, METH_VARARGS, "msync(addr, len, flags): ENOMEM if not all mapped."},

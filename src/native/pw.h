@@ -13,6 +13,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <unistd.h>
 
 /* ---- include/uapi/linux/fs.h: PAGEMAP_SCAN (Linux 6.7) ---------------------------- */
 struct pw_page_region {
@@ -80,19 +81,21 @@ struct pw_uffd_msg {
 
 /* ---- helpers shared between files -------------------------------------------------- */
 
-/* The PAGEMAP_SCAN loop (core.c), with no Python in it: the library and the benchmark's
- * C floor run this same code.  `tmpl` gives flags, masks and max_pages; start, end, vec and
- * vec_len are the loop's.  With want_output, `out->buf` (malloc'd, grown by doubling, the
- * caller frees it) holds out->n runs in address order.  Stops at end, at max_pages, or
- * when the kernel makes no progress (out->walk_end < end then).  Returns 0 or an errno.
- * Call without the GIL. */
+/* A result of core.c's PAGEMAP_SCAN loop. */
 struct pw_scan {
     struct pw_page_region *buf;
-    size_t n, cap;
+    size_t n;
+    int owned;
     uint64_t walk_end, pages;
 };
-int pw_scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_scan_arg *tmpl,
-                 int want_output, size_t capacity, struct pw_scan *out);
+/* log2 of the page size, as a shift (read once). */
+static inline unsigned pw_page_shift(void)
+{
+    static unsigned shift;
+    if (!shift)
+        shift = (unsigned)__builtin_ctzll((unsigned long long)sysconf(_SC_PAGESIZE));
+    return shift;
+}
 /* Raise OSError(errno) with a message naming the call; returns NULL for `return`. */
 PyObject *pw_raise_errno(int err, const char *what);
 

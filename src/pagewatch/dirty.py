@@ -6,26 +6,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from . import _intervals
 from .kernel.constants import PAGE_SIZE
 
 __all__ = ["DirtyPages"]
-
-
-def _normalise(runs: np.ndarray) -> np.ndarray:
-    """Sort runs and merge the ones that touch or overlap."""
-    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-    runs = runs[runs[:, 1] > runs[:, 0]]
-    if len(runs) <= 1:
-        return np.ascontiguousarray(runs)
-    runs = runs[np.argsort(runs[:, 0], kind="stable")]
-    # A run starts a new group when it begins after every earlier run ended.
-    ends = np.maximum.accumulate(runs[:, 1])
-    new = np.empty(len(runs), dtype=bool)
-    new[0] = True
-    new[1:] = runs[1:, 0] > ends[:-1]
-    starts = runs[new, 0]
-    group_end = np.maximum.reduceat(runs[:, 1], np.flatnonzero(new))
-    return np.ascontiguousarray(np.stack([starts, group_end], axis=1))
 
 
 class DirtyPages:
@@ -56,7 +40,7 @@ class DirtyPages:
         # normalised=True: the caller vouches the runs are sorted, disjoint and not touching
         # (PAGEMAP_SCAN output is), which skips a sort on the collect path.
         self._runs = (np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2) if normalised
-                      else _normalise(runs))
+                      else _intervals.normalise(runs))
         self.base = base
         self.npages = npages
         self.page_size = page_size
@@ -65,6 +49,17 @@ class DirtyPages:
                              f"region's {npages} pages")
 
     # ---- constructors -------------------------------------------------------------
+    @classmethod
+    def _of(cls, runs: np.ndarray, base: int, npages: int) -> DirtyPages:
+        """From ``int64 (n, 2)`` C-contiguous runs the caller vouches for (normalised, inside
+        the region): the collect path, with no copy and no checks."""
+        d = object.__new__(cls)
+        d._runs = runs
+        d.base = base
+        d.npages = npages
+        d.page_size = PAGE_SIZE
+        return d
+
     @classmethod
     def empty(cls, base: int, npages: int, page_size: int = PAGE_SIZE) -> DirtyPages:
         return cls(np.empty((0, 2), np.int64), base, npages, page_size)
@@ -84,22 +79,13 @@ class DirtyPages:
                     page_size: int = PAGE_SIZE) -> DirtyPages:
         """From one bool per page."""
         b = np.asarray(bitmap, dtype=bool).ravel()
-        edges = np.diff(np.concatenate(([0], b.view(np.int8), [0])))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        return cls(np.stack([starts, ends], axis=1), base, len(b), page_size)
+        return cls(_intervals.from_bitmap(b), base, len(b), page_size, normalised=True)
 
     @classmethod
     def from_pages(cls, pages: np.ndarray, base: int, npages: int,
                    page_size: int = PAGE_SIZE) -> DirtyPages:
         """From page indices (any order, repeats allowed)."""
-        p = np.unique(np.asarray(pages, dtype=np.int64))
-        if not len(p):
-            return cls.empty(base, npages, page_size)
-        brk = np.flatnonzero(np.diff(p) != 1) + 1
-        starts = p[np.concatenate(([0], brk))]
-        ends = p[np.concatenate((brk - 1, [len(p) - 1]))] + 1
-        return cls(np.stack([starts, ends], axis=1), base, npages, page_size)
+        return cls(_intervals.from_pages(pages), base, npages, page_size, normalised=True)
 
     # ---- views ----------------------------------------------------------------------
     @property
@@ -137,10 +123,11 @@ class DirtyPages:
 
     def bitmap(self) -> np.ndarray:
         """One bool per page of the region, True where written."""
-        b = np.zeros(self.npages, dtype=bool)
-        for s, e in self._runs:
-            b[s:e] = True
-        return b
+        # +1 at each start, -1 at each end, summed: no Python loop over the runs.
+        step = np.zeros(self.npages + 1, dtype=np.int8)
+        step[self._runs[:, 0]] += 1
+        step[self._runs[:, 1]] -= 1
+        return np.cumsum(step[:-1], dtype=np.int8).astype(bool)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         """``(offset, length)`` in bytes of each run of written pages."""
@@ -167,8 +154,8 @@ class DirtyPages:
             return self
         if not len(self._runs):
             return other
-        return DirtyPages(np.concatenate([self._runs, other._runs]), self.base, self.npages,
-                          self.page_size)
+        return DirtyPages(_intervals.normalise(np.concatenate([self._runs, other._runs])),
+                          self.base, self.npages, self.page_size, normalised=True)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DirtyPages):

@@ -11,8 +11,8 @@ A backend tracks writes to one :class:`Region` of this process's memory.  Every 
 
 Backends that share one kernel bit per page (``uffd-async``: the uffd-wp bit;
 ``soft-dirty``: the soft-dirty bit, reset process-wide) keep that promise through a
-:class:`Hub`: whenever a tracker resets pages, what it reset is first added to the pending
-set of every other tracker that covers them.
+:class:`Hub`: whenever a tracker resets pages, what it reset becomes pending for every
+other tracker that covers them (one shared log, taken in by each when it collects).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import _intervals
 from ..dirty import DirtyPages
 from ..errors import Unsupported
 from ..kernel.constants import PAGE_SIZE
+from ..rangeset import RangeSet
 
 __all__ = [
     "Region", "Backend", "Hub", "HubBackend", "BACKENDS", "backend_class", "backends",
@@ -98,33 +100,107 @@ class Backend(abc.ABC):
         return DirtyPages.empty(self.region.start, self.region.npages)
 
     def _result(self, runs: np.ndarray) -> DirtyPages:
-        """DirtyPages from runs of page indices of this region, sorted and disjoint (as
+        """DirtyPages from runs of page indices of this region, normalised (as
         PAGEMAP_SCAN returns them)."""
-        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+        return DirtyPages._of(runs, self.region.start, self.region.npages)
 
 
 class Hub:
     """State shared by every tracker of one backend in this process.
 
-    ``lock`` serialises get-and-reset; ``members`` are the live trackers, each with a
-    ``pending`` bitmap of pages another tracker reset before this one saw them.
+    ``lock`` serialises get-and-reset; ``members`` are the live trackers.
+
+    What one tracker resets, the others must still report: the **pending log**.  Each
+    reset appends its runs (absolute page numbers) once, as one numpy array, whatever the
+    number of trackers; each member keeps a cursor (the log position it has taken in) and
+    takes what lies past it, clipped to its region, only when it collects.  A member's own
+    resets are never reported back to it: it takes the log in before it appends, and its
+    cursor then moves past its entry.  Every ``COMPACT_EVERY`` appends the log drops what
+    every member has taken and merges the entries no cursor separates (one union per span),
+    so its length stays bounded by the number of distinct cursors, and an idle member's
+    backlog is one array, not one per collect of the others.
     """
+
+    #: compact the log after this many appends
+    COMPACT_EVERY = 16
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.members: weakref.WeakSet[HubBackend] = weakref.WeakSet()
         self.pid = os.getpid()
+        self._clear_log()
+
+    def _clear_log(self) -> None:
+        #: sequence number of the last entry appended
+        self.seq = 0
+        #: entries, oldest first: the sequence number of their last append, and their runs
+        #: of absolute page numbers (normalised) with the bounds of those runs
+        self.log: list[tuple[int, int, int, np.ndarray]] = []
+        self._appended = 0
 
     def harvest(self, source: HubBackend, runs: np.ndarray) -> None:
-        """Add ``runs`` (page runs of ``source``'s region, just reset by it) to the pending
-        set of every other member that covers them.  Call with ``lock`` held."""
-        if not len(runs) or (len(self.members) == 1 and source in self.members):
-            return  # nobody else to tell (iterating a WeakSet costs ~20 us per collect)
-        runs = runs * PAGE_SIZE + source.region.start  # addresses: the members' bases differ
-        for m in list(self.members):
-            if m is source or m.closed:
-                continue
-            m._add_pending(runs)
+        """``runs`` (page runs of ``source``'s region, just reset by it) are pending for
+        every other member that covers them.  Call with ``lock`` held."""
+        source._take_log()
+        if len(runs) and not (len(self.members) == 1 and source in self.members):
+            absolute = runs + source._first_page
+            self.seq += 1
+            self.log.append((self.seq, int(absolute[0, 0]), int(absolute[-1, 1]), absolute))
+            self._appended += 1
+            if self._appended >= self.COMPACT_EVERY:
+                self._compact()
+        source._cursor = self.seq
+
+    def _compact(self) -> None:
+        self._appended = 0
+        cursors = {m._cursor for m in list(self.members) if not m.closed and m._cursor >= 0}
+        low = min(cursors, default=self.seq)
+        out: list[tuple[int, int, int, np.ndarray]] = []
+        group: list[tuple[int, int, int, np.ndarray]] = []
+        for entry in self.log:
+            if entry[0] <= low:
+                continue  # every member has taken it in
+            group.append(entry)
+            if entry[0] in cursors:  # a member's cursor sits after this entry: a boundary
+                out.append(_merged(group))
+                group = []
+        if group:
+            out.append(_merged(group))
+        self.log = out
+
+    def pending_for(self, member: HubBackend) -> list[np.ndarray]:
+        """The log entries past ``member``'s cursor, clipped to its pages (absolute page
+        numbers).  Call with ``lock`` held."""
+        lo, hi, cursor = member._first_page, member._end_page, member._cursor
+        out = []
+        for seq, first, last, runs in reversed(self.log):
+            if seq <= cursor:
+                break
+            if first < hi and last > lo:
+                part = _intervals.clip(runs, lo, hi)
+                if len(part):
+                    out.append(part)
+        return out
+
+    def others(self, exclude: Backend) -> RangeSet:
+        """The addresses the live members other than ``exclude`` track."""
+        return RangeSet((m.region.start, m.region.end) for m in list(self.members)
+                        if m is not exclude and not m.closed)
+
+    def covered(self, exclude: Backend, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` another live member covers."""
+        return self.others(exclude).within(start, end)
+
+    def uncovered(self, exclude: Backend, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` no other live member covers."""
+        return self.others(exclude).missing(start, end)
+
+
+def _merged(group: list[tuple[int, int, int, np.ndarray]]) -> tuple[int, int, int, np.ndarray]:
+    if len(group) == 1:
+        return group[0]
+    runs = _intervals.normalise(np.concatenate([g[3] for g in group]))
+    return group[-1][0], int(runs[0, 0]), int(runs[-1, 1]), runs
 
 
 class HubBackend(Backend):
@@ -134,40 +210,58 @@ class HubBackend(Backend):
     when asked) and ``_reset_runs(runs)`` (reset exactly those runs, returning what was
     written in them), both in ``int64 (n, 2)`` runs of ``[first, end)`` page indices of the
     own region, sorted and disjoint.
+
+    Pending pages (reset by another tracker before this one saw them) are the hub's log
+    past ``_cursor`` and ``_pending``, runs of this region's pages taken in from it.
     """
 
     hub: ClassVar[Hub]
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
-        self.pending = np.zeros(region.npages, dtype=bool)
-        self.has_pending = False  # spares a scan of the bitmap on every collect
+        self._first_page = region.start // PAGE_SIZE
+        self._end_page = region.end // PAGE_SIZE
+        self._pending: np.ndarray = _intervals.EMPTY
+        self._cursor = -1  # not a member yet: nothing in the log is for it
 
     def _join(self) -> None:
+        if self._cursor < 0:
+            self._cursor = self.hub.seq
         self.hub.members.add(self)
 
     def _leave(self) -> None:
         self.hub.members.discard(self)
 
-    def _add_pending(self, runs: np.ndarray) -> None:
-        """Mark the pages of ``runs`` (absolute address runs) pending."""
-        lo = np.clip((runs[:, 0] - self.region.start) // PAGE_SIZE, 0, self.region.npages)
-        hi = np.clip((runs[:, 1] - self.region.start + PAGE_SIZE - 1) // PAGE_SIZE, 0,
-                     self.region.npages)
-        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
-            if a < b:
-                self.pending[a:b] = True
-                self.has_pending = True
+    def _take_log(self) -> None:
+        """Move the log entries past this member's cursor into ``_pending``."""
+        hub = self.hub
+        if self._cursor < 0 or self._cursor == hub.seq:
+            return
+        parts = hub.pending_for(self)
+        self._cursor = hub.seq
+        if parts:
+            parts = [p - self._first_page for p in parts]
+            if len(self._pending):
+                parts.append(self._pending)
+            self._pending = _intervals.normalise(np.concatenate(parts))
 
-    def _pending_pages(self) -> DirtyPages:
-        if not self.has_pending:
-            return self._empty()
-        return DirtyPages.from_bitmap(self.pending, self.region.start)
+    def _add_pending(self, runs: np.ndarray) -> None:
+        """Make ``runs`` (page runs of this region) pending."""
+        if len(runs):
+            self._pending = _intervals.normalise(np.concatenate([self._pending, runs]))
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether pages another tracker reset wait to be reported by this one."""
+        self._take_log()
+        return bool(len(self._pending))
+
+    def _pending_runs(self) -> np.ndarray:
+        self._take_log()
+        return self._pending
 
     def _clear_pending(self) -> None:
-        if self.has_pending:
-            self.pending[:] = False
-            self.has_pending = False
+        self._pending = _intervals.EMPTY
 
     @abc.abstractmethod
     def _get(self, reset: bool) -> np.ndarray: ...
@@ -192,13 +286,13 @@ class HubBackend(Backend):
         with self.hub.lock:
             if max_pages is None or not reset:
                 got = self._get(reset)
+                pending = self._pending_runs()
                 if reset:
                     self.hub.harvest(self, got)
+                    self._pending = _intervals.EMPTY
+                if len(pending):  # only after another tracker reset pages we cover
+                    got = _intervals.normalise(np.concatenate([got, pending]))
                 result = self._result(got)
-                if self.has_pending:  # only after another tracker reset pages we cover
-                    result = result | self._pending_pages()
-                if reset:
-                    self._clear_pending()
             else:
                 result = self._collect_some(max_pages)
         if max_pages is not None and not reset:
@@ -207,13 +301,13 @@ class HubBackend(Backend):
 
     def _collect_some(self, max_pages: int) -> DirtyPages:
         """The first ``max_pages`` written pages, resetting only those."""
-        everything = self._result(self._get(reset=False)) | self._pending_pages()
-        chosen = _first_pages(everything, max_pages)
+        everything = _intervals.normalise(np.concatenate([self._get(reset=False),
+                                                          self._pending_runs()]))
+        chosen = _intervals.take_first(everything, max_pages)
         if len(chosen):
-            self.hub.harvest(self, self._reset_runs(chosen.runs))
-            self.pending[chosen.bitmap()] = False
-            self.has_pending = bool(self.pending.any())
-        return chosen
+            self.hub.harvest(self, self._reset_runs(chosen))
+            self._pending = _intervals.subtract(self._pending, chosen)
+        return self._result(chosen)
 
 
 def _first_pages(d: DirtyPages, n: int) -> DirtyPages:

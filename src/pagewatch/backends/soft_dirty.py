@@ -44,7 +44,7 @@ import weakref
 
 import numpy as np
 
-from .. import _native
+from .. import _intervals, _native
 from ..dirty import DirtyPages
 from ..errors import PagewatchError, TargetGone
 from ._memory import check_mapped, no_huge_pages
@@ -101,14 +101,10 @@ class _SoftDirtyHub(Hub):
         self._pagemap = self._clear_refs = -1
         self.lock = threading.RLock()
         self.pid = os.getpid()
+        self._clear_log()
 
 
-def _runs(bits: np.ndarray) -> np.ndarray:
-    """``[first, end)`` runs of the True pages."""
-    edges = np.diff(np.concatenate(([0], bits.view(np.int8), [0])))
-    s = np.flatnonzero(edges == 1)
-    e = np.flatnonzero(edges == -1)
-    return np.stack([s, e], axis=1).astype(np.int64)
+_runs = _intervals.from_bitmap
 
 
 class SoftDirty(HubBackend):
@@ -161,8 +157,7 @@ class SoftDirty(HubBackend):
         mine = got[members.index(self)]
         for m, bits in zip(members, got, strict=True):
             if m is not self and bits.any():
-                m.pending |= bits
-                m.has_pending = True
+                m._add_pending(_runs(bits))
         return mine
 
     def _get(self, reset: bool) -> np.ndarray:
@@ -173,21 +168,16 @@ class SoftDirty(HubBackend):
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
         # The kernel resets everything or nothing: reset everything, keep the rest pending.
-        mine = self._read_reset()
-        keep = mine.copy()
-        for s, e in runs.tolist():
-            keep[s:e] = False
-        self.pending |= keep
-        self.has_pending = bool(self.pending.any())
-        return _runs(mine & ~keep)
+        mine = _runs(self._read_reset())
+        self._add_pending(_intervals.subtract(mine, runs))
+        return _intervals.intersect(mine, runs)
 
     def _collect_some(self, max_pages: int) -> DirtyPages:
-        everything = self._read_reset() | self.pending
-        chosen = np.zeros_like(everything)
-        chosen[np.flatnonzero(everything)[:max_pages]] = True
-        self.pending = everything & ~chosen
-        self.has_pending = bool(self.pending.any())
-        return DirtyPages.from_bitmap(chosen, self.region.start)
+        everything = _intervals.normalise(np.concatenate([_runs(self._read_reset()),
+                                                          self._pending_runs()]))
+        chosen = _intervals.take_first(everything, max_pages)
+        self._pending = _intervals.subtract(everything, chosen)
+        return self._result(chosen)
 
     def close(self) -> None:
         with self.hub.lock:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import PagewatchError
 from ..kernel.constants import PAGE_SIZE, PageCategory, UffdFeature
-from ..kernel.pagemap import Pagemap, _scan
+from ..kernel.pagemap import Pagemap, scan_written
 from ..kernel.uffd import Userfaultfd
 from ._memory import check_mapped, no_huge_pages
 from .base import Hub, HubBackend, Region
@@ -40,19 +40,6 @@ class _UffdHub(Hub):
         assert self.pagemap is not None
         return self.uffd, self.pagemap
 
-    def covered(self, exclude: HubBackend, start: int, end: int) -> np.ndarray:
-        """``bool`` per page of ``[start, end)``: covered by another live member."""
-        from ..kernel.constants import PAGE_SIZE
-
-        cov = np.zeros((end - start) // PAGE_SIZE, dtype=bool)
-        for m in list(self.members):
-            if m is exclude or m.closed:
-                continue
-            lo, hi = max(start, m.region.start), min(end, m.region.end)
-            if lo < hi:
-                cov[(lo - start) // PAGE_SIZE:(hi - start) // PAGE_SIZE] = True
-        return cov
-
     def after_fork_in_child(self) -> None:
         # The uffd and /proc/self/pagemap fd still point at the parent's memory.
         for m in list(self.members):
@@ -62,16 +49,7 @@ class _UffdHub(Hub):
         self.pagemap = None
         self.lock = threading.RLock()
         self.pid = os.getpid()
-
-
-def _runs_of(mask: np.ndarray, start: int) -> list[tuple[int, int]]:
-    from ..kernel.constants import PAGE_SIZE
-
-    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    s = np.flatnonzero(edges == 1)
-    e = np.flatnonzero(edges == -1)
-    return [(start + a * PAGE_SIZE, start + b * PAGE_SIZE) for a, b in zip(s.tolist(),
-                                                                           e.tolist(), strict=False)]
+        self._clear_log()
 
 
 class UffdAsync(HubBackend):
@@ -97,7 +75,7 @@ class UffdAsync(HubBackend):
                 # them; the kernel splits the existing ones on write.
                 no_huge_pages(region)
             covered = hub.covered(self, region.start, region.end)
-            fresh = _runs_of(~covered, region.start)
+            fresh = hub.uncovered(self, region.start, region.end)
             done: list[tuple[int, int]] = []
             try:
                 for s, e in fresh:
@@ -114,16 +92,15 @@ class UffdAsync(HubBackend):
                 raise
             # Pages another tracker already covers: take their written state into that
             # tracker's pending set before protecting them for us (a reset, for the others).
-            for s, e in _runs_of(covered, region.start):
+            for s, e in covered:
                 got = self._scan(s, e, reset=True)
                 hub.harvest(self, got)
             self._join()
 
     def _scan(self, start: int, end: int, reset: bool, max_pages: int = 0) -> np.ndarray:
         """Written page runs of ``[start, end)``, as page indices of the region."""
-        runs, _, _ = _scan(self._pagemap, start, end, _WRITTEN, 0, 0, _WRITTEN, reset, True,
-                           max_pages, 256, True, pages_base=self.region.start)
-        return runs
+        return scan_written(self._pagemap.fileno(), start, end, self.region.start, reset,
+                            max_pages)
 
     def _get(self, reset: bool) -> np.ndarray:
         self._check_alive()
@@ -159,8 +136,7 @@ class UffdAsync(HubBackend):
             self._leave()
             if os.getpid() != hub.pid:
                 return
-            covered = hub.covered(self, self.region.start, self.region.end)
-            for s, e in _runs_of(~covered, self.region.start):
+            for s, e in hub.uncovered(self, self.region.start, self.region.end):
                 try:
                     self._uffd.unregister(s, e - s)
                 except OSError:

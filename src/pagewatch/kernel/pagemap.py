@@ -177,7 +177,8 @@ def pagemap_scan(
         Report at most this many pages (0: no limit); with ``wp_matching`` only those are
         protected.  Exact: the result holds exactly ``min(max_pages, matching)`` pages.
     capacity
-        First size of the output buffer, in runs; it grows as needed.
+        Ignored (kept for callers): the output vector is sized from the range, and kept
+        between calls by each thread.
 
     Returns
     -------
@@ -233,11 +234,38 @@ def _scan(
         if owned is not None:
             owned.close()
     if walk_end < end and not (max_pages and pages >= max_pages):
-        raise PagewatchError(
-            f"PAGEMAP_SCAN made no progress at {walk_end:#x} in [{start:#x}, {end:#x}): the "
-            "kernel backs out of a partial hugetlb page under write-protect; align the range "
-            "to the huge page size (or protect hugetlb ranges with UFFDIO_WRITEPROTECT)")
+        raise _no_progress(walk_end, start, end)
     return regions, walk_end, pages
+
+
+_WRITTEN = int(PageCategory.WRITTEN)
+_RESET_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
+_GET_FLAGS = int(ScanFlag.CHECK_WPASYNC)
+
+
+def scan_written(fd: int, start: int, end: int, base: int, reset: bool,
+                 max_pages: int = 0) -> np.ndarray:
+    """The written pages of ``[start, end)`` (page-aligned, checked by the caller) of this
+    process's uffd-wp-async memory, get-and-reset with ``reset``: ``int64 (n, 2)`` runs of
+    page indices from ``base``.  The tracker's collect: one native call, no keyword
+    parsing, no validation beyond the kernel's; errors as :func:`pagemap_scan` raises them.
+    """
+    flags = _RESET_FLAGS if reset else _GET_FLAGS
+    try:
+        runs, walk_end, pages = _native.scan_runs(fd, start, end, base, flags, _WRITTEN,
+                                                  max_pages)
+    except OSError as exc:
+        raise scan_error(exc, start, end, flags) from exc
+    if walk_end < end and not (max_pages and pages >= max_pages):
+        raise _no_progress(walk_end, start, end)
+    return runs
+
+
+def _no_progress(walk_end: int, start: int, end: int) -> PagewatchError:
+    return PagewatchError(
+        f"PAGEMAP_SCAN made no progress at {walk_end:#x} in [{start:#x}, {end:#x}): the "
+        "kernel backs out of a partial hugetlb page under write-protect; align the range "
+        "to the huge page size (or protect hugetlb ranges with UFFDIO_WRITEPROTECT)")
 
 
 def pagemap_scan_once(
