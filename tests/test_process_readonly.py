@@ -84,3 +84,21 @@ def test_read_only_memory_written_before_the_attach_is_tracked_and_not_reported(
         assert pages_at(d, addr, 4) == set() and pages_at(d, buf, 8) == set()
         assert target.cmd(f"flip 2 {PROT_READ}") == "ok"
         assert pages_at(p.collect(), buf, 8) == {2}
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+def test_memory_replaced_at_the_same_address_between_two_collects_is_reported_whole(
+        target: Target, backend: str) -> None:
+    """The maps read the same before and after (munmap + mmap MAP_FIXED): the new memory is
+    told by its missing registration, reported whole (the old content is gone) and tracked."""
+    buf = int(target.cmd("buf"))
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        p.collect()  # the same layout twice: its scan plan is reused
+        assert target.cmd("remap 3") == "ok"
+        d = p.collect()
+        assert pages_at(d, buf, 8) == set(range(8))
+        assert any(m.start <= buf < m.end for m in d.new)
+        assert pages_at(p.collect(), buf, 8) == set()
+        assert target.cmd(f"flip 6 {PROT_READ | 2}") == "ok"
+        assert pages_at(p.collect(), buf, 8) == {6}

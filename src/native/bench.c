@@ -277,6 +277,62 @@ static PyObject *py_scan_floor(PyObject *self, PyObject *args, PyObject *kw)
                          (unsigned long long)res.regions, (unsigned long long)res.cpu_ns);
 }
 
+/* scan_ranges_floor(fd, ranges, flags=WP_MATCHING, mask=PAGE_IS_WRITTEN) with ranges an
+ * int64 (k, 2) array -> (ns, pages, regions, cpu_ns): the minimal C loop of one
+ * PAGEMAP_SCAN (looped to walk_end) per range, the floor a collect of many mappings is
+ * measured against. */
+static PyObject *py_scan_ranges_floor(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "ranges", "flags", "mask", NULL};
+    int fd;
+    Py_buffer view;
+    unsigned long long flags = PW_PM_SCAN_WP_MATCHING, mask = 1ULL << 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|KK:scan_ranges_floor", kwlist, &fd, &view,
+                                     &flags, &mask))
+        return NULL;
+    if (view.len % 16) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "ranges must be int64 (start, end) pairs");
+        return NULL;
+    }
+    size_t k = (size_t)view.len / 16;
+    const int64_t *r = view.buf;
+    struct scan_result total = {0};
+    int err = 0;
+    /* Size the vector for the largest range first (untimed), as scan_floor does. */
+    uint64_t biggest = 0;
+    for (size_t i = 0; i < k; i++)
+        if ((uint64_t)(r[2 * i + 1] - r[2 * i]) > biggest)
+            biggest = (uint64_t)(r[2 * i + 1] - r[2 * i]);
+    const unsigned shift = (unsigned)__builtin_ctzll(page_size());
+    size_t need = (size_t)(biggest >> shift) / 2 + 2;
+    if (need > floor_cap) {
+        free(floor_vec);
+        floor_cap = 0;
+        floor_vec = malloc(need * sizeof(*floor_vec));
+        if (!floor_vec)
+            err = ENOMEM;
+        else {
+            memset(floor_vec, 0, need * sizeof(*floor_vec));
+            floor_cap = need;
+        }
+    }
+    uint64_t c0 = thread_cpu_ns(), t0 = now_ns();
+    for (size_t i = 0; i < k && !err; i++) {
+        struct scan_result res = {0};
+        err = scan_until_end(fd, (uint64_t)r[2 * i], (uint64_t)r[2 * i + 1], flags, mask, &res);
+        total.pages += res.pages;
+        total.regions += res.regions;
+    }
+    total.ns = now_ns() - t0;
+    total.cpu_ns = thread_cpu_ns() - c0;
+    PyBuffer_Release(&view);
+    if (err)
+        return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
+    return Py_BuildValue("(KKKK)", (unsigned long long)total.ns, (unsigned long long)total.pages,
+                         (unsigned long long)total.regions, (unsigned long long)total.cpu_ns);
+}
+
 /* ---- userfaultfd ----------------------------------------------------------------------- */
 
 static int open_uffd(int nonblock)
@@ -815,6 +871,9 @@ static PyObject *py_bench_munmap(PyObject *self, PyObject *args)
 PyMethodDef pw_bench_methods[] = {
     {"write_pages", (PyCFunction)(void (*)(void))py_write_pages, METH_VARARGS | METH_KEYWORDS,
      "write_pages(addr, npages, step=1, order=None, value=1) -> ns: one byte per page."},
+    {"scan_ranges_floor", (PyCFunction)(void (*)(void))py_scan_ranges_floor,
+     METH_VARARGS | METH_KEYWORDS,
+     "scan_ranges_floor(fd, ranges, flags=1, mask=2) -> (ns, pages, regions, cpu_ns)."},
     {"scan_floor", (PyCFunction)(void (*)(void))py_scan_floor, METH_VARARGS | METH_KEYWORDS,
      "scan_floor(fd, start, end, flags=WP_MATCHING, mask=WRITTEN) -> "
      "(ns, pages, regions, cpu_ns): the minimal PAGEMAP_SCAN call, timed in C."},

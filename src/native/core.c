@@ -436,6 +436,109 @@ static PyObject *py_scan_runs(PyObject *self, PyObject *const *args, Py_ssize_t 
     return t;
 }
 
+/*
+ * The tracking loop over many ranges in one call: pagemap_scan_ranges(fd, ranges, flags,
+ * category_mask, category_inverted, category_anyof_mask, return_mask) with ranges a
+ * contiguous int64 (k, 2) array of [start, end).  Returns (regions (n, 3) uint64, owner
+ * (n,) int64: the index of the range each region comes from, errors (k,) int32: 0, the
+ * errno of the range's failed ioctl (the other ranges are still scanned), or -1 when the
+ * kernel made no progress).  One Python call per collect instead of one per mapping.
+ */
+static PyObject *py_pagemap_scan_ranges(PyObject *self, PyObject *args)
+{
+    int fd;
+    PyObject *obj;
+    unsigned long long flags = 0, cmask = 0, cinv = 0, cany = 0, rmask = 0;
+    if (!PyArg_ParseTuple(args, "iO|KKKKK:pagemap_scan_ranges", &fd, &obj, &flags, &cmask,
+                          &cinv, &cany, &rmask))
+        return NULL;
+    PyArrayObject *ranges = (PyArrayObject *)PyArray_FROMANY(
+        obj, NPY_INT64, 2, 2, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED);
+    if (!ranges)
+        return NULL;
+    if (PyArray_DIM(ranges, 1) != 2) {
+        Py_DECREF(ranges);
+        PyErr_SetString(PyExc_ValueError, "ranges must be an (k, 2) array");
+        return NULL;
+    }
+    npy_intp k = PyArray_DIM(ranges, 0);
+    const int64_t *r = PyArray_DATA(ranges);
+    npy_intp edims[1] = {k};
+    PyArrayObject *errs = (PyArrayObject *)PyArray_ZEROS(1, edims, NPY_INT32, 0);
+    if (!errs) {
+        Py_DECREF(ranges);
+        return NULL;
+    }
+    int32_t *e = PyArray_DATA(errs);
+    const struct pw_pm_scan_arg tmpl = {
+        .flags = flags, .category_inverted = cinv, .category_mask = cmask,
+        .category_anyof_mask = cany, .return_mask = rmask,
+    };
+    struct pw_page_region *all = NULL;
+    int64_t *owner = NULL;
+    size_t n = 0, cap = 0;
+    int oom = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < k && !oom; i++) {
+        struct pw_scan res = {0};
+        uint64_t start = (uint64_t)r[2 * i], end = (uint64_t)r[2 * i + 1];
+        int err = scan_loop(fd, start, end, &tmpl, 1, &res);
+        if (err)
+            e[i] = err;
+        else if (res.walk_end < end)
+            e[i] = -1;
+        if (!err && res.n) {
+            if (n + res.n > cap) {
+                size_t nc = cap ? cap : 256;
+                while (nc < n + res.n)
+                    nc *= 2;
+                struct pw_page_region *na = realloc(all, nc * sizeof(*all));
+                int64_t *no = na ? realloc(owner, nc * sizeof(*owner)) : NULL;
+                if (na)
+                    all = na;
+                if (!na || !no) {
+                    oom = 1;
+                } else {
+                    owner = no;
+                    cap = nc;
+                }
+            }
+            if (!oom) {
+                memcpy(all + n, res.buf, res.n * sizeof(*all));
+                for (size_t j = 0; j < res.n; j++)
+                    owner[n + j] = (int64_t)i;
+                n += res.n;
+            }
+        }
+        if (res.owned)
+            free(res.buf);
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(ranges);
+    if (oom) {
+        free(all);
+        free(owner);
+        Py_DECREF(errs);
+        return PyErr_NoMemory();
+    }
+    npy_intp dims[2] = {(npy_intp)n, 3}, odims[1] = {(npy_intp)n};
+    PyArrayObject *out = (PyArrayObject *)PyArray_EMPTY(2, dims, NPY_UINT64, 0);
+    PyArrayObject *own = (PyArrayObject *)PyArray_EMPTY(1, odims, NPY_INT64, 0);
+    if (out && own && n) {
+        memcpy(PyArray_DATA(out), all, n * sizeof(*all));
+        memcpy(PyArray_DATA(own), owner, n * sizeof(*owner));
+    }
+    free(all);
+    free(owner);
+    if (!out || !own) {
+        Py_XDECREF(out);
+        Py_XDECREF(own);
+        Py_DECREF(errs);
+        return NULL;
+    }
+    return Py_BuildValue("(NNN)", out, own, errs);
+}
+
 /* ---- pidfd, memory, buffers ------------------------------------------------------- */
 
 static PyObject *py_pidfd_getfd(PyObject *self, PyObject *args)
@@ -551,6 +654,9 @@ PyMethodDef pw_core_methods[] = {
      METH_VARARGS | METH_KEYWORDS, "One PAGEMAP_SCAN ioctl -> (ret, walk_end, regions)."},
     {"pagemap_scan", (PyCFunction)(void (*)(void))py_pagemap_scan, METH_VARARGS | METH_KEYWORDS,
      "PAGEMAP_SCAN looped until done -> (regions, walk_end, pages)."},
+    {"pagemap_scan_ranges", py_pagemap_scan_ranges, METH_VARARGS,
+     "pagemap_scan_ranges(fd, ranges, flags, mask, inverted, anyof, return_mask)\n"
+     "-> (regions, owner range index, errno per range): the loop over many ranges."},
     {"scan_runs", (PyCFunction)(void (*)(void))py_scan_runs, METH_FASTCALL,
      "scan_runs(fd, start, end, base, flags, mask, max_pages) -> (int64 (n, 2) page runs "
      "from base, walk_end, pages): the PAGEMAP_SCAN loop for a tracker's collect."},

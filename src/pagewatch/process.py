@@ -120,6 +120,7 @@ Limits
 
 from __future__ import annotations
 
+import bisect
 import collections.abc
 import contextlib
 import dataclasses
@@ -137,7 +138,7 @@ import numpy as np
 from . import _native
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
-from .kernel._errors import proc_open_error
+from .kernel._errors import proc_open_error, scan_error
 from .kernel.constants import (
     PAGE_SIZE,
     PM_FILE,
@@ -146,6 +147,7 @@ from .kernel.constants import (
     PM_SWAP,
     UFFD_USER_MODE_ONLY,
     PageCategory,
+    ScanFlag,
     UffdFeature,
 )
 from .kernel.maps import Mapping, _parse
@@ -193,7 +195,9 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
     """What one collect found: for each tracked mapping, the pages written.
 
     A read-only mapping ``Mapping -> DirtyPages`` (each ``DirtyPages`` has ``base`` = the
-    mapping's start and covers the whole mapping) with the totals and the context.
+    mapping's start and covers the whole mapping) with the totals and the context.  The
+    runs of all mappings are held in one array; a mapping's ``DirtyPages`` is made when
+    asked for, so a collect of tens of thousands of mappings costs no object per mapping.
 
     Attributes
     ----------
@@ -216,32 +220,89 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         not stop it.
     """
 
-    def __init__(self, pid: int, entries: dict[Mapping, DirtyPages], *, time: float,
-                 elapsed: float, new: frozenset[Mapping] = frozenset(),
-                 skipped: tuple[SkippedMapping, ...] = (), backend: str = "") -> None:
+    def __init__(self, pid: int, entries: dict[Mapping, DirtyPages] | None = None, *,
+                 time: float, elapsed: float, new: frozenset[Mapping] = frozenset(),
+                 skipped: tuple[SkippedMapping, ...] = (), backend: str = "",
+                 mappings: list[Mapping] | None = None, runs: np.ndarray | None = None
+                 ) -> None:
         self.pid = pid
-        self._entries = entries
         self.time = time
         self.elapsed = elapsed
         self.new = new
         self.skipped = skipped
         self.backend = backend
         self.stop_ms: float | None = None
+        if entries is not None:
+            mappings = sorted(entries, key=lambda m: m.start)
+            parts = [np.asarray(entries[m].runs) * PAGE_SIZE + m.start for m in mappings]
+            runs = np.concatenate(parts) if parts else _EMPTY_RUNS
+        self._set(mappings or [], _EMPTY_RUNS if runs is None else runs)
+
+    def _set(self, mappings: list[Mapping], runs: np.ndarray) -> None:
+        """Hold ``runs`` (absolute ``[start, end)`` addresses, any order, overlapping or not)
+        cut at the mappings' bounds, as page indices from each mapping's start."""
+        self._maps = mappings  # in address order, disjoint
+        self._starts = [m.start for m in mappings]
+        self._cache: dict[int, DirtyPages] = {}
+        nm = len(mappings)
+        mstart = np.fromiter(self._starts, np.int64, nm)
+        mend = np.fromiter((m.end for m in mappings), np.int64, nm)
+        merged = _merge_runs(runs)
+        # Each merged run is cut into one piece per mapping it overlaps.
+        first = np.searchsorted(mend, merged[:, 0], side="right")
+        last = np.searchsorted(mstart, merged[:, 1], side="left")
+        count = np.maximum(last - first, 0)
+        which = np.repeat(np.arange(len(merged)), count)
+        owner = np.repeat(first, count) + (
+            np.arange(len(which)) - np.repeat(np.cumsum(count) - count, count))
+        lo = np.maximum(merged[which, 0], mstart[owner]) - mstart[owner]
+        hi = np.minimum(merged[which, 1], mend[owner]) - mstart[owner]
+        self._lo = lo // PAGE_SIZE
+        self._hi = (hi + PAGE_SIZE - 1) // PAGE_SIZE
+        self._bounds = np.searchsorted(owner, np.arange(nm + 1), side="left")
+        self._pages = int((self._hi - self._lo).sum())
+
+    def _at(self, i: int) -> DirtyPages:
+        d = self._cache.get(i)
+        if d is None:
+            m = self._maps[i]
+            a, b = self._bounds[i], self._bounds[i + 1]
+            runs = np.stack([self._lo[a:b], self._hi[a:b]], axis=1)
+            d = DirtyPages(runs, m.start, (m.end - m.start) // PAGE_SIZE, normalised=True)
+            self._cache[i] = d
+        return d
+
+    def _index(self, key: object) -> int:
+        if isinstance(key, Mapping):
+            i = bisect.bisect_left(self._starts, key.start)
+            if i < len(self._maps) and self._maps[i] == key:
+                return i
+        raise KeyError(key)
 
     def __getitem__(self, key: Mapping) -> DirtyPages:
-        return self._entries[key]
+        return self._at(self._index(key))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self._index(key)
+        except KeyError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[Mapping]:
-        return iter(self._entries)
+        return iter(self._maps)
 
     def __len__(self) -> int:
         """Number of tracked mappings (written or not); see ``pages`` for the total."""
-        return len(self._entries)
+        return len(self._maps)
+
+    def _written_indices(self) -> list[int]:
+        return np.flatnonzero(np.diff(self._bounds) > 0).tolist()
 
     @property
     def pages(self) -> int:
         """Pages written, all mappings together."""
-        return sum(len(d) for d in self._entries.values())
+        return self._pages
 
     @property
     def nbytes(self) -> int:
@@ -250,7 +311,7 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
 
     def written(self) -> dict[Mapping, DirtyPages]:
         """Only the mappings with at least one written page."""
-        return {m: d for m, d in self._entries.items() if d}
+        return {self._maps[i]: self._at(i) for i in self._written_indices()}
 
     def top(self, n: int = 10) -> list[tuple[Mapping, DirtyPages]]:
         """The ``n`` mappings with the most written pages, most first."""
@@ -260,30 +321,29 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
     def by_path(self) -> dict[str, int]:
         """Written pages per mapping name (``path``, ``[heap]``, ``""`` for anonymous)."""
         out: dict[str, int] = collections.defaultdict(int)
-        for m, d in self._entries.items():
-            if d:
-                out[m.path] += len(d)
+        for m, d in self.written().items():
+            out[m.path] += len(d)
         return dict(out)
 
     def addresses(self) -> np.ndarray:
         """``uint64`` address of every written page, ascending."""
-        parts = [d.addresses() for d in self._entries.values() if d]
+        parts = [d.addresses() for d in self.written().values()]
         if not parts:
             return np.empty(0, np.uint64)
         return np.sort(np.concatenate(parts))
 
     def find(self, address: int) -> tuple[Mapping, DirtyPages] | None:
         """The mapping holding ``address`` and its written pages, or None."""
-        for m, d in self._entries.items():
-            if m.start <= address < m.end:
-                return m, d
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and address < self._maps[i].end:
+            return self._maps[i], self._at(i)
         return None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary: totals and, per written mapping, the runs of written pages
         as ``[first page, page count]`` relative to the mapping's start."""
         maps_out = []
-        for m, d in sorted(self.written().items(), key=lambda kv: kv[0].start):
+        for m, d in self.written().items():
             runs = d.runs
             maps_out.append({
                 "start": m.start, "end": m.end, "perms": m.perms, "path": m.path,
@@ -296,7 +356,24 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
 
     def __repr__(self) -> str:
         return (f"<ProcessDirty pid={self.pid} {self.pages} pages written in "
-                f"{len(self.written())} of {len(self)} mappings over {self.elapsed:.3f} s>")
+                f"{len(self._written_indices())} of {len(self)} mappings over "
+                f"{self.elapsed:.3f} s>")
+
+
+def _merge_runs(runs: np.ndarray) -> np.ndarray:
+    """``int64 (n, 2)`` runs sorted, with the overlapping or touching ones merged."""
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    runs = runs[runs[:, 1] > runs[:, 0]]
+    if len(runs) <= 1:
+        return runs
+    if (runs[1:, 0] <= runs[:-1, 0]).any():
+        runs = runs[np.argsort(runs[:, 0], kind="stable")]
+    ends = np.maximum.accumulate(runs[:, 1])
+    brk = np.empty(len(runs), bool)
+    brk[0] = True
+    brk[1:] = runs[1:, 0] > ends[:-1]
+    return np.stack([runs[brk, 0], np.maximum.reduceat(runs[:, 1], np.flatnonzero(brk))],
+                    axis=1)
 
 
 # ---- permission and liveness helpers ------------------------------------------------------
@@ -745,8 +822,13 @@ class ProcessTracker:
         self._pending = _EMPTY_RUNS
         #: ptrace stop of the target at attach: ``stop_ms``, ``wait_ms``, ``tid``, ``flags``
         self.attach_info: dict[str, Any] = {}
-        #: mappings to mark new at the first collect (``report_existing``)
-        self._first_new: set[Mapping] = set()
+        #: memory whose mappings are marked new at the first collect (``report_existing``)
+        self._first_new = RangeSet()
+        #: what a collect of the maps layout seen last scans (see _plan_uffd)
+        self._plan: tuple[bytes, list[Mapping], np.ndarray, np.ndarray, list[Mapping]] | None
+        self._plan = None
+        #: parsed maps lines of the last read, by their text
+        self._parsed: dict[bytes, Mapping] = {}
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError as exc:
@@ -840,7 +922,7 @@ class ProcessTracker:
             found.append(runs)
         if self._report_existing and found:
             self._pending = np.concatenate(found)
-            self._first_new = {m for m in ms}
+            self._first_new = RangeSet((m.start, m.end) for m in ms)
         self._check_strict()
 
     def _attach_soft_dirty(self) -> None:
@@ -919,20 +1001,37 @@ class ProcessTracker:
     def _read_all_maps(self) -> list[Mapping]:
         """Every mapping of the tracked program (read through the file opened at attach, so
         that it is the same program's memory: empty once it exits or execs)."""
+        return self._maps_now()[1]
+
+    def _maps_now(self) -> tuple[bytes, list[Mapping]]:
+        """The maps text now and its mappings; a line seen at the previous read is not
+        parsed again."""
         chunks = []
         try:
             os.lseek(self._maps_fd, 0, os.SEEK_SET)
             while True:
-                b = os.read(self._maps_fd, 1 << 16)
+                b = os.read(self._maps_fd, 1 << 18)
                 if not b:
                     break
                 chunks.append(b)
         except OSError as exc:
             self._raise_gone(exc.errno)
-        text = b"".join(chunks).decode(errors="replace")
+        text = b"".join(chunks)
         if not text:
             self._raise_gone(None)
-        return [_parse(line) for line in text.splitlines() if line.strip()]
+        before = self._parsed
+        parsed = {}
+        out = []
+        for line in text.splitlines():
+            m = before.get(line)
+            if m is None:
+                if not line.strip():
+                    continue
+                m = _parse(line.decode(errors="replace"))
+            parsed[line] = m
+            out.append(m)
+        self._parsed = parsed
+        return text, out
 
     def _alive(self) -> bool:
         try:
@@ -1039,11 +1138,7 @@ class ProcessTracker:
         Such memory is registered and tracked from then on, and its pages reported the first
         time; at attach they are not (tracking starts there), unless ``report_existing``.
         """
-        if (not m.private or m.writable or m.path in SPECIAL_MAPPINGS
-                or (m.start, m.end) in self._skipped):
-            return False
-        perms = m.perms[0] + "w" + m.perms[2:]
-        if not self._select(dataclasses.replace(m, perms=perms)):
+        if not self._read_only_candidate(m):
             return False
         return bool(len(self._own_data(m, m.start, m.end, 0, _HOLDS_DATA)))
 
@@ -1246,46 +1341,123 @@ class ProcessTracker:
         with self._lock:
             if self.backend == "soft-dirty":
                 return self._collect_soft_dirty_all(reset)
-            everything = self._read_all_maps()
-            self._forget_unmapped(everything)
-            new: set[Mapping] = set()
-            done: list[tuple[Mapping, np.ndarray]] = []
-            try:
-                for m in everything:
-                    if self._select(m):
-                        register = True
-                    elif self._ours.overlaps(m.start, m.end):
-                        # Tracked, and made read-only (or otherwise unselected) since: its
-                        # pages written before are still marked (the written state is per
-                        # page-table entry and survives mprotect), so it is scanned, and
-                        # stays registered, as long as it exists.
-                        register = False
-                    elif self._written_read_only(m):
-                        register = True  # written while writable, between two collects
-                    else:
-                        continue
-                    runs, is_new = self._collect_uffd(m, reset, register)
+            return self._collect_uffd_all(reset)
+
+    def _plan_uffd(self, text: bytes, everything: list[Mapping]
+                   ) -> tuple[list[np.ndarray], set[Mapping]]:
+        """For a maps layout not seen at the previous collect: drop what was unmapped,
+        register what is new (returns its first-sight runs and mappings), and work out what
+        each collect of this layout scans: the tracked parts of every mapping reported (one
+        range per mapping part, never across mappings: a failed scan then concerns one
+        mapping), and the read-only mappings to look at for data of their own."""
+        self._forget_unmapped(everything)
+        firsts: list[np.ndarray] = []
+        new: set[Mapping] = set()
+        entries: list[Mapping] = []
+        candidates: list[Mapping] = []
+        for m in everything:
+            if self._select(m):
+                missing = self._ours.missing(m.start, m.end)
+                if missing:
+                    runs, is_new = self._register(m, missing, first_sight=True)
+                    if len(runs):
+                        firsts.append(runs)
                     if is_new:
                         new.add(m)
-                    done.append((m, runs))
-            except TargetGone as exc:
-                partial = self._result(done, new, reset)
-                self._raise_gone(exc.errno, partial)
-            if self._first_new:
-                new |= {m for m, _ in done if any(
-                    f.start < m.end and m.start < f.end for f in self._first_new)}
-                if reset:
-                    self._first_new = set()
-            result = self._result(done, new, reset)
-            # An exit or exec during the scans leaves them empty: make sure we saw memory.
-            try:
-                os.lseek(self._maps_fd, 0, os.SEEK_SET)
-                alive = bool(os.read(self._maps_fd, 1))
-            except OSError:
-                alive = False
-            if not alive:
-                self._raise_gone(None, result)
-            return result  # (strict applies at attach; later skips are in result.skipped)
+            elif not self._ours.overlaps(m.start, m.end):
+                # Tracked memory made read-only since stays in (below); untracked read-only
+                # memory is looked at for data of its own at each collect.
+                if self._read_only_candidate(m):
+                    candidates.append(m)
+                continue
+            entries.append(m)
+        ranges = [(s, e, i) for i, m in enumerate(entries)
+                  for s, e in self._ours.within(m.start, m.end)]
+        table = np.array(ranges, np.int64).reshape(-1, 3)
+        self._plan = (text, entries, np.ascontiguousarray(table[:, :2]), table[:, 2],
+                      candidates)
+        return firsts, new
+
+    def _read_only_candidate(self, m: Mapping) -> bool:
+        """A read-only private mapping, not tracked, that would be selected if it were
+        writable (see :meth:`_written_read_only`)."""
+        if (not m.private or m.writable or m.path in SPECIAL_MAPPINGS
+                or (m.start, m.end) in self._skipped):
+            return False
+        return bool(self._select(dataclasses.replace(m, perms=m.perms[0] + "w" + m.perms[2:])))
+
+    def _collect_uffd_all(self, reset: bool) -> ProcessDirty:
+        """One uffd-async collect: one batched PAGEMAP_SCAN call (one scan per tracked part
+        of each mapping, in C) and per-mapping Python work only where the layout changed."""
+        assert self._pagemap is not None
+        text, everything = self._maps_now()
+        firsts: list[np.ndarray] = []
+        new: set[Mapping] = set()
+        if self._plan is None or self._plan[0] != text:
+            firsts, new = self._plan_uffd(text, everything)
+        assert self._plan is not None
+        _, entries, ranges, owner_of_range, candidates = self._plan
+        extra: list[tuple[Mapping, np.ndarray]] = []
+        scanned = _EMPTY_RUNS
+        fd = self._pagemap.fileno()
+        try:
+            if candidates:
+                # Read-only memory that holds data of its own now: written while writable.
+                rows, owner, errs = _native.pagemap_scan_ranges(
+                    fd, np.array([(m.start, m.end) for m in candidates], np.int64), 0, 0, 0,
+                    _HOLDS_DATA, _NOT_OWN_DATA)
+                own = owner[(rows[:, 2] & np.uint64(_NOT_OWN_DATA)) == 0] if len(rows) else owner
+                for i in sorted(set(own.tolist())):
+                    m = candidates[i]
+                    runs, is_new = self._collect_uffd(m, reset, register=True)
+                    extra.append((m, runs))
+                    new.add(m)
+                    self._plan = None  # tracked from now on: the next collect plans again
+            flags = int(ScanFlag.CHECK_WPASYNC) | (int(ScanFlag.WP_MATCHING) if reset else 0)
+            rows, owner, errs = _native.pagemap_scan_ranges(fd, ranges, flags, _WRITTEN, 0, 0,
+                                                            _WRITTEN)
+            scanned = np.asarray(rows, np.uint64)[:, :2].astype(np.int64)
+            redo: set[int] = set()
+            for i in np.flatnonzero(errs).tolist():
+                err = int(errs[i])
+                if err == errno.EPERM:
+                    redo.add(int(owner_of_range[i]))  # replaced since: see _collect_uffd
+                    continue
+                start, end = int(ranges[i, 0]), int(ranges[i, 1])
+                if err == -1:
+                    raise PagewatchError(f"PAGEMAP_SCAN made no progress in [{start:#x}, "
+                                         f"{end:#x}) of process {self.pid}")
+                raise scan_error(OSError(err, os.strerror(err)), start, end, flags)
+            if self._pagemap.exited():
+                raise TargetGone(f"process {self.pid} has exited", errno.ESRCH)
+            for i in sorted(redo):
+                m = entries[i]
+                runs, is_new = self._collect_uffd(m, reset, register=self._select(m))
+                extra.append((m, runs))
+                if is_new:
+                    new.add(m)
+                self._plan = None
+        except TargetGone as exc:
+            partial = self._make_result(entries, np.concatenate([scanned, *firsts]), new, reset)
+            self._raise_gone(exc.errno, partial)
+        first_runs = np.concatenate(firsts) if firsts else _EMPTY_RUNS
+        if not reset and len(first_runs):
+            self._pending = np.concatenate([self._pending, first_runs])
+            first_runs = _EMPTY_RUNS
+        mappings = entries
+        if extra:
+            known = set(entries)
+            mappings = sorted(entries + [m for m, _ in extra if m not in known],
+                              key=lambda m: m.start)
+        runs = np.concatenate([scanned, first_runs, *(r for _, r in extra)])
+        if self._first_new:
+            new |= {m for m in mappings if self._first_new.overlaps(m.start, m.end)}
+            if reset:
+                self._first_new = RangeSet()
+        result = self._make_result(mappings, runs, new, reset)
+        if not self._maps_alive():  # an exit or exec during the scans leaves them empty
+            self._raise_gone(None, result)
+        return result  # (strict applies at attach; later skips are in result.skipped)
 
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
         """Drop what is no longer mapped.  Tracked memory that is still mapped stays tracked
@@ -1297,21 +1469,20 @@ class ProcessTracker:
 
     def _result(self, done: list[tuple[Mapping, np.ndarray]], new: set[Mapping],
                 reset: bool) -> ProcessDirty:
+        runs = [r for _, r in done]
+        return self._make_result([m for m, _ in done],
+                                 np.concatenate(runs) if runs else _EMPTY_RUNS, new, reset)
+
+    def _make_result(self, mappings: list[Mapping], runs: np.ndarray, new: set[Mapping],
+                     reset: bool) -> ProcessDirty:
+        """The result over ``mappings`` (in address order) of ``runs`` (absolute addresses)
+        and what is pending from first sights."""
         now = time.monotonic()
-        pending = self._pending
-        entries = {}
-        for m, runs in done:
-            if len(pending):
-                inside = pending[(pending[:, 1] > m.start) & (pending[:, 0] < m.end)]
-                if len(inside):
-                    runs = np.concatenate([runs, inside])
-            npages = (m.end - m.start) // PAGE_SIZE
-            lo = np.clip((runs[:, 0] - m.start) // PAGE_SIZE, 0, npages)
-            hi = np.clip((runs[:, 1] - m.start + PAGE_SIZE - 1) // PAGE_SIZE, 0, npages)
-            entries[m] = DirtyPages(np.stack([lo, hi], axis=1), m.start, npages)
-        result = ProcessDirty(self.pid, entries, time=now, elapsed=now - self._last_reset,
+        if len(self._pending):
+            runs = np.concatenate([runs, self._pending])
+        result = ProcessDirty(self.pid, time=now, elapsed=now - self._last_reset,
                               new=frozenset(new), skipped=tuple(self._skipped.values()),
-                              backend=self.backend)
+                              backend=self.backend, mappings=mappings, runs=runs)
         if reset:
             self._pending = _EMPTY_RUNS
             self._last_reset = now

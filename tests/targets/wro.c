@@ -9,6 +9,8 @@
  *                       prints the address
  *   file N PROT         the same with a private mapping of a file (its pages are copied on
  *                       write, as RELRO's are); prints the address
+ *   remap PAGE          replace the buffer by new memory at the same address (munmap +
+ *                       mmap MAP_FIXED, the same line in the maps), write PAGE of it
  *
  * PROT: 0 none, 1 read, 5 read + exec.  The byte written is 100 of each page.
  */
@@ -72,6 +74,15 @@ int main(void)
             protect(buf, NBUF, PROT_READ | PROT_WRITE);
             buf[(size_t)a * PG + 100] = ++counter;
             protect(buf, NBUF, (int)b);
+            printf("ok\n");
+        } else if (!strcmp(cmd, "remap")) {
+            if (munmap(buf, NBUF * PG) ||
+                mmap(buf, NBUF * PG, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != buf) {
+                perror("remap");
+                exit(3);
+            }
+            buf[(size_t)a * PG + 100] = ++counter;
             printf("ok\n");
         } else if (!strcmp(cmd, "anon") || !strcmp(cmd, "file")) {
             int fd = -1;
