@@ -135,7 +135,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import _native
+from . import _intervals, _native
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel._errors import proc_open_error, scan_error
@@ -247,7 +247,7 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         nm = len(mappings)
         mstart = np.fromiter(self._starts, np.int64, nm)
         mend = np.fromiter((m.end for m in mappings), np.int64, nm)
-        merged = _merge_runs(runs)
+        merged = _intervals.normalise(runs)
         # Each merged run is cut into one piece per mapping it overlaps.
         first = np.searchsorted(mend, merged[:, 0], side="right")
         last = np.searchsorted(mstart, merged[:, 1], side="left")
@@ -358,22 +358,6 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         return (f"<ProcessDirty pid={self.pid} {self.pages} pages written in "
                 f"{len(self._written_indices())} of {len(self)} mappings over "
                 f"{self.elapsed:.3f} s>")
-
-
-def _merge_runs(runs: np.ndarray) -> np.ndarray:
-    """``int64 (n, 2)`` runs sorted, with the overlapping or touching ones merged."""
-    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
-    runs = runs[runs[:, 1] > runs[:, 0]]
-    if len(runs) <= 1:
-        return runs
-    if (runs[1:, 0] <= runs[:-1, 0]).any():
-        runs = runs[np.argsort(runs[:, 0], kind="stable")]
-    ends = np.maximum.accumulate(runs[:, 1])
-    brk = np.empty(len(runs), bool)
-    brk[0] = True
-    brk[1:] = runs[1:, 0] > ends[:-1]
-    return np.stack([runs[brk, 0], np.maximum.reduceat(runs[:, 1], np.flatnonzero(brk))],
-                    axis=1)
 
 
 # ---- permission and liveness helpers ------------------------------------------------------
