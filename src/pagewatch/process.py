@@ -191,6 +191,19 @@ class SkippedMapping:
         return f"{m.start:#x}-{m.end:#x} {m.perms} {m.path or '(anonymous)'}: {self.reason}"
 
 
+class _Layout:
+    """Mappings in address order, with their bounds as lists and arrays (kept while the
+    target's maps do not change, so a collect does not rebuild them)."""
+
+    __slots__ = ("mappings", "starts", "start_array", "end_array")
+
+    def __init__(self, mappings: list[Mapping]) -> None:
+        self.mappings = mappings
+        self.starts = [m.start for m in mappings]
+        self.start_array = np.array(self.starts, np.int64)
+        self.end_array = np.array([m.end for m in mappings], np.int64)
+
+
 class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
     """What one collect found: for each tracked mapping, the pages written.
 
@@ -223,8 +236,8 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
     def __init__(self, pid: int, entries: dict[Mapping, DirtyPages] | None = None, *,
                  time: float, elapsed: float, new: frozenset[Mapping] = frozenset(),
                  skipped: tuple[SkippedMapping, ...] = (), backend: str = "",
-                 mappings: list[Mapping] | None = None, runs: np.ndarray | None = None
-                 ) -> None:
+                 mappings: list[Mapping] | _Layout | None = None,
+                 runs: np.ndarray | None = None) -> None:
         self.pid = pid
         self.time = time
         self.elapsed = elapsed
@@ -236,17 +249,18 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
             mappings = sorted(entries, key=lambda m: m.start)
             parts = [np.asarray(entries[m].runs) * PAGE_SIZE + m.start for m in mappings]
             runs = np.concatenate(parts) if parts else _EMPTY_RUNS
-        self._set(mappings or [], _EMPTY_RUNS if runs is None else runs)
+        if not isinstance(mappings, _Layout):
+            mappings = _Layout(mappings or [])
+        self._set(mappings, _EMPTY_RUNS if runs is None else runs)
 
-    def _set(self, mappings: list[Mapping], runs: np.ndarray) -> None:
+    def _set(self, layout: _Layout, runs: np.ndarray) -> None:
         """Hold ``runs`` (absolute ``[start, end)`` addresses, any order, overlapping or not)
         cut at the mappings' bounds, as page indices from each mapping's start."""
-        self._maps = mappings  # in address order, disjoint
-        self._starts = [m.start for m in mappings]
+        self._maps = layout.mappings  # in address order, disjoint
+        self._starts = layout.starts
         self._cache: dict[int, DirtyPages] = {}
-        nm = len(mappings)
-        mstart = np.fromiter(self._starts, np.int64, nm)
-        mend = np.fromiter((m.end for m in mappings), np.int64, nm)
+        nm = len(self._maps)
+        mstart, mend = layout.start_array, layout.end_array
         merged = _intervals.normalise(runs)
         # Each merged run is cut into one piece per mapping it overlaps.
         first = np.searchsorted(mend, merged[:, 0], side="right")
@@ -809,10 +823,13 @@ class ProcessTracker:
         #: memory whose mappings are marked new at the first collect (``report_existing``)
         self._first_new = RangeSet()
         #: what a collect of the maps layout seen last scans (see _plan_uffd)
-        self._plan: tuple[bytes, list[Mapping], np.ndarray, np.ndarray, list[Mapping]] | None
+        self._plan: tuple[bytes, list[Mapping], np.ndarray, np.ndarray, list[Mapping],
+                          _Layout] | None
         self._plan = None
         #: parsed maps lines of the last read, by their text
         self._parsed: dict[bytes, Mapping] = {}
+        self._parsed_text = b""
+        self._parsed_list: list[Mapping] = []
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError as exc:
@@ -908,6 +925,7 @@ class ProcessTracker:
             self._pending = np.concatenate(found)
             self._first_new = RangeSet((m.start, m.end) for m in ms)
         self._check_strict()
+        self._plan_uffd(self._parsed_text, everything)  # what each collect of it scans
 
     def _attach_soft_dirty(self) -> None:
         if self.pid == os.getpid():
@@ -1003,6 +1021,8 @@ class ProcessTracker:
         text = b"".join(chunks)
         if not text:
             self._raise_gone(None)
+        if text == self._parsed_text:
+            return text, self._parsed_list
         before = self._parsed
         parsed = {}
         out = []
@@ -1015,6 +1035,7 @@ class ProcessTracker:
             parsed[line] = m
             out.append(m)
         self._parsed = parsed
+        self._parsed_text, self._parsed_list = text, out
         return text, out
 
     def _alive(self) -> bool:
@@ -1339,27 +1360,31 @@ class ProcessTracker:
         new: set[Mapping] = set()
         entries: list[Mapping] = []
         candidates: list[Mapping] = []
+        ranges: list[tuple[int, int, int]] = []
+        within, select = self._ours.within, self._select
         for m in everything:
-            if self._select(m):
-                missing = self._ours.missing(m.start, m.end)
-                if missing:
-                    runs, is_new = self._register(m, missing, first_sight=True)
+            parts = within(m.start, m.end)
+            if select(m):
+                if parts != [(m.start, m.end)]:
+                    runs, is_new = self._register(m, self._ours.missing(m.start, m.end),
+                                                  first_sight=True)
                     if len(runs):
                         firsts.append(runs)
                     if is_new:
                         new.add(m)
-            elif not self._ours.overlaps(m.start, m.end):
-                # Tracked memory made read-only since stays in (below); untracked read-only
+                    parts = within(m.start, m.end)
+            elif not parts:
+                # Tracked memory made read-only since stays in (parts); untracked read-only
                 # memory is looked at for data of its own at each collect.
                 if self._read_only_candidate(m):
                     candidates.append(m)
                 continue
+            i = len(entries)
             entries.append(m)
-        ranges = [(s, e, i) for i, m in enumerate(entries)
-                  for s, e in self._ours.within(m.start, m.end)]
+            ranges += [(a, b, i) for a, b in parts]
         table = np.array(ranges, np.int64).reshape(-1, 3)
         self._plan = (text, entries, np.ascontiguousarray(table[:, :2]), table[:, 2],
-                      candidates)
+                      candidates, _Layout(entries))
         return firsts, new
 
     def _read_only_candidate(self, m: Mapping) -> bool:
@@ -1380,7 +1405,7 @@ class ProcessTracker:
         if self._plan is None or self._plan[0] != text:
             firsts, new = self._plan_uffd(text, everything)
         assert self._plan is not None
-        _, entries, ranges, owner_of_range, candidates = self._plan
+        _, entries, ranges, owner_of_range, candidates, layout = self._plan
         extra: list[tuple[Mapping, np.ndarray]] = []
         scanned = _EMPTY_RUNS
         fd = self._pagemap.fileno()
@@ -1428,14 +1453,15 @@ class ProcessTracker:
         if not reset and len(first_runs):
             self._pending = np.concatenate([self._pending, first_runs])
             first_runs = _EMPTY_RUNS
-        mappings = entries
+        mappings: list[Mapping] | _Layout = layout
         if extra:
             known = set(entries)
             mappings = sorted(entries + [m for m, _ in extra if m not in known],
                               key=lambda m: m.start)
         runs = np.concatenate([scanned, first_runs, *(r for _, r in extra)])
         if self._first_new:
-            new |= {m for m in mappings if self._first_new.overlaps(m.start, m.end)}
+            listed = mappings.mappings if isinstance(mappings, _Layout) else mappings
+            new |= {m for m in listed if self._first_new.overlaps(m.start, m.end)}
             if reset:
                 self._first_new = RangeSet()
         result = self._make_result(mappings, runs, new, reset)
@@ -1457,8 +1483,8 @@ class ProcessTracker:
         return self._make_result([m for m, _ in done],
                                  np.concatenate(runs) if runs else _EMPTY_RUNS, new, reset)
 
-    def _make_result(self, mappings: list[Mapping], runs: np.ndarray, new: set[Mapping],
-                     reset: bool) -> ProcessDirty:
+    def _make_result(self, mappings: list[Mapping] | _Layout, runs: np.ndarray,
+                     new: set[Mapping], reset: bool) -> ProcessDirty:
         """The result over ``mappings`` (in address order) of ``runs`` (absolute addresses)
         and what is pending from first sights."""
         now = time.monotonic()
