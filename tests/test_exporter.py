@@ -493,6 +493,7 @@ def test_the_command_serves_metrics_never_of_itself_and_stops_on_sigterm(
 
     wait_for("the target served", lambda: str(a.pid) in tracked())
     assert own not in tracked()  # a child of this process like the target, never itself
+    assert not [line for line in e.lines if f"pid {own} " in line]  # not even tried
     got = e.scrape()
     for name, kind in ex.METRICS.items():
         if kind == "histogram":
