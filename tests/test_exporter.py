@@ -134,6 +134,7 @@ def _m(path: str, perms: str = "rw-p") -> Mapping:
     return Mapping(0x1000, 0x3000, perms, 0, "00:00", 0, path)
 
 
+@pytest.mark.kernel_independent
 @pytest.mark.parametrize(("mapping", "kind"), [
     (_m("[heap]"), "heap"), (_m("[stack]"), "stack"), (_m(""), "anon"),
     (_m("[anon:arena]"), "anon"), (_m("", "rw-s"), "shmem"),
@@ -147,6 +148,7 @@ def test_each_mapping_has_one_kind_label(mapping: Mapping, kind: str) -> None:
     assert kind in ex.KINDS
 
 
+@pytest.mark.kernel_independent
 def test_the_working_set_counts_distinct_pages_within_each_window() -> None:
     ws = ex.WorkingSet((10.0, 60.0))
     ws.add(np.array([5, 1, 2, 3, 3], np.uint64), now=0.0)
@@ -159,6 +161,7 @@ def test_the_working_set_counts_distinct_pages_within_each_window() -> None:
     assert ws.counts(now=200.0) == [1, 1] and len(ws) == 1
 
 
+@pytest.mark.kernel_independent
 def test_windows_parse_and_label_as_prometheus_durations() -> None:
     assert ex.parse_windows("1m, 10s,5m,1m") == (10.0, 60.0, 300.0)
     assert [ex.window_label(w) for w in (10.0, 60.0, 300.0, 3600.0, 0.5, 90.0)] == [
@@ -168,6 +171,7 @@ def test_windows_parse_and_label_as_prometheus_durations() -> None:
             ex.parse_windows(bad)
 
 
+@pytest.mark.kernel_independent
 def test_attach_failures_are_labelled_by_reason() -> None:
     cases = [(pw.TargetGone("gone"), "exited"),
              (pw.PermissionDenied("process 5 is already traced by process 6 (gdb)"), "traced"),
@@ -180,6 +184,7 @@ def test_attach_failures_are_labelled_by_reason() -> None:
         assert reason in ex.REASONS
 
 
+@pytest.mark.kernel_independent
 def test_a_selector_takes_exactly_one_criterion() -> None:
     for kw in ({}, {"name": "a", "user": 0}, {"pids": (1,), "children_of": 1}):
         with pytest.raises(ValueError):
@@ -496,6 +501,7 @@ def exporters() -> Iterator[Callable[..., ExporterProcess]]:
             e.proc.wait()
 
 
+@pytest.mark.kernel_independent
 def test_without_prometheus_client_the_command_says_what_to_install() -> None:
     code = ("import sys; sys.modules['prometheus_client'] = None\n"
             "from pagewatch.cli import main\n"
@@ -534,6 +540,7 @@ def test_the_command_serves_metrics_never_of_itself_and_stops_on_sigterm(
         assert again.collect() is not None
 
 
+@pytest.mark.kernel_independent
 def test_bad_selections_are_one_line_errors() -> None:
     for args, phrase in ((["--name", "("], "pagewatch exporter:"),
                          (["--user", "no-such-user-pagewatch"], "no user"),
@@ -547,6 +554,7 @@ def test_bad_selections_are_one_line_errors() -> None:
 # ---- contrib/ -------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel_independent
 def test_the_systemd_unit_is_valid() -> None:
     unit = (CONTRIB / "pagewatch-exporter.service").read_text()
     sections = re.findall(r"^\[(\w+)\]$", unit, re.M)
@@ -588,6 +596,7 @@ def served_names(scrape: dict[str, Any]) -> set[str]:
 METRIC_TOKEN = re.compile(r"\b((?:pagewatch|process)_[a-z0-9_]+)\b")
 
 
+@pytest.mark.kernel_independent
 def test_the_dashboard_queries_only_metrics_the_exporter_serves(
         pacers: Callable[..., Pacer], exporters: Callable[..., ExporterProcess]) -> None:
     a = pacers(100, 16)
