@@ -3,7 +3,8 @@
  * it was.  Used to create a userfaultfd that belongs to the target's memory (a userfaultfd
  * acts on the mm of the process that created it) and take it with pidfd_getfd(2).
  *
- * How (x86-64), all in one short-lived thread so that the tracer is a thread that exits:
+ * How (x86-64), all in a short-lived helper process (see "the helper process" below: the
+ * death of the monitor must never release the target with modified registers or mask):
  *   1. PTRACE_SEIZE (no PTRACE_O_EXITKILL: if we die, the target lives on) + PTRACE_INTERRUPT;
  *      wait (polling, with a deadline) for the PTRACE_EVENT_STOP.  Signal-delivery-stops that
  *      come first are passed through with their signal.
@@ -22,8 +23,10 @@
  *      -ERESTARTNOINTR or -ERESTART_RESTARTBLOCK) is restarted (restart_syscall(2) for the
  *      last), and signals that arrived meanwhile are delivered.
  *
- * If the thread never stops (uninterruptible sleep) the worker gives up at the deadline and
- * exits; the kernel detaches a tracer's tracees when the tracer thread exits.
+ * If the thread never stops (uninterruptible sleep) the helper gives up at the deadline and
+ * exits; the kernel detaches a tracer's tracees when the tracer thread exits.  (When the helper
+ * may not trace the target, Yama ptrace_scope=1 and the target a descendant of the monitor, the
+ * same session runs in a thread of the monitor.)
  *
  * arm64 (designed, untested here): the same sequence with PTRACE_GETREGSET/SETREGSET
  * NT_PRSTATUS (x0..x30, sp, pc, pstate); the syscall number goes in x8, arguments in x0..x5,
@@ -37,12 +40,15 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -104,8 +110,37 @@ static int fail(struct session *s, int err, const char *what)
     return -1;
 }
 
+/* Test fault points (set only in a helper process, from PAGEWATCH_TEST_FAULT="N[:SIG[:pg]]"):
+ * before its N-th ptrace call the helper sends SIG (default SIGKILL) to the monitor that
+ * started it (or to the monitor's process group) and waits until the monitor is gone, so a
+ * test can kill the monitor deterministically at every ptrace call of an attach or a run. */
+static int fault_at, fault_sig, fault_pg, fault_calls;
+static pid_t fault_victim;
+
+static void fault_point(void)
+{
+    fault_calls++;
+    if (!fault_at || fault_calls != fault_at)
+        return;
+    int pidfd = (int)syscall(__NR_pidfd_open, fault_victim, 0);
+    if (fault_pg) {
+        pid_t pg = getpgid(fault_victim);
+        if (pg > 0)
+            kill(-pg, fault_sig);
+    } else {
+        kill(fault_victim, fault_sig);
+    }
+    if (pidfd >= 0) { /* readable when the monitor has exited */
+        struct pollfd p = {pidfd, POLLIN, 0};
+        while (poll(&p, 1, 30000) < 0 && errno == EINTR)
+            ;
+        close(pidfd);
+    }
+}
+
 static long pt(int req, pid_t tid, void *addr, void *data)
 {
+    fault_point();
     return ptrace((enum __ptrace_request)req, tid, addr, data);
 }
 
@@ -417,6 +452,205 @@ static int run_worker(void *(*fn)(void *), void *job)
     return rc;
 }
 
+/* ---- the helper process ------------------------------------------------------------------
+ *
+ * The kernel detaches a tracer's tracees when the tracer thread dies, and a tracee stopped with
+ * modified registers or signal mask resumes with them: the monitor's death in the middle of an
+ * injection would run the injected call and then garbage (SIGSEGV), or leave every signal of
+ * the target blocked.  So every ptrace session that changes the target runs in a helper
+ * process that the death of the monitor (the process the user started) cannot take down:
+ * forked from it, in a session of its own (a signal to the monitor's process group or terminal
+ * never reaches it), ignoring SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE and the job-control
+ * signals, without PR_SET_PDEATHSIG, with no descriptor of the monitor but the ones it needs.
+ * It always completes the restore and the detach, then hands its result back over a unix
+ * socket (the userfaultfd with SCM_RIGHTS); a result the dead monitor never receives is closed
+ * with the helper.  Only a SIGKILL of the helper itself, by its pid, can still release the
+ * target in the middle of an injection.
+ */
+static const int helper_ignored[] = {SIGINT,  SIGTERM, SIGHUP,  SIGQUIT, SIGPIPE,
+                                     SIGTSTP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2,
+                                     SIGALRM, SIGVTALRM, SIGPROF, SIGXFSZ};
+
+#define HELPER_SOCK 3 /* the helper's end of the socket */
+#define HELPER_KEEP 4 /* one more descriptor it keeps (pidfd, release pipe) */
+
+/* In the forked helper: its own session, signals, descriptors. */
+static void helper_setup(int sock, int keep, pid_t monitor)
+{
+    setsid();
+    prctl(PR_SET_NAME, (unsigned long)"pagewatch-help", 0, 0, 0);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    for (size_t i = 0; i < sizeof helper_ignored / sizeof helper_ignored[0]; i++)
+        sigaction(helper_ignored[i], &sa, NULL);
+    sa.sa_handler = SIG_DFL;
+    sigaction(SIGCHLD, &sa, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    int s2 = fcntl(sock, F_DUPFD, 5), k2 = keep >= 0 ? fcntl(keep, F_DUPFD, 5) : -1;
+    if (s2 < 0 || (keep >= 0 && k2 < 0))
+        _exit(1);
+    int null = open("/dev/null", O_RDWR);
+    for (int fd = 0; fd < 3 && null >= 0; fd++)
+        dup2(null, fd);
+    dup2(s2, HELPER_SOCK);
+    if (k2 >= 0)
+        dup2(k2, HELPER_KEEP);
+    if (syscall(__NR_close_range, k2 >= 0 ? 5 : 4, ~0U, 0) < 0)
+        for (int fd = k2 >= 0 ? 5 : 4; fd < 65536; fd++)
+            close(fd);
+    const char *f = getenv("PAGEWATCH_TEST_FAULT");
+    fault_calls = 0;
+    fault_at = 0;
+    if (f && *f) {
+        char *end;
+        fault_at = (int)strtol(f, &end, 10);
+        fault_sig = *end == ':' ? (int)strtol(end + 1, &end, 10) : SIGKILL;
+        fault_pg = *end == ':' && !strcmp(end + 1, "pg");
+        fault_victim = monitor;
+    }
+}
+
+/* Fork the helper; in the monitor returns its pid (and *sock), in the helper 0, < 0 on error
+ * (errno).  `keep` is a descriptor the helper keeps, as HELPER_KEEP. */
+static pid_t spawn_helper(int keep, int *sock)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return -1;
+    pid_t monitor = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(sv[0]);
+        close(sv[1]);
+        errno = e;
+        return -1;
+    }
+    if (pid == 0) {
+        helper_setup(sv[1], keep, monitor);
+        return 0;
+    }
+    close(sv[1]);
+    *sock = sv[0];
+    return pid;
+}
+
+/* Send `len` bytes and, if fd >= 0, the descriptor.  Returns 0, or -1 (the peer is gone). */
+static int send_with_fd(int sock, const void *buf, size_t len, int fd)
+{
+    struct iovec iov = {(void *)buf, len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    if (fd >= 0) {
+        memset(&u, 0, sizeof u);
+        m.msg_control = u.buf;
+        m.msg_controllen = sizeof u.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t n;
+    do
+        n = sendmsg(sock, &m, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* Receive one message of at most `len` bytes (blocking); *fd gets a passed descriptor or -1.
+ * Returns its size, 0 at EOF (the helper is gone), -1 on error. */
+static ssize_t recv_with_fd(int sock, void *buf, size_t len, int *fd)
+{
+    struct iovec iov = {buf, len};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = u.buf;
+    m.msg_controllen = sizeof u.buf;
+    ssize_t n;
+    do
+        n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    *fd = -1;
+    if (n > 0)
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                memcpy(fd, CMSG_DATA(c), sizeof(int));
+    return n;
+}
+
+static void reap(pid_t pid)
+{
+    int st;
+    while (waitpid(pid, &st, __WALL) < 0 && errno == EINTR)
+        ;
+}
+
+/* Run `fn(job)` in a helper process; the job struct comes back with the helper's result and
+ * *fdp (a field of the job) becomes the descriptor the helper passed, or -1.  *pidfdp (a
+ * field of the job, or NULL) is kept for the helper.  Returns 0, or an errno when the helper
+ * could not be started or died without answering (the job is then untouched). */
+static int in_helper(void *(*fn)(void *), void *job, size_t size, int *fdp, int *pidfdp,
+                     int *calls)
+{
+    int sock = -1, err = 0;
+    pid_t h;
+    char *buf = malloc(size + sizeof(int));
+    if (!buf)
+        return ENOMEM;
+    Py_BEGIN_ALLOW_THREADS
+    h = spawn_helper(pidfdp ? *pidfdp : -1, &sock);
+    if (h == 0) {
+        if (pidfdp)
+            *pidfdp = HELPER_KEEP;
+        fn(job);
+        fault_point(); /* a fault after the last ptrace call: the monitor dies before the reply */
+        int ptrace_calls = fault_calls - 1;
+        memcpy(buf, job, size);
+        memcpy(buf + size, &ptrace_calls, sizeof(int));
+        send_with_fd(HELPER_SOCK, buf, size + sizeof(int), fdp && *fdp >= 0 ? *fdp : -1);
+        _exit(0);
+    }
+    if (h < 0) {
+        err = errno;
+    } else {
+        int fd = -1;
+        ssize_t n = recv_with_fd(sock, buf, size + sizeof(int), &fd);
+        if (n == (ssize_t)(size + sizeof(int))) {
+            memcpy(job, buf, size);
+            memcpy(calls, buf + size, sizeof(int));
+            if (fdp)
+                *fdp = fd;
+            else if (fd >= 0)
+                close(fd);
+        } else {
+            err = n < 0 ? errno : EPIPE;
+            if (fd >= 0)
+                close(fd);
+        }
+        close(sock);
+        reap(h);
+    }
+    Py_END_ALLOW_THREADS
+    free(buf);
+    return err;
+}
+
 static PyObject *timing(struct session *s)
 {
     double stop = s->t_stopped > 0 && s->t_detached > 0 ? s->t_detached - s->t_stopped : -1;
@@ -445,8 +679,10 @@ static PyObject *session_error(struct session *s)
  *     Python has made its last collect;
  *   - every signal-delivery-stop is resumed at once with its signal, group-stops are listened
  *     to (PTRACE_LISTEN), so the child behaves as untraced.
- * Waiting polls (at most 1 ms between polls) so that tracer_stop can detach at any time.  If
- * the process dies, the thread dies with it and the kernel detaches the child.
+ * All of it runs in a helper process (see struct tracer): if pagewatch dies, the helper
+ * finishes what it does (an injection), lets a held child go, detaches it and exits, and the
+ * child runs on.  Waiting polls (at most 1 ms between polls) so that a stop can detach at any
+ * time.
  */
 #define PW_PTRACE_GETEVENTMSG 0x4201
 #define PW_PTRACE_LISTEN 0x4208
@@ -463,72 +699,128 @@ struct pw_event {
 };
 
 #define MAX_TRACERS 16
+/* One `pagewatch run` tracer.  The tracing itself runs in a helper process (see "the helper
+ * process" above: the monitor's death, even by SIGKILL, must not release the child in the
+ * middle of an injection); this struct exists on both sides of its socket:
+ *   - in the helper, tracer_main() drives the child and reads the monitor's commands
+ *     (release, freeze on/off, stop); EOF on the socket (the monitor died) is a stop: the
+ *     helper lets a held child go, detaches it and exits;
+ *   - in the monitor, a proxy thread forwards the helper's events to the event pipe (with the
+ *     userfaultfd of an exec passed over the socket) and notes its freeze acknowledgements. */
 struct tracer {
     int used, done;
-    pid_t pid;
-    int pidfd, release_fd, ev_r, ev_w;
-    pthread_t th;
+    pid_t pid, helper;
+    int pidfd, release_fd, ev_r, ev_w, sock;
+    pthread_t proxy;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int released, stop;
-    /* A freeze (see below) of the child's process: freeze_req is set by the freezer while it
-     * wants the child stopped; frozen while the child sits in a ptrace-stop for it; held
-     * while the child is held at an exec or exit stop (stopped as well). */
-    int freeze_req, frozen, held, interrupted;
+    int released, stop, orphan, gone_posted;
+    /* A freeze (see below) of the child's process: freeze_req is set while the freezer wants
+     * the child stopped (generation freeze_gen); the helper acknowledges a generation (ack_gen)
+     * once the child sits in a ptrace-stop it keeps until the thaw: frozen (a stop taken for
+     * the freeze) or held (at an exec or exit stop). */
+    int freeze_req, freeze_gen, ack_gen, frozen, held, interrupted;
 };
 static struct tracer tracers[MAX_TRACERS];
 static pthread_mutex_t tracers_mu = PTHREAD_MUTEX_INITIALIZER;
 
-static void post(struct tracer *t, int kind, int a, long long b, double c)
+/* Messages on the socket: events (EV_*) and acknowledgements from the helper, commands from
+ * the monitor. */
+enum { M_ACK = 10, C_RELEASE = 20, C_FREEZE = 21, C_STOP = 22 };
+
+/* ---- helper side (single-threaded) ---- */
+
+static void helper_send(struct tracer *t, int kind, int a, long long b, double c, int fd)
 {
     struct pw_event e = {kind, a, b, c};
-    ssize_t n;
-    do
-        n = write(t->ev_w, &e, sizeof e);
-    while (n < 0 && errno == EINTR);
+    if (t->orphan || send_with_fd(t->sock, &e, sizeof e, fd) < 0) {
+        t->orphan = 1; /* the monitor is gone: let the child go */
+        t->stop = 1;
+    }
 }
 
-/* Wait until Python lets the held child go (or asks to stop); returns t->stop. */
+static void post(struct tracer *t, int kind, int a, long long b, double c)
+{
+    int fd = kind == EV_EXEC && a >= 0 ? a : -1;
+    helper_send(t, kind, a, b, c, fd);
+    if (fd >= 0)
+        close(fd); /* the monitor has its copy (or is gone) */
+}
+
+static void ack(struct tracer *t)
+{
+    helper_send(t, M_ACK, t->freeze_gen, 0, 0, -1);
+}
+
+/* Read the monitor's commands: wait up to timeout_ms (-1: until one comes) for the first. */
+static void cmd_pump(struct tracer *t, int timeout_ms)
+{
+    for (;;) {
+        struct pollfd p = {t->sock, POLLIN, 0};
+        int r = t->orphan ? 1 : poll(&p, 1, timeout_ms);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0 || t->orphan)
+            return;
+        struct pw_event e;
+        ssize_t n = recv(t->sock, &e, sizeof e, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n <= 0) { /* EOF: the monitor died (or closed): stop, the child goes on */
+            t->orphan = 1;
+            t->stop = 1;
+            t->freeze_req = 0;
+            return;
+        }
+        if (e.kind == C_RELEASE) {
+            t->released = 1;
+        } else if (e.kind == C_STOP) {
+            t->stop = 1;
+        } else if (e.kind == C_FREEZE) {
+            t->freeze_req = e.a;
+            t->freeze_gen = (int)e.b;
+            if (e.a && (t->held || t->frozen))
+                ack(t); /* stopped already, and kept so until the thaw */
+        }
+        timeout_ms = 0; /* then drain what else is there */
+    }
+}
+
+/* Wait until the monitor lets the held child go (or asks to stop, or died); returns t->stop. */
 static int hold(struct tracer *t)
 {
-    pthread_mutex_lock(&t->mu);
     t->held = 1;
+    if (t->freeze_req)
+        ack(t);
     /* Never let it go while a freeze counts on it being stopped. */
     while (t->freeze_req || (!t->released && !t->stop))
-        pthread_cond_wait(&t->cv, &t->mu);
+        cmd_pump(t, -1);
     t->held = 0;
     t->released = 0;
-    int stop = t->stop;
-    pthread_mutex_unlock(&t->mu);
-    return stop;
+    return t->stop;
 }
 
 static int stop_wanted(struct tracer *t)
 {
-    pthread_mutex_lock(&t->mu);
-    int stop = t->stop;
-    pthread_mutex_unlock(&t->mu);
-    return stop;
+    cmd_pump(t, 0);
+    return t->stop;
 }
 
 static int freeze_wanted(struct tracer *t)
 {
-    pthread_mutex_lock(&t->mu);
-    int want = t->freeze_req;
-    pthread_mutex_unlock(&t->mu);
-    return want;
+    cmd_pump(t, 0);
+    return t->freeze_req;
 }
 
 /* The child is in a ptrace-stop and a freeze wants it stopped: stay until the thaw. */
 static void frozen_hold(struct tracer *t)
 {
-    pthread_mutex_lock(&t->mu);
     t->frozen = 1;
     t->interrupted = 0;
+    ack(t);
     while (t->freeze_req)
-        pthread_cond_wait(&t->cv, &t->mu);
+        cmd_pump(t, -1);
     t->frozen = 0;
-    pthread_mutex_unlock(&t->mu);
 }
 
 /* Whether the child runs under a seccomp filter ("Seccomp: 2"): its filter could kill it
@@ -710,7 +1002,9 @@ static void *tracer_main(void *arg)
  * and the thread id; one that does not stop before the deadline (uninterruptible sleep, a
  * vfork parent) fails it with ETIMEDOUT.  A failed freeze detaches what it seized.
  * If pagewatch dies during a freeze, its worker thread dies with it and the kernel detaches
- * the threads, which go on.
+ * the threads, which go on as they were: a freeze changes no register and no mask, and a
+ * signal held in a signal-delivery-stop is delivered by that detach (the kernel keeps its
+ * number as the stop's exit code).  So the freeze needs no helper.
  */
 #define PW_PF_IO_WORKER 0x10
 #define PW_PF_EXITING 0x4
@@ -798,11 +1092,15 @@ static struct tracer *tracer_holding(pid_t tid)
     return found;
 }
 
+/* Ask the tracer's helper to stop the child for a freeze (on) or let it go (off). */
 static void tracer_freeze(struct tracer *tr, int on)
 {
     pthread_mutex_lock(&tr->mu);
     tr->freeze_req = on;
-    pthread_cond_broadcast(&tr->cv);
+    if (on)
+        tr->freeze_gen++;
+    struct pw_event e = {C_FREEZE, on, tr->freeze_gen, 0};
+    send_with_fd(tr->sock, &e, sizeof e, -1); /* if the helper is gone, `done` tells */
     pthread_mutex_unlock(&tr->mu);
 }
 
@@ -894,7 +1192,7 @@ static int tracer_stopped(struct frz_thread *th)
 {
     struct tracer *tr = th->tr;
     pthread_mutex_lock(&tr->mu);
-    int ok = tr->frozen || tr->held;
+    int ok = tr->freeze_req && tr->ack_gen == tr->freeze_gen;
     pthread_mutex_unlock(&tr->mu);
     if (ok)
         return 1;
@@ -1118,8 +1416,20 @@ static PyObject *py_inject_userfaultfd(PyObject *self, PyObject *args)
     if (PyErr_Occurred())
         return NULL;
     j.nflags = (int)n;
-    if (run_worker(uffd_worker, &j))
-        return NULL;
+    j.local_fd = -1;
+    struct uffd_job j0 = j;
+    int calls = 0, helper = 1;
+    int herr = in_helper(uffd_worker, &j, sizeof j, &j.local_fd, &j.pidfd, &calls);
+    if (!herr && j.s.err == EPERM && j.s.what && !strcmp(j.s.what, "PTRACE_SEIZE")) {
+        /* Only the monitor may trace it (Yama ptrace_scope=1: the target is its descendant
+         * and not the helper's): inject from here, with the hazard the helper avoids. */
+        j = j0;
+        helper = 0;
+        if (run_worker(uffd_worker, &j))
+            return NULL;
+    } else if (herr) {
+        return pw_raise_errno(herr, "the injection helper process");
+    }
     if (j.s.err && j.local_fd < 0)
         return session_error(&j.s);
     PyObject *tries = PyList_New(0);
@@ -1139,9 +1449,10 @@ static PyObject *py_inject_userfaultfd(PyObject *self, PyObject *args)
         Py_DECREF(tries);
         return NULL;
     }
-    PyObject *extra = Py_BuildValue("{s:i,s:i,s:i,s:s}", "getfd_errno", j.getfd_errno,
+    PyObject *extra = Py_BuildValue("{s:i,s:i,s:i,s:s,s:i,s:i}", "getfd_errno", j.getfd_errno,
                                     "close_errno", j.close_errno, "detach_errno", j.s.err,
-                                    "detach_what", j.s.what ? j.s.what : "");
+                                    "detach_what", j.s.what ? j.s.what : "", "helper", helper,
+                                    "ptrace_calls", calls);
     if (extra) {
         PyDict_Update(info, extra);
         Py_DECREF(extra);
@@ -1169,8 +1480,16 @@ static PyObject *py_inject_syscall(PyObject *self, PyObject *args)
     j.s.timeout_ms = timeout_ms;
     j.nr = nr;
     memcpy(j.args, a, sizeof a);
-    if (run_worker(syscall_worker, &j))
-        return NULL;
+    struct syscall_job j0 = j;
+    int calls = 0;
+    int herr = in_helper(syscall_worker, &j, sizeof j, NULL, NULL, &calls);
+    if (!herr && j.s.err == EPERM && j.s.what && !strcmp(j.s.what, "PTRACE_SEIZE")) {
+        j = j0; /* see py_inject_userfaultfd */
+        if (run_worker(syscall_worker, &j))
+            return NULL;
+    } else if (herr) {
+        return pw_raise_errno(herr, "the injection helper process");
+    }
     if (!j.done || j.s.err)
         return session_error(&j.s);
     return Py_BuildValue("(lN)", j.ret, timing(&j.s));
@@ -1216,6 +1535,54 @@ static struct tracer *tracer_of(int h)
     return NULL;
 }
 
+#if PW_CAN_INJECT
+/* The monitor's side of a tracer: forward the helper's events, note its acknowledgements. */
+static void *tracer_proxy(void *arg)
+{
+    struct tracer *t = arg;
+    for (;;) {
+        struct pw_event e;
+        int fd = -1;
+        ssize_t n = recv_with_fd(t->sock, &e, sizeof e, &fd);
+        if (n != (ssize_t)sizeof e) {
+            if (fd >= 0)
+                close(fd);
+            /* A helper that exits with commands of ours unread resets the socket: the error
+             * comes first, what it sent before is still queued. */
+            if (n > 0 || (n < 0 && errno == ECONNRESET))
+                continue;
+            break; /* EOF: the helper exited */
+        }
+        if (e.kind == M_ACK) {
+            pthread_mutex_lock(&t->mu);
+            t->ack_gen = e.a;
+            pthread_mutex_unlock(&t->mu);
+            continue;
+        }
+        if (e.kind == EV_EXEC && e.a >= 0)
+            e.a = fd >= 0 ? fd : -EPROTO;
+        else if (fd >= 0)
+            close(fd);
+        if (e.kind == EV_GONE)
+            t->gone_posted = 1;
+        ssize_t w;
+        do
+            w = write(t->ev_w, &e, sizeof e);
+        while (w < 0 && errno == EINTR);
+    }
+    if (!t->gone_posted) {
+        /* The helper died without a word (killed): the kernel detached the child. */
+        struct pw_event e = {EV_GONE, -2, 0, 0};
+        ssize_t w;
+        do
+            w = write(t->ev_w, &e, sizeof e);
+        while (w < 0 && errno == EINTR);
+    }
+    __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+#endif
+
 static PyObject *py_tracer_start(PyObject *self, PyObject *args)
 {
 #if PW_CAN_INJECT
@@ -1241,23 +1608,44 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
         return pw_raise_errno(errno, "pipe2");
     }
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
-    t->used = 1;
     t->pid = pid;
-    t->pidfd = pidfd;
-    t->release_fd = release_fd;
     t->ev_r = fds[0];
     t->ev_w = fds[1];
-    pthread_mutex_init(&t->mu, NULL);
-    pthread_cond_init(&t->cv, NULL);
-    int rc = pthread_create(&t->th, NULL, tracer_main, t);
-    if (rc) {
+    int sock = -1;
+    pid_t helper = spawn_helper(release_fd, &sock);
+    if (helper == 0) { /* the helper: trace the child until it ends, the stop or our death */
+        t->sock = HELPER_SOCK;
+        t->release_fd = release_fd >= 0 ? HELPER_KEEP : -1;
+        t->pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
+        tracer_main(t);
+        _exit(0);
+    }
+    int err = helper < 0 ? errno : 0;
+    if (release_fd >= 0)
+        close(release_fd); /* the helper has it */
+    if (!err) {
+        t->helper = helper;
+        t->sock = sock;
+        t->used = 1;
+        pthread_mutex_init(&t->mu, NULL);
+        pthread_cond_init(&t->cv, NULL);
+        err = pthread_create(&t->proxy, NULL, tracer_proxy, t);
+        if (err) { /* the helper goes on alone: stopping it detaches the child */
+            struct pw_event e = {C_STOP, 0, 0, 0};
+            send_with_fd(sock, &e, sizeof e, -1);
+            close(sock);
+            reap(helper);
+            t->used = 0;
+        }
+    }
+    if (err) {
         close(fds[0]);
         close(fds[1]);
-        t->used = 0;
         pthread_mutex_unlock(&tracers_mu);
-        return pw_raise_errno(rc, "pthread_create");
+        return pw_raise_errno(err, helper < 0 ? "fork (tracer helper)" : "pthread_create");
     }
     pthread_mutex_unlock(&tracers_mu);
+    (void)pidfd; /* the helper opens its own */
     return Py_BuildValue("(ii)", h, t->ev_r);
 #else
     return no_inject();
@@ -1296,10 +1684,8 @@ static PyObject *py_tracer_release(PyObject *self, PyObject *args)
     struct tracer *t = tracer_of(h);
     if (!t)
         return NULL;
-    pthread_mutex_lock(&t->mu);
-    t->released = 1;
-    pthread_cond_signal(&t->cv);
-    pthread_mutex_unlock(&t->mu);
+    struct pw_event e = {C_RELEASE, 0, 0, 0};
+    send_with_fd(t->sock, &e, sizeof e, -1); /* a helper that is gone has let it go */
     Py_RETURN_NONE;
 #else
     return no_inject();
@@ -1315,20 +1701,20 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
     struct tracer *t = tracer_of(h);
     if (!t)
         return NULL;
-    pthread_mutex_lock(&t->mu);
-    t->stop = 1;
-    pthread_cond_signal(&t->cv);
-    pthread_mutex_unlock(&t->mu);
+    struct pw_event e = {C_STOP, 0, 0, 0};
+    send_with_fd(t->sock, &e, sizeof e, -1);
     Py_BEGIN_ALLOW_THREADS
-    pthread_join(t->th, NULL);
+    pthread_join(t->proxy, NULL);
+    reap(t->helper);
     Py_END_ALLOW_THREADS
-    /* The end the thread saw, if Python has not read it: its wait may have reaped the child. */
-    struct pw_event e;
+    close(t->sock);
+    /* The end the helper saw, if Python has not read it. */
+    struct pw_event ev;
     int gone = 0, status = 0;
-    while (read(t->ev_r, &e, sizeof e) == (ssize_t)sizeof e)
-        if (e.kind == EV_GONE) {
+    while (read(t->ev_r, &ev, sizeof ev) == (ssize_t)sizeof ev)
+        if (ev.kind == EV_GONE) {
             gone = 1;
-            status = e.a;
+            status = ev.a;
         }
     close(t->ev_r);
     close(t->ev_w);
@@ -1343,6 +1729,18 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
 #else
     return no_inject();
 #endif
+}
+
+/* PR_SET_PTRACER, called by a `pagewatch run` child before its exec: under Yama
+ * ptrace_scope=1 the tracer helper, a descendant of the monitor and not of the child, may
+ * then seize it.  An error (no Yama: EINVAL) is ignored. */
+static PyObject *py_allow_ptracer(PyObject *self, PyObject *args)
+{
+    int pid;
+    if (!PyArg_ParseTuple(args, "i:allow_ptracer", &pid))
+        return NULL;
+    prctl(PR_SET_PTRACER, (unsigned long)pid, 0, 0, 0);
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_freeze(PyObject *self, PyObject *args)
@@ -1460,6 +1858,8 @@ PyMethodDef pw_inject_methods[] = {
      "release_fd and close it.  Events (kind, a, b, c) are read with tracer_event: "
      "1 attached, 2 exec (a = taken userfaultfd or -errno, b = flags, c = ns; held), "
      "3 exit (a = status; held), 4 gone (a = wait status), 5 error (a = errno)."},
+    {"allow_ptracer", py_allow_ptracer, METH_VARARGS,
+     "allow_ptracer(pid): PR_SET_PTRACER (Yama): let `pid` and its descendants trace us."},
     {"tracer_event", py_tracer_event, METH_VARARGS,
      "tracer_event(handle) -> (kind, a, b, c) or None when none is waiting."},
     {"tracer_release", py_tracer_release, METH_VARARGS,

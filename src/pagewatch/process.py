@@ -12,7 +12,10 @@ So pagewatch
    target is written), takes the new descriptor with ``pidfd_getfd(2)``, runs ``close()`` of
    the target's copy, restores its registers and signal mask exactly and detaches (an
    interrupted ``read()`` or ``nanosleep()`` is restarted by the kernel as if nothing
-   happened; see ``src/native/inject.c``);
+   happened; see ``src/native/inject.c``).  All of this runs in a short-lived helper process
+   (its own session, ignoring SIGINT/SIGTERM/SIGHUP), which always completes the restore and
+   passes the descriptor back over a unix socket: the death of this process, at any instant,
+   never releases the target with our registers or mask (``attach_info["helper"]``);
 2. registers every tracked mapping for *async* write-protect and protects it.  A write is then
    resolved inside the kernel's fault handler: nothing of ours sits on the target's fault
    path, the target never waits for us, and if pagewatch dies the kernel drops the
@@ -114,6 +117,12 @@ Limits
 * Syscall injection is implemented for x86-64 (64-bit targets); arm64 is designed (see
   ``src/native/inject.c``) but untested.  A target under a seccomp filter is refused: its
   filter could kill it for the injected call.
+* The helper that injects can itself be killed only on purpose (SIGKILL to its pid, named
+  ``pagewatch-help``): during its stop of the target (~0.05-0.2 ms) that would release the
+  target with modified registers.  Under Yama ``ptrace_scope=1`` without ``CAP_SYS_PTRACE``,
+  a target that only this process may trace (its own descendant) refuses the helper: the
+  injection then runs in a thread of this process, whose death during the stop can harm the
+  target.
 * Cost to the target: one write fault (about a microsecond) per page and collect interval in
   which the page is written; the stop at attach is typically 0.05 to 0.3 ms.
 """
@@ -555,7 +564,8 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
         raise PagewatchError(f"injecting userfaultfd(2) into process {pid} failed at "
                              f"{what}: {exc.strerror}", exc.errno) from exc
     info = {"tid": tid, "stop_ms": raw["stop_ns"] / 1e6, "wait_ms": raw["wait_ns"] / 1e6,
-            "tries": tries, "flags": None}
+            "tries": tries, "flags": None, "helper": bool(raw.get("helper")),
+            "ptrace_calls": raw.get("ptrace_calls", 0)}
     if raw.get("detach_errno"):
         # The target was left as it was only if the restore worked: say it loudly.
         if fd >= 0:

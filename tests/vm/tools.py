@@ -17,6 +17,8 @@ APT_PACKAGES: dict[str, str] = {
     "kmod": "depmod, which virtme-ng runs on the extracted modules",
     "busybox-static": "virtme-ng builds its initramfs around busybox",
     "udev": "creates /dev/virtio-ports/*, through which virtme-ng passes output and exit code",
+    "strace": "tests/test_process_kill.py kills the monitor at each ptrace call with it (the "
+              "guests run the host's file system)",
 }
 
 #: The virtme-ng release the harness was written and measured with.

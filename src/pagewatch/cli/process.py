@@ -331,6 +331,9 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
                     signal.signal(sig, signal.SIG_DFL)
             os.close(release_w)
             os.close(err_r)
+            # Under Yama ptrace_scope=1 the tracer helper (a descendant of pagewatch, not of
+            # this child) may seize it only with this exception.
+            _native.allow_ptracer(os.getppid())
             if os.read(release_r, 1) == b"\x01":
                 os.close(release_r)
                 code = 127
@@ -423,7 +426,7 @@ class Run:
             self._collect()  # the last one: the memory is still there at the exit stop
             _native.tracer_release(self.handle)
         elif kind == EV_GONE:
-            self.status = a if a >= 0 else os.waitpid(self.pid, 0)[1]
+            self.status = self._reap(a)
 
     def loop(self) -> None:
         next_t = time.monotonic() + self.interval
@@ -439,12 +442,18 @@ class Run:
                 self._collect()
                 next_t = max(next_t + self.interval, time.monotonic())
 
+    def _reap(self, seen: int) -> int:
+        """The child's wait status: it is ours (the tracer helper only saw it end, ``seen``;
+        -2 when it detached it first): reap it."""
+        try:
+            return os.waitpid(self.pid, 0)[1]
+        except ChildProcessError:  # reaped already (cannot happen unless a caller waited)
+            return max(seen, 0)
+
     def close(self) -> None:
         unread = _native.tracer_stop(self.handle)
-        if self.status is None and unread is not None and unread >= 0:
-            self.status = unread  # the tracer reaped it (an error here left that unread)
         if self.status is None:  # detached early (an error): let it finish, as the shell would
-            self.status = os.waitpid(self.pid, 0)[1]
+            self.status = self._reap(unread if unread is not None else -2)
         if self.tracker is not None:
             self.tracker.close()
         os.close(self.pidfd)
