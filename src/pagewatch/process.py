@@ -178,6 +178,8 @@ _HOLDS_DATA = int(PageCategory.PRESENT | PageCategory.SWAPPED)
 _NOT_OWN_DATA = int(PageCategory.FILE | PageCategory.PFNZERO)
 _CAP_SYS_PTRACE = 19
 _EMPTY_RUNS = np.empty((0, 2), np.int64)
+#: what a scan plan found for a mapping: fully tracked, read-only candidate, not tracked
+_FULL, _CANDIDATE, _IGNORED = 1, 2, 3
 
 
 class TargetExec(TargetGone):
@@ -840,6 +842,8 @@ class ProcessTracker:
         self._parsed: dict[bytes, Mapping] = {}
         self._parsed_text = b""
         self._parsed_list: list[Mapping] = []
+        #: per mapping of the last plan (by object: see _plan_uffd), what it was
+        self._plan_memo: dict[int, tuple[Mapping, int]] = {}
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError as exc:
@@ -1372,7 +1376,21 @@ class ProcessTracker:
         candidates: list[Mapping] = []
         ranges: list[tuple[int, int, int]] = []
         within, select = self._ours.within, self._select
+        # What the previous plan found for a mapping whose line is unchanged still holds
+        # (an unchanged line gives the same Mapping object: see _maps_now).
+        before = self._plan_memo
+        memo: dict[int, tuple[Mapping, int]] = {}
         for m in everything:
+            seen = before.get(id(m))
+            if seen is not None and seen[0] is m:
+                memo[id(m)] = seen
+                if seen[1] == _FULL:
+                    i = len(entries)
+                    entries.append(m)
+                    ranges.append((m.start, m.end, i))
+                elif seen[1] == _CANDIDATE:
+                    candidates.append(m)
+                continue
             parts = within(m.start, m.end)
             if select(m):
                 if parts != [(m.start, m.end)]:
@@ -1388,14 +1406,25 @@ class ProcessTracker:
                 # memory is looked at for data of its own at each collect.
                 if self._read_only_candidate(m):
                     candidates.append(m)
+                    memo[id(m)] = (m, _CANDIDATE)
+                else:
+                    memo[id(m)] = (m, _IGNORED)
                 continue
+            if parts == [(m.start, m.end)]:
+                memo[id(m)] = (m, _FULL)
             i = len(entries)
             entries.append(m)
             ranges += [(a, b, i) for a, b in parts]
+        self._plan_memo = memo
         table = np.array(ranges, np.int64).reshape(-1, 3)
         self._plan = (text, entries, np.ascontiguousarray(table[:, :2]), table[:, 2],
                       candidates, _Layout(entries))
         return firsts, new
+
+    def _forget_plan(self) -> None:
+        """What is tracked changed outside a plan: the next collect plans from scratch."""
+        self._plan = None
+        self._plan_memo = {}
 
     def _read_only_candidate(self, m: Mapping) -> bool:
         """A read-only private mapping, not tracked, that would be selected if it were
@@ -1431,7 +1460,7 @@ class ProcessTracker:
                     runs, is_new = self._collect_uffd(m, reset, register=True)
                     extra.append((m, runs))
                     new.add(m)
-                    self._plan = None  # tracked from now on: the next collect plans again
+                    self._forget_plan()  # tracked from now on: the next collect plans again
             flags = int(ScanFlag.CHECK_WPASYNC) | (int(ScanFlag.WP_MATCHING) if reset else 0)
             rows, owner, errs = _native.pagemap_scan_ranges(fd, ranges, flags, _WRITTEN, 0, 0,
                                                             _WRITTEN)
@@ -1455,7 +1484,7 @@ class ProcessTracker:
                 extra.append((m, runs))
                 if is_new:
                     new.add(m)
-                self._plan = None
+                self._forget_plan()
         except TargetGone as exc:
             partial = self._make_result(entries, np.concatenate([scanned, *firsts]), new, reset)
             self._raise_gone(exc.errno, partial)
@@ -1483,6 +1512,8 @@ class ProcessTracker:
         """Drop what is no longer mapped.  Tracked memory that is still mapped stays tracked
         whatever its protection now (it is harvested at each collect)."""
         self._ours.keep_only([(m.start, m.end) for m in everything])
+        if not self._skipped:
+            return
         live = RangeSet((m.start, m.end) for m in everything if self._select(m))
         for key in [k for k in self._skipped if live.missing(*k)]:
             del self._skipped[key]

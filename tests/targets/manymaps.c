@@ -5,6 +5,7 @@
  *                  keep the kernel from merging them), print their first address and the
  *                  stride, then read commands on stdin and answer one line each:
  *                  w STEP   write one byte into every STEP-th mapping ("ok")
+ *                  m        map one more page and write it (the layout changes; "ok")
  *                  exit     exit
  */
 #include <stdint.h>
@@ -43,6 +44,15 @@ int main(int argc, char **argv)
         if (!strcmp(cmd, "w")) {
             for (long i = 0; i < n; i += a > 0 ? a : 1)
                 base[(size_t)i * 2 * PG + 8] += 1;
+            printf("ok\n");
+        } else if (!strcmp(cmd, "m")) {
+            uint8_t *p = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                              -1, 0);
+            if (p == MAP_FAILED) {
+                perror("mmap");
+                return 3;
+            }
+            p[0] = 1;
             printf("ok\n");
         } else if (!strcmp(cmd, "exit")) {
             return 0;
