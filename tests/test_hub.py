@@ -72,9 +72,8 @@ class FakeBackend(HubBackend):
                           True) for s, e in runs.tolist()]
         return np.concatenate(out) if out else np.empty((0, 2), np.int64)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         with self.hub.lock:
-            self.closed = True
             self._leave()
 
 

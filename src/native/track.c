@@ -59,6 +59,8 @@ static void page_size_init(void)
 
 static pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
+static int pread_all(int fd, char *buf, size_t len, off_t off);
+
 /* ---- watches ------------------------------------------------------------------------ */
 
 struct watch {
@@ -377,17 +379,38 @@ static int mp_atfork_done;
 
 static void mp_handler(int sig, siginfo_t *si, void *uctx);
 
+/* Per thread: inside the handler we chain to.  A chained handler that re-raises SIGSEGV
+ * and re-installs us (faulthandler does both) must reach the default action, not itself.
+ * initial-exec: no allocation on first use, which a signal handler cannot afford. */
+static __thread int mp_chaining __attribute__((tls_model("initial-exec")));
+
 static void mp_chain(int sig, siginfo_t *si, void *uctx)
 {
     struct sigaction old = mp_old;
-    if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction && old.sa_sigaction != mp_handler) {
-        old.sa_sigaction(sig, si, uctx);
-        return;
-    }
-    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler != SIG_DFL &&
-        old.sa_handler != SIG_IGN) {
-        old.sa_handler(sig);
-        return;
+    if (!mp_chaining) {
+        int called = 0;
+        mp_chaining = 1;
+        if ((old.sa_flags & SA_SIGINFO) && old.sa_sigaction && old.sa_sigaction != mp_handler) {
+            old.sa_sigaction(sig, si, uctx);
+            called = 1;
+        } else if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler != SIG_DFL &&
+                   old.sa_handler != SIG_IGN) {
+            old.sa_handler(sig);
+            called = 1;
+        }
+        mp_chaining = 0;
+        if (called) {
+            /* A handler that put us back in its place (faulthandler restores the handler
+             * it replaced, then re-raises) left the chain: what follows it is the default
+             * action, or the re-raised signal would come back to it forever. */
+            struct sigaction cur;
+            if (sigaction(SIGSEGV, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+                cur.sa_sigaction == mp_handler) {
+                memset(&mp_old, 0, sizeof mp_old);
+                mp_old.sa_handler = SIG_DFL;
+            }
+            return;
+        }
     }
     /* Default action: restore it and return; the faulting instruction faults again and the
      * kernel kills the process with SIGSEGV as if we had never been there. */
@@ -544,7 +567,30 @@ static PyObject *do_collect(struct engine *e, PyObject *args, const char *fmt)
 
 static PyObject *py_mp_collect(PyObject *self, PyObject *args)
 {
+    /* Something (faulthandler.enable(), signal.signal) may have replaced the handler since:
+     * take the faults back, chaining to it for the others. */
+    mp_lock();
+    int err = mp_install();
+    mp_unlock();
+    if (err)
+        return pw_raise_errno(err, "sigaction(SIGSEGV)");
     return do_collect(&mp, args, "lp|L:mp_collect");
+}
+
+/* mp_mark(start, length): the pages of [start, start + length) lost their protection
+ * behind our back (the program's own mprotect): mark them written in every watch, so the
+ * next collect reports them and protects them again. */
+static PyObject *py_mp_mark(PyObject *self, PyObject *args)
+{
+    unsigned long long start, len;
+    if (!PyArg_ParseTuple(args, "KK:mp_mark", &start, &len))
+        return NULL;
+    page_size_init();
+    uintptr_t a = (uintptr_t)start & ~(PG - 1), b = ((uintptr_t)(start + len) + PG - 1) & ~(PG - 1);
+    mp_lock();
+    mark_range(&mp, a, b);
+    mp_unlock();
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_mp_unwatch(PyObject *self, PyObject *args)
@@ -754,6 +800,55 @@ static PyObject *py_us_watch(PyObject *self, PyObject *args)
 static PyObject *py_us_collect(PyObject *self, PyObject *args)
 {
     return do_collect(&us, args, "lp|L:us_collect");
+}
+
+/*
+ * us_verify(id, pagemap_fd, populate) -> (pages marked, errno).
+ * A page this watch holds clean must carry the uffd-wp bit (pagemap bit 57).  One that
+ * does not lost it behind our back: MADV_DONTNEED zaps anonymous pages with their bit, and
+ * a later write maps a writable page no fault reports.  Such pages are marked written in
+ * every watch and protected again (mapped first, without WP_UNPOPULATED).  ENOENT: they
+ * are not registered with our userfaultfd any more (other memory is mapped there).
+ */
+#define PM_UFFD_WP (1ULL << 57)
+static PyObject *py_us_verify(PyObject *self, PyObject *args)
+{
+    long id;
+    int fd, populate = 0, err = 0;
+    unsigned long long marked = 0;
+    if (!PyArg_ParseTuple(args, "li|p:us_verify", &id, &fd, &populate))
+        return NULL;
+    struct watch *w = lookup(&us, id);
+    if (!w)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t pm[512];
+    us_lock();
+    for (size_t i = 0; i < w->npages && !err; i += 512) {
+        size_t k = w->npages - i < 512 ? w->npages - i : 512;
+        err = pread_all(fd, (char *)pm, k * 8, (off_t)((w->start / PG + i) * 8));
+        for (size_t j = 0; j < k && !err;) {
+            uintptr_t page = w->start + (i + j) * PG;
+            if (bit_get(w, i + j) || (pm[j] & PM_UFFD_WP) || (us.npins && is_pinned(&us, page))) {
+                j++;
+                continue;
+            }
+            size_t j2 = j;
+            while (j2 < k && !bit_get(w, i + j2) && !(pm[j2] & PM_UFFD_WP) &&
+                   !(us.npins && is_pinned(&us, w->start + (i + j2) * PG)))
+                j2++;
+            uintptr_t a = page, b = w->start + (i + j2) * PG;
+            if (populate)
+                (void)madvise((void *)a, b - a, MADV_POPULATE_READ);
+            mark_range(&us, a, b);
+            marked += j2 - j;
+            err = us_protect(a, b, 1, 0);
+            j = j2;
+        }
+    }
+    us_unlock();
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(Ki)", marked, err);
 }
 
 static PyObject *py_us_unwatch(PyObject *self, PyObject *args)
@@ -1305,6 +1400,11 @@ PyMethodDef pw_track_methods[] = {
     {"mp_collect", py_mp_collect, METH_VARARGS,
      "mp_collect(id, reset, max_pages=-1) -> (runs int64 (n,2), errno)."},
     {"mp_unwatch", py_mp_unwatch, METH_VARARGS, "mp_unwatch(id): stop, un-protect."},
+    {"mp_mark", py_mp_mark, METH_VARARGS,
+     "mp_mark(start, length): mark the pages written in every watch (protection lost)."},
+    {"us_verify", py_us_verify, METH_VARARGS,
+     "us_verify(id, pagemap_fd, populate=False) -> (marked, errno): re-protect pages that "
+     "lost their uffd-wp bit, marked written."},
     {"mp_info", py_mp_info, METH_NOARGS, "mp_info() -> dict of counters."},
     {"us_start", py_us_start, METH_VARARGS, "us_start(uffd): start the handler thread."},
     {"us_stop", py_us_stop, METH_NOARGS, "us_stop(): stop the handler thread."},

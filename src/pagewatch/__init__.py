@@ -9,7 +9,8 @@
 [4096]
 """
 
-from .backends.base import Region, backends
+from ._region import Region
+from .backends.base import backends
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel.probe import Capabilities, Capability, probe

@@ -78,3 +78,24 @@ class TargetGone(PagewatchError):
     def __init__(self, message: str, errno: int | None = None, collected: object = None) -> None:
         super().__init__(message, errno)
         self.collected = collected
+
+
+#: errnos that say "not now" (a passing shortage), never "not on this kernel"
+TRANSIENT_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM, _errno.EAGAIN,
+                              _errno.EINTR})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a passing shortage (descriptors, memory), not a kernel's answer."""
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def transient_error(what: str, exc: OSError) -> PagewatchError:
+    """The error for a passing shortage met while ``what``: says so, and what to do."""
+    why = {_errno.EMFILE: "this process has no file descriptor left (EMFILE): close some, "
+                          "or raise RLIMIT_NOFILE",
+           _errno.ENFILE: "the system has no file descriptor left (ENFILE)",
+           _errno.ENOMEM: "out of memory (ENOMEM)"}.get(
+               exc.errno or 0, f"{exc.strerror} ({_errno.errorcode.get(exc.errno or 0, '?')})")
+    return PagewatchError(f"{what} failed for a passing reason, not for lack of a kernel "
+                          f"feature: {why}; then try again", exc.errno)

@@ -2,72 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from . import _native
-from .backends.base import Backend, Region, choose
+from ._lifecycle import Closeable
+from ._region import Region, region_of
+from .backends._memory import check_writable_mapping
+from .backends.base import Backend, choose
 from .dirty import DirtyPages
-from .errors import InvalidRange
-from .kernel.maps import maps
 
 __all__ = ["Tracker", "track", "Region", "region_of"]
 
 _HUGE_PAGES = ("split", "keep")
 
 
-def region_of(target: Any) -> tuple[Region, memoryview | None]:
-    """The :class:`Region` of a target, and a view that keeps a buffer's memory alive."""
-    if isinstance(target, Region):
-        if target.size <= 0:
-            raise InvalidRange(f"empty range at {target.address:#x}")
-        if target.address < 0:
-            raise InvalidRange(f"negative address {target.address:#x}")
-        return target, None
-    try:
-        view = memoryview(target)
-    except TypeError:
-        raise TypeError(f"cannot track a {type(target).__name__}: pass an object with the "
-                        "buffer protocol (numpy array, bytearray, mmap, memoryview) or "
-                        "pagewatch.Region(address, size)") from None
-    try:
-        address, nbytes, readonly = _native.buffer_info(view)
-    except BufferError:
-        raise InvalidRange(f"this {type(target).__name__} is not one contiguous block of "
-                           "memory: track its base array or a contiguous copy") from None
-    if readonly:
-        raise InvalidRange(f"this {type(target).__name__} is read-only: nothing can write it")
-    if nbytes == 0:
-        raise InvalidRange(f"this {type(target).__name__} is empty")
-    return Region(address, nbytes), view
-
-
-def _protected_by_mprotect(start: int, end: int) -> bool:
-    """Pages an mprotect tracker made read-only are still writable memory."""
-    mod = sys.modules.get("pagewatch.backends.mprotect")
-    return mod is not None and bool(mod.covers(start, end))
-
-
-def _check_writable_mapping(region: Region) -> None:
-    """Every page of the region must be mapped, and writable."""
-    cursor = region.start
-    for m in maps("self"):
-        if m.end <= cursor:
-            continue
-        if m.start > cursor:
-            break
-        if not m.writable and not _protected_by_mprotect(max(m.start, cursor),
-                                                          min(m.end, region.end)):
-            raise InvalidRange(f"[{m.start:#x}, {m.end:#x}) {m.path or '(anonymous)'} inside "
-                               f"the range is not writable ({m.perms})")
-        cursor = m.end
-        if cursor >= region.end:
-            return
-    raise InvalidRange(f"[{cursor:#x}, {region.end:#x}) is not mapped: a tracked range must "
-                       "lie in mapped memory")
-
-
-class Tracker:
+class Tracker(Closeable):
     """Track writes to a range of this process's memory.
 
     Parameters
@@ -94,14 +42,17 @@ class Tracker:
         The pages tracked.
     """
 
+    closed = True  # until built
+
     def __init__(self, target: Any, backend: str = "auto", huge_pages: str = "split") -> None:
         if huge_pages not in _HUGE_PAGES:
             raise ValueError(f"huge_pages must be one of {_HUGE_PAGES}, not {huge_pages!r}")
         self.region, self._view = region_of(target)
-        _check_writable_mapping(self.region)
+        check_writable_mapping(self.region)
         cls, self.backend_reason = choose(backend)
         self._impl: Backend | None = cls(self.region, huge_pages=huge_pages)
         self.backend: str = cls.name
+        self.closed = False
 
     @property
     def _b(self) -> Backend:
@@ -148,25 +99,13 @@ class Tracker:
                 self._impl.close()
             finally:
                 self._impl = None
+                self.closed = True
                 if self._view is not None:
                     self._view.release()
                     self._view = None
 
-    @property
-    def closed(self) -> bool:
-        return self._impl is None
-
     def __enter__(self) -> Tracker:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.backend

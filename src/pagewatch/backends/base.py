@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import operator
 import os
 import threading
 import weakref
@@ -28,10 +29,13 @@ from typing import ClassVar
 import numpy as np
 
 from .. import _intervals
+from .._lifecycle import Closeable
+from .._region import Region
 from ..dirty import DirtyPages
-from ..errors import Unsupported
+from ..errors import PagewatchError, TargetGone, Unsupported
 from ..kernel.constants import PAGE_SIZE
 from ..rangeset import RangeSet
+from ._memory import HugePageAdvice
 
 __all__ = [
     "Region", "Backend", "Hub", "HubBackend", "BACKENDS", "backend_class", "backends",
@@ -39,33 +43,14 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Region:
-    """A range of this process's memory, ``[address, address + size)``, tracked at the
-    pages that cover it: ``[start, end)``, page-aligned."""
+class Backend(Closeable, abc.ABC):
+    """One way of tracking writes to a :class:`Region` (see the module docstring).
 
-    address: int
-    size: int
-
-    @property
-    def start(self) -> int:
-        return self.address - self.address % PAGE_SIZE
-
-    @property
-    def end(self) -> int:
-        return -(-(self.address + self.size) // PAGE_SIZE) * PAGE_SIZE
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    @property
-    def npages(self) -> int:
-        return self.length // PAGE_SIZE
-
-
-class Backend(abc.ABC):
-    """One way of tracking writes to a :class:`Region` (see the module docstring)."""
+    The public methods are templates: :meth:`collect` and :meth:`reset` check, in one place,
+    that the tracker is open, belongs to this process (not a fork child's copy) and its
+    memory is still there, validate ``max_pages``, then call the backend's ``_collect`` /
+    ``_reset``; :meth:`close` runs ``_close`` once and gives back the huge-page advice.
+    """
 
     #: the name users pass as ``backend=``
     name: ClassVar[str]
@@ -78,23 +63,105 @@ class Backend(abc.ABC):
         self.region = region
         self.huge_pages = huge_pages
         self.closed = False
+        self.pid = os.getpid()
+        #: the TargetGone this tracker met: raised again by every later collect
+        self.gone: TargetGone | None = None
+        self._advice: HugePageAdvice | None = None
+
+    def _split_huge_pages(self) -> None:
+        """``huge_pages="split"``: keep transparent huge pages off the region until close."""
+        if self.huge_pages == "split" and self._advice is None:
+            self._advice = HugePageAdvice(self.region)
 
     @classmethod
     @abc.abstractmethod
     def available(cls) -> tuple[bool, str]:
         """Whether this backend works in this process on this kernel, and why (not)."""
 
-    @abc.abstractmethod
-    def reset(self) -> None:
-        """Forget everything written so far."""
+    # ---- the templates ----------------------------------------------------------------
 
-    @abc.abstractmethod
+    def check_usable(self) -> None:
+        """Raise unless this tracker can collect: open, this process's, memory not gone."""
+        if self.closed:
+            raise ValueError(f"this {self.name} tracker is closed")
+        if os.getpid() != self.pid:
+            raise PagewatchError("this tracker belongs to the parent process: after fork() "
+                                 "the child must create its own tracker")
+        if self.gone is not None:
+            raise TargetGone(self.gone.message, self.gone.errno)
+
+    def limit(self, max_pages: object) -> int | None:
+        """``max_pages`` validated: ``None`` (every page) or an int in ``[0, npages)``."""
+        if max_pages is None:
+            return None
+        if isinstance(max_pages, bool):
+            raise TypeError("max_pages must be an integer or None, not a bool")
+        try:
+            n = operator.index(max_pages)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError("max_pages must be an integer or None, not "
+                            f"{type(max_pages).__name__}") from None
+        if n < 0:
+            raise ValueError(f"max_pages must be >= 0, not {n}")
+        return None if n >= self.region.npages else n  # more than there are: all of them
+
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         """The pages written since the last reset (see the module docstring)."""
+        limit = self.limit(max_pages)
+        self.check_usable()
+        try:
+            return self._collect(bool(reset), limit)
+        except TargetGone as exc:
+            self._went(exc)
+            raise
+
+    def reset(self) -> None:
+        """Forget everything written so far."""
+        self.check_usable()
+        try:
+            self._reset()
+        except TargetGone as exc:
+            self._went(exc)
+            raise
+
+    def _went(self, exc: TargetGone) -> None:
+        """The memory went away: remember it, and stop watching its addresses, which a new
+        mapping may take (a new tracker there must not find them held)."""
+        if self.gone is None:
+            self.gone = exc
+            try:
+                self._release()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop tracking; the memory is left as it was (writable, unprotected, its huge-page
+        advice given back)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.gone is None:
+                self._release()
+        finally:
+            self._restore_advice()
+
+    def _restore_advice(self) -> None:
+        if self._advice is not None and os.getpid() == self.pid:
+            self._advice.restore()
+        self._advice = None
 
     @abc.abstractmethod
-    def close(self) -> None:
-        """Stop tracking; the memory is left as it was (writable, unprotected)."""
+    def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
+        """``collect`` once checked; ``max_pages`` is ``None`` or below the page count."""
+
+    def _reset(self) -> None:
+        self._collect(True, None)
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Stop watching (called once, by ``close`` or on ``TargetGone``; also in a fork
+        child, where it must not disturb the parent)."""
 
     def _empty(self) -> DirtyPages:
         return DirtyPages.empty(self.region.start, self.region.npages)
@@ -269,20 +336,12 @@ class HubBackend(Backend):
     @abc.abstractmethod
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray: ...
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError(f"this {self.name} tracker is closed")
-
-    def reset(self) -> None:
-        self._check_open()
+    def _reset(self) -> None:
         with self.hub.lock:
             self.hub.harvest(self, self._get(reset=True))
             self._clear_pending()
 
-    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
-        self._check_open()
-        if max_pages is not None and max_pages < 0:
-            raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+    def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
         with self.hub.lock:
             if max_pages is None or not reset:
                 got = self._get(reset)

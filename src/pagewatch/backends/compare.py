@@ -36,9 +36,9 @@ import numpy as np
 
 from .. import _native
 from ..dirty import DirtyPages
-from ..errors import PagewatchError, TargetGone
+from ..errors import PagewatchError
 from ..kernel.constants import PAGE_SIZE
-from ._memory import check_mapped
+from ._memory import check_identity, check_mapped, mapping_identity
 from .base import Backend, Region
 
 __all__ = ["Compare", "BACKEND"]
@@ -56,59 +56,77 @@ class Compare(Backend):
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
         self._lock = threading.Lock()
+        self._map: mmap.mmap | None = None
+        # Pages a failed collect had already taken into the snapshot: reported next time.
+        self._pending: DirtyPages | None = None
+        self._identity = mapping_identity(region)
         # An anonymous mapping of its own.  One page longer than needed: the kernel puts new
         # mappings in the first gap that fits, and a snapshot exactly the target's size
         # would fill the hole a program just freed next to it (and wants back).
-        self._map: mmap.mmap | None = mmap.mmap(-1, region.length + PAGE_SIZE,
-                                                mmap.MAP_PRIVATE)
+        self._map = mmap.mmap(-1, region.length + PAGE_SIZE, mmap.MAP_PRIVATE)
         self._snap = np.frombuffer(self._map, dtype=np.uint8)
         self._snapshot()
 
     def _snapshot(self) -> None:
-        check_mapped(self.region)
+        self._check_alive()
         self._check_read(_native.cmp_snapshot(self.region.start, self.region.npages,
                                               self._snap))
 
+    def _check_alive(self) -> None:
+        check_mapped(self.region)
+        check_identity(self.region, self._identity)
+
     def _check_read(self, err: int) -> None:
-        """A C read of the live pages failed: they went away (or worse)."""
+        """A C read of the live pages failed: they went away, or cannot be read."""
         if not err:
             return
-        check_mapped(self.region)
+        self._check_alive()
         if err == errno.EFAULT:
-            raise TargetGone(f"the tracked memory [{self.region.start:#x}, "
-                             f"{self.region.end:#x}) was unmapped while tracked: close the "
-                             "tracker before freeing its target", err)
+            raise PagewatchError(
+                f"a page of [{self.region.start:#x}, {self.region.end:#x}) cannot be read "
+                "(the program made it PROT_NONE?): compare reads every page, so tracked "
+                "memory must stay readable; nothing was lost, the next collect that can "
+                "read it reports what changed", err)
         raise PagewatchError(f"reading the tracked pages failed: {os.strerror(err)}", err)
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ValueError(f"this {self.name} tracker is closed")
-
-    def reset(self) -> None:
+    def _reset(self) -> None:
         with self._lock:
-            self._check_open()
             self._snapshot()
+            self._pending = None
 
-    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
-        if max_pages is not None and max_pages < 0:
-            raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+    def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
         with self._lock:
-            self._check_open()
-            check_mapped(self.region)
+            self._check_alive()
             runs, err = _native.cmp_collect(self.region.start, self.region.npages, self._snap,
                                             reset, -1 if max_pages is None else max_pages)
-            self._check_read(err)
-        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+            got = self._result(runs)
+            if err:
+                if reset and len(got):
+                    # Those pages are in the snapshot already: keep them to report.
+                    self._pending = got if self._pending is None else self._pending | got
+                self._check_read(err)
+            if self._pending is None:
+                return got
+            everything = got | self._pending
+            chosen = everything if max_pages is None else _first(everything, max_pages)
+            if reset:
+                rest = everything.bitmap() & ~chosen.bitmap()
+                self._pending = (DirtyPages.from_bitmap(rest, self.region.start)
+                                 if rest.any() else None)
+            return chosen
 
-    def close(self) -> None:
+    def _release(self) -> None:
         with self._lock:
-            if self.closed:
-                return
-            self.closed = True
-            del self._snap
+            self._snap = np.empty(0, np.uint8)
             if self._map is not None:
                 self._map.close()
                 self._map = None
+
+
+def _first(d: DirtyPages, n: int) -> DirtyPages:
+    if len(d) <= n:
+        return d
+    return DirtyPages.from_pages(d.pages()[:n], d.base, d.npages, d.page_size)
 
 
 BACKEND = Compare

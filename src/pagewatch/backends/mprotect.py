@@ -16,36 +16,64 @@ Limits
   (``read``, ``readv``, ``recv_into``, ...) gets ``EFAULT`` instead of faulting, as in
   Wine's and Boehm GC's mprotect modes.  Wrap such I/O in :func:`writable`, which marks
   the range written and keeps it writable until the block ends.
-* The backend owns the protection of the tracked pages: an ``mprotect`` of them by the
-  program is undone by the next collect, and ``close()`` leaves them read-write.
+* The backend owns the protection of the tracked pages: ``close()`` leaves them read-write.
+  When the program makes tracked pages writable itself with ``mprotect`` (or back to writable after
+  ``PROT_READ``), each collect sees it in ``/proc/self/maps``: those pages are reported as
+  written (a write could have gone there unseen) and protected again.  A write to a page
+  the program made read-only is taken as ours: it succeeds and is reported.
+* Memory unmapped and mapped anew at the same address: a file, ``memfd`` or shared
+  mapping has another identity (device, inode, offset in ``/proc/self/maps``) and the next
+  collect raises :class:`~pagewatch.TargetGone`.  New *private anonymous* memory looks like
+  the old one made writable by the program (the kernel shows nothing else): its pages are
+  reported as written at the next collect and tracked from then on; no write is lost.
+* **Writes through ``/proc/self/mem``** (how debuggers write; ``FOLL_FORCE`` writes through
+  read-only protection) do not fault and are **not reported**.  ``process_vm_writev``
+  respects protection and fails with ``EFAULT``.
 * A written page splits the mapping (one VMA per run of writable pages): more than about
   ``vm.max_map_count / 2`` isolated written pages between two collects makes the handler
   fall back to un-protecting whole trackers (every page reported once).
 * A first write to a page costs a signal and two system calls (microseconds).
-* The ``SIGSEGV`` handler is installed when the first tracker starts and re-installed by a
-  new tracker if something replaced it; a handler installed later without chaining takes
-  the faults away from it.
-* After ``fork()`` the child's copy of a tracker keeps tracking the child's memory.
+* **Other users of ``SIGSEGV``.**  The handler is installed when the first tracker starts
+  and checked at every start, collect and reset: if something replaced it
+  (``faulthandler.enable()``, ``signal.signal(SIGSEGV, ...)``) it is installed again and
+  chains to the newcomer for faults that are not ours.  Between the replacement and that
+  next call, a write to a tracked page goes to the newcomer: ``faulthandler`` prints a
+  traceback and the process dies of ``SIGSEGV``; a Python-level handler can never run
+  (the faulting instruction repeats) and the thread hangs.  Enable ``faulthandler`` and
+  set handlers *before* tracking, or collect right after.  A thread that blocks
+  ``SIGSEGV`` is killed by the kernel on its first write to a tracked page (a blocked
+  synchronous fault cannot be delivered): a tracker refuses to start while such a thread
+  exists.
+* After ``fork()`` the child's copies of the trackers refuse to collect
+  (``PagewatchError``, as every backend): the child's pages stay protected, its writes go
+  through the handler and are simply let through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import mmap
 import os
+import signal
 import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from .. import _native
+from .._region import region_of
 from ..dirty import DirtyPages
-from ..errors import InvalidRange, PagewatchError, TargetGone
+from ..errors import InvalidRange, PagewatchError, is_transient, transient_error
 from ..kernel.constants import PAGE_SIZE
 from ..kernel.maps import maps
-from ._memory import check_mapped, no_huge_pages
+from ._memory import (
+    check_identity,
+    check_mapped,
+    kernel_answer,
+    mapping_identity,
+    protected_by_us,
+)
 from .base import Backend, Region
 
 __all__ = ["MprotectBackend", "writable", "covers", "BACKEND"]
@@ -63,12 +91,26 @@ def _exec_bit(region: Region) -> int:
     return mmap.PROT_EXEC if execs == {True} else 0
 
 
-def _max_pages(max_pages: int | None) -> int:
-    if max_pages is None:
-        return -1
-    if max_pages < 0:
-        raise ValueError(f"max_pages must be >= 0, not {max_pages}")
-    return max_pages
+_SIGSEGV_BIT = 1 << (signal.SIGSEGV - 1)
+
+
+def _threads_blocking_sigsegv() -> list[int]:
+    """Threads of this process that block ``SIGSEGV`` (a write fault would kill them)."""
+    out = []
+    ours = int(_native.us_info()["tid"])  # uffd-sync's thread: blocks all, writes no page
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == ours:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("SigBlk:"):
+                        if int(line.split()[1], 16) & _SIGSEGV_BIT:
+                            out.append(int(tid))
+                        break
+        except OSError:
+            continue  # exited meanwhile
+    return out
 
 
 class MprotectBackend(Backend):
@@ -82,13 +124,22 @@ class MprotectBackend(Backend):
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
-        extra = _exec_bit(region)
-        if huge_pages == "split":
-            no_huge_pages(region)
+        self._id: int | None = None
         self._lock = threading.Lock()
+        blocking = _threads_blocking_sigsegv()
+        if blocking:
+            raise PagewatchError(
+                f"thread(s) {', '.join(map(str, blocking))} block SIGSEGV: the first write of "
+                "one to a tracked page would kill the process (the kernel cannot deliver a "
+                "blocked fault). Unblock SIGSEGV there, or use another backend")
+        extra = _exec_bit(region)
+        self._identity = mapping_identity(region)
+        self._split_huge_pages()
         try:
-            self._id: int | None = _native.mp_watch(region.start, region.npages, extra)
+            self._id = _native.mp_watch(region.start, region.npages, extra)
         except OSError as exc:
+            self._restore_advice()
+            self.closed = True
             if exc.errno == errno.ENOMEM:
                 check_mapped(region)
             raise PagewatchError(f"cannot write-protect [{region.start:#x}, {region.end:#x}): "
@@ -96,52 +147,48 @@ class MprotectBackend(Backend):
         with _live_lock:
             _live.add(self)
 
-    def _check_open(self) -> int:
-        if self.closed or self._id is None:
-            raise ValueError(f"this {self.name} tracker is closed")
-        return self._id
+    def _check_alive(self) -> None:
+        """Raise TargetGone if the memory went; mark pages made writable behind our back."""
+        check_mapped(self.region)
+        entries = [m for m in maps("self")
+                   if m.end > self.region.start and m.start < self.region.end]
+        check_identity(self.region, self._identity, entries)
+        for m in entries:
+            if m.writable:
+                lo, hi = max(m.start, self.region.start), min(m.end, self.region.end)
+                _native.mp_mark(lo, hi - lo)
 
-    def reset(self) -> None:
-        self.collect(reset=True)
-
-    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
-        limit = _max_pages(max_pages)
+    def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
         with self._lock:
-            wid = self._check_open()
-            self._check_alive(wid)
-            runs, err = _native.mp_collect(wid, reset, limit)
+            wid = self._id
+            if wid is None:
+                raise ValueError(f"this {self.name} tracker is closed")
+            self._check_alive()
+            runs, err = _native.mp_collect(wid, reset, -1 if max_pages is None else max_pages)
             if err:
                 # The pages that could not be re-protected stay marked: reported again.
-                self._check_alive(wid)
+                self._check_alive()
                 if err != errno.ENOMEM:  # ENOMEM and mapped: vm.max_map_count, retried later
                     raise PagewatchError(f"mprotect of written pages failed: "
                                          f"{os.strerror(err)}", err)
-        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+        return self._result(runs)
 
-    def _check_alive(self, wid: int) -> None:
-        try:
-            check_mapped(self.region)
-        except TargetGone:
-            # Stop watching now: the addresses may be reused by another mapping.
-            self._id = None
-            self.closed = True
-            _native.mp_unwatch(wid)
-            raise
-
-    def close(self) -> None:
+    def _release(self) -> None:
         with self._lock:
             if self._id is not None:
                 _native.mp_unwatch(self._id)
                 self._id = None
-            self.closed = True
         with _live_lock:
             _live.discard(self)
 
 
-@functools.cache  # one trial per process: its answer does not change
+@kernel_answer
 def _trial() -> tuple[bool, str]:
     """Track one page for real: protect, write, collect, close."""
-    buf = mmap.mmap(-1, 2 * PAGE_SIZE)
+    try:
+        buf = mmap.mmap(-1, 2 * PAGE_SIZE)
+    except OSError as exc:
+        raise transient_error("the mprotect trial", exc) from exc
     try:
         addr = _native.buffer_info(buf)[0]
         wid = _native.mp_watch(addr, 2)
@@ -155,6 +202,8 @@ def _trial() -> tuple[bool, str]:
             return False, f"a write to a protected page was reported as {runs.tolist()}"
         return True, "a write to a PROT_READ page was caught by the SIGSEGV handler"
     except OSError as exc:
+        if is_transient(exc):
+            raise transient_error("the mprotect trial", exc) from exc
         return False, f"the mprotect trial failed: {exc}"
     finally:
         buf.close()
@@ -175,13 +224,10 @@ def covers(start: int, end: int) -> bool:
     return cursor >= end
 
 
-def _span(target: Any) -> tuple[int, int]:
-    from ..tracker import Tracker, region_of
+protected_by_us.append(covers)
 
-    if isinstance(target, Tracker):
-        return target.region.start, target.region.length
-    if isinstance(target, MprotectBackend):
-        return target.region.start, target.region.length
+
+def _span(target: Any) -> tuple[int, int]:
     region, view = region_of(target)
     if view is not None:
         view.release()

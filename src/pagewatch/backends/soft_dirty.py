@@ -46,8 +46,8 @@ import numpy as np
 
 from .. import _intervals, _native
 from ..dirty import DirtyPages
-from ..errors import PagewatchError, TargetGone
-from ._memory import check_mapped, no_huge_pages
+from ..errors import PagewatchError
+from ._memory import check_mapped
 from .base import Hub, HubBackend, Region
 
 __all__ = ["SoftDirty", "BACKEND"]
@@ -89,11 +89,8 @@ class _SoftDirtyHub(Hub):
         return np.split(dirty, np.cumsum(counts[:-1].astype(np.int64)))
 
     def after_fork_in_child(self) -> None:
-        # The /proc/self files were opened by the parent: they still describe it.
-        for m in list(self.members):
-            m.closed = True
-            if isinstance(m, SoftDirty):
-                m._forked = True
+        # The /proc/self files were opened by the parent: they still describe it.  The
+        # trackers' copies refuse to work (their pid is the parent's).
         self.members = weakref.WeakSet()
         for fd in (self._pagemap, self._clear_refs):
             if fd >= 0:
@@ -121,9 +118,7 @@ class SoftDirty(HubBackend):
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
-        self._forked = False
-        if huge_pages == "split":
-            no_huge_pages(region)
+        self._split_huge_pages()
         with self.hub.lock:
             self._join()
             try:
@@ -131,20 +126,11 @@ class SoftDirty(HubBackend):
             except BaseException:
                 self._leave()
                 self.closed = True
+                self._restore_advice()
                 raise
 
-    def _check_open(self) -> None:
-        if self._forked:
-            raise PagewatchError("this tracker belongs to the parent process: after fork() "
-                                 "the child must create its own tracker")
-        super()._check_open()
-
     def _check_alive(self) -> None:
-        try:
-            check_mapped(self.region)
-        except TargetGone:
-            self.close()
-            raise
+        check_mapped(self.region)
 
     def _read_reset(self) -> np.ndarray:
         """Read and clear everything; the other members' bits go to their pending sets.
@@ -179,9 +165,8 @@ class SoftDirty(HubBackend):
         self._pending = _intervals.subtract(everything, chosen)
         return self._result(chosen)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         with self.hub.lock:
-            self.closed = True
             self._leave()
 
 

@@ -11,16 +11,17 @@ one written-bit per page; the :class:`~.base.Hub` keeps them independent.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
 import numpy as np
 
-from ..errors import PagewatchError
+from ..errors import InvalidRange, PagewatchError, TargetGone
 from ..kernel.constants import PAGE_SIZE, PageCategory, UffdFeature
 from ..kernel.pagemap import Pagemap, scan_written
 from ..kernel.uffd import Userfaultfd
-from ._memory import check_mapped, no_huge_pages
+from ._memory import busy_error, check_mapped, replaced_error
 from .base import Hub, HubBackend, Region
 
 _WRITTEN = int(PageCategory.WRITTEN)
@@ -40,10 +41,22 @@ class _UffdHub(Hub):
         assert self.pagemap is not None
         return self.uffd, self.pagemap
 
-    def after_fork_in_child(self) -> None:
-        # The uffd and /proc/self/pagemap fd still point at the parent's memory.
+    def forget_replaced(self, start: int, end: int) -> None:
+        """Members whose pages in ``[start, end)`` are no longer registered (the memory was
+        unmapped and new memory mapped there) are gone: they stop holding the addresses."""
         for m in list(self.members):
-            m.closed = True
+            lo, hi = max(start, m.region.start), min(end, m.region.end)
+            if m.closed or m.gone is not None or lo >= hi:
+                continue
+            assert isinstance(m, UffdAsync)
+            try:
+                m._scan(lo, hi, reset=False)
+            except TargetGone as exc:
+                m._went(exc)
+
+    def after_fork_in_child(self) -> None:
+        # The uffd and /proc/self/pagemap fd still point at the parent's memory; the
+        # trackers' copies refuse to work (their pid is the parent's).
         self.members.clear()
         self.uffd = None
         self.pagemap = None
@@ -70,16 +83,21 @@ class UffdAsync(HubBackend):
         with hub.lock:
             uffd, self._pagemap = hub.open()
             self._uffd = uffd
-            if huge_pages == "split":
-                # New THPs would make written-state 2 MiB coarse until the first write splits
-                # them; the kernel splits the existing ones on write.
-                no_huge_pages(region)
+            # New THPs would make written-state 2 MiB coarse until the first write splits
+            # them; the kernel splits the existing ones on write.
+            self._split_huge_pages()
+            hub.forget_replaced(region.start, region.end)
             covered = hub.covered(self, region.start, region.end)
             fresh = hub.uncovered(self, region.start, region.end)
             done: list[tuple[int, int]] = []
             try:
                 for s, e in fresh:
-                    uffd.register(s, e - s)
+                    try:
+                        uffd.register(s, e - s)
+                    except PagewatchError as exc:
+                        if exc.errno == errno.EBUSY:
+                            raise busy_error(self, exc) from exc
+                        raise
                     done.append((s, e))
                     # WP_UNPOPULATED: never-touched pages get a marker too.
                     uffd.writeprotect(s, e - s, True)
@@ -98,9 +116,20 @@ class UffdAsync(HubBackend):
             self._join()
 
     def _scan(self, start: int, end: int, reset: bool, max_pages: int = 0) -> np.ndarray:
-        """Written page runs of ``[start, end)``, as page indices of the region."""
-        return scan_written(self._pagemap.fileno(), start, end, self.region.start, reset,
-                            max_pages)
+        """Written page runs of ``[start, end)``, as page indices of the region.
+
+        A page no longer registered with our userfaultfd (``EPERM``) is memory that was
+        unmapped and mapped anew: the registration is the mapping's identity.
+        """
+        try:
+            return scan_written(self._pagemap.fileno(), start, end, self.region.start, reset,
+                                max_pages)
+        except InvalidRange as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            check_mapped(self.region)
+            raise replaced_error(self.region, "it is not registered with pagewatch's "
+                                 "userfaultfd any more", exc.errno) from exc
 
     def _get(self, reset: bool) -> np.ndarray:
         self._check_alive()
@@ -122,19 +151,13 @@ class UffdAsync(HubBackend):
         return super()._collect_some(max_pages)
 
     def _check_alive(self) -> None:
-        if os.getpid() != self.hub.pid:
-            raise PagewatchError("this tracker belongs to the parent process: after fork() "
-                                 "the child must create its own tracker")
         check_mapped(self.region)
 
-    def close(self) -> None:
-        if self.closed:
-            return
+    def _release(self) -> None:
         hub = self.hub
         with hub.lock:
-            self.closed = True
             self._leave()
-            if os.getpid() != hub.pid:
+            if os.getpid() != self.pid:
                 return
             for s, e in hub.uncovered(self, self.region.start, self.region.end):
                 try:

@@ -23,20 +23,25 @@ the user-mode-only form, to test that case as root.)
 
 Limits
 ------
+* ``madvise(MADV_DONTNEED)`` drops the protection of anonymous pages with their content,
+  so a later write to them faults nowhere.  Each collect therefore reads the uffd-wp bit
+  of the pages it holds clean (``/proc/self/pagemap`` bit 57, one read of 8 bytes per
+  page): a page that lost it is reported as written (its content changed: zeros, or a
+  write) and protected again.
 * Kernels without ``UFFD_FEATURE_WP_UNPOPULATED`` (before 6.4) ignore protection on pages
-  never touched, so every page is mapped (read) when tracking starts; an
-  ``madvise(MADV_DONTNEED)`` of tracked pages then drops their protection for good.
-* A mapping already registered with another userfaultfd (a ``uffd-async`` tracker of the
-  same pages, for one) cannot be tracked: ``EBUSY``.
+  never touched, so every page is mapped (read) when tracking starts.
+* The registration is the mapping's identity: memory unmapped and mapped anew at the same
+  address is not registered, and the next collect raises :class:`~pagewatch.TargetGone`.
+* A mapping already registered with another userfaultfd cannot be tracked (``EBUSY``):
+  a ``uffd-async`` tracker's pages, for one; the error names that tracker.
 * After ``fork()`` the child has no handler thread and its mappings lose the registration
-  (no ``UFFD_FEATURE_EVENT_FORK``), so it runs unhindered; its copies of the trackers are
-  closed.
+  (no ``UFFD_FEATURE_EVENT_FORK``), so it runs unhindered; its copies of the trackers
+  refuse to collect (``PagewatchError``: create a new tracker in the child).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import mmap
 import os
 import threading
@@ -44,10 +49,17 @@ import weakref
 
 from .. import _native
 from ..dirty import DirtyPages
-from ..errors import InvalidRange, PagewatchError, TargetGone, Unsupported
+from ..errors import (
+    InvalidRange,
+    PagewatchError,
+    TargetGone,
+    Unsupported,
+    is_transient,
+    transient_error,
+)
 from ..kernel.constants import PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
 from ..kernel.uffd import Userfaultfd
-from ._memory import check_mapped, no_huge_pages
+from ._memory import busy_error, check_mapped, kernel_answer, replaced_error
 from .base import Backend, Region
 from .mprotect import writable
 
@@ -68,12 +80,16 @@ def _create() -> tuple[int, str, bool]:
             try:
                 return fn(flags), how, True
             except OSError as exc:
+                if is_transient(exc):
+                    raise transient_error("creating a userfaultfd", exc) from exc
                 tried.append(f"{how}: {exc.strerror}")
     for how, fn in (("syscall, user-mode only", _native.userfaultfd),
                     ("/dev/userfaultfd, user-mode only", _native.userfaultfd_dev)):
         try:
             return fn(flags | UFFD_USER_MODE_ONLY), how, False
         except OSError as exc:
+            if is_transient(exc):
+                raise transient_error("creating a userfaultfd", exc) from exc
             tried.append(f"{how}: {exc.strerror}")
     raise Unsupported("userfaultfd", "it was refused (" + "; ".join(tried) + ")",
                       "Use the mprotect or compare backend")
@@ -90,10 +106,17 @@ class _Hub:
         self.kernel_writes = False
         self.populate = False
         self.pid = os.getpid()
+        self._pagemap = -1
+
+    def pagemap(self) -> int:
+        if self._pagemap < 0:
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        return self._pagemap
 
     def open(self) -> Userfaultfd:
         if self.uffd is not None:
             return self.uffd
+        self.pagemap()
         uffd = None
         for features in (_WP | _WP_UNPOPULATED, _WP):
             fd, how, kernel = _create()
@@ -109,10 +132,13 @@ class _Hub:
         self.populate = not (uffd.features & UffdFeature.WP_UNPOPULATED)
         return uffd
 
+    def live(self) -> list[UffdSync]:
+        return [m for m in self.members if not m.closed and m.gone is None]
+
     def covered(self, exclude: UffdSync, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of ``[start, end)`` no other live tracker covers."""
-        cuts = [(max(start, m.region.start), min(end, m.region.end)) for m in self.members
-                if m is not exclude and not m.closed]
+        cuts = [(max(start, m.region.start), min(end, m.region.end)) for m in self.live()
+                if m is not exclude]
         out, cursor = [], start
         for lo, hi in sorted(c for c in cuts if c[0] < c[1]):
             if lo > cursor:
@@ -122,6 +148,16 @@ class _Hub:
             out.append((cursor, end))
         return out
 
+    def forget_replaced(self, start: int, end: int) -> None:
+        """Live trackers over ``[start, end)`` whose memory was replaced are gone: a new
+        tracker there must not take over their watches."""
+        for m in self.live():
+            if m.region.start < end and m.region.end > start:
+                try:
+                    m._verify()
+                except TargetGone as exc:
+                    m._went(exc)
+
     def stop_if_idle(self) -> None:
         if not any(not m.closed for m in self.members) and self.uffd is not None:
             _native.us_stop()
@@ -130,13 +166,14 @@ class _Hub:
 
     def after_fork_in_child(self) -> None:
         for m in list(self.members):
-            m._id = None
-            m.closed = True
-            m._forked = True
+            m._id = None  # the C side forgot the watches
         self.members = weakref.WeakSet()
         if self.uffd is not None:
             self.uffd.close()  # it acts on the parent's memory
             self.uffd = None
+        if self._pagemap >= 0:
+            os.close(self._pagemap)  # /proc/self of the parent
+            self._pagemap = -1
         self.lock = threading.RLock()
         self.pid = os.getpid()
 
@@ -156,11 +193,10 @@ class UffdSync(Backend):
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
         self._id: int | None = None
-        self._forked = False
         self._lock = threading.Lock()
-        if huge_pages == "split":
-            no_huge_pages(region)
+        self._split_huge_pages()
         with _hub.lock:
+            _hub.forget_replaced(region.start, region.end)  # (may stop an idle hub)
             uffd = _hub.open()
             try:
                 # Registering again with the same userfaultfd is allowed: no coverage logic.
@@ -174,6 +210,10 @@ class UffdSync(Backend):
                         "covers anonymous, shmem and hugetlbfs memory only (not regular "
                         "files)", "Use uffd-async (any memory), mprotect or compare",
                         exc.errno) from exc
+                except PagewatchError as exc:
+                    if exc.errno == errno.EBUSY:
+                        raise busy_error(self, exc) from exc
+                    raise
                 try:
                     self._id = _native.us_watch(region.start, region.npages, _hub.populate)
                 except OSError as exc:
@@ -187,6 +227,7 @@ class UffdSync(Backend):
             except BaseException:
                 self.closed = True
                 _hub.stop_if_idle()
+                self._restore_advice()
                 raise
             _hub.members.add(self)
 
@@ -196,42 +237,41 @@ class UffdSync(Backend):
         ``EFAULT`` (False: a user-mode-only userfaultfd)."""
         return _hub.kernel_writes
 
-    def _check_open(self) -> int:
-        if self._forked:
-            raise PagewatchError("this tracker belongs to the parent process: after fork() "
-                                 "the child must create its own tracker")
-        if self.closed or self._id is None:
-            raise ValueError(f"this {self.name} tracker is closed")
-        return self._id
+    def _gone_or_error(self, err: int, what: str) -> PagewatchError:
+        check_mapped(self.region)
+        if err == errno.ENOENT:
+            return replaced_error(self.region, "it is not registered with pagewatch's "
+                                  "userfaultfd any more", err)
+        return PagewatchError(f"{what} failed: {os.strerror(err)}", err)
 
-    def reset(self) -> None:
-        self.collect(reset=True)
+    def _verify(self) -> None:
+        """Pages that lost their protection behind our back are reported, and protected
+        again; memory no longer registered is gone (raised)."""
+        wid = self._id
+        if wid is None:
+            return
+        _, err = _native.us_verify(wid, _hub.pagemap(), _hub.populate)
+        if err:
+            raise self._gone_or_error(err, "UFFDIO_WRITEPROTECT of unprotected pages")
 
-    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
-        if max_pages is not None and max_pages < 0:
-            raise ValueError(f"max_pages must be >= 0, not {max_pages}")
-        try:
-            with self._lock:
-                wid = self._check_open()
-                check_mapped(self.region)
-                runs, err = _native.us_collect(wid, reset,
-                                               -1 if max_pages is None else max_pages)
-                if err:
-                    check_mapped(self.region)
-                    raise PagewatchError(f"UFFDIO_WRITEPROTECT of written pages failed: "
-                                         f"{os.strerror(err)}", err)
-        except TargetGone:
-            self.close()  # stop watching addresses that may be reused
-            raise
-        return DirtyPages(runs, self.region.start, self.region.npages, normalised=True)
+    def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
+        with self._lock:
+            wid = self._id
+            if wid is None:
+                raise ValueError(f"this {self.name} tracker is closed")
+            check_mapped(self.region)
+            self._verify()
+            runs, err = _native.us_collect(wid, reset, -1 if max_pages is None else max_pages)
+            if err:
+                raise self._gone_or_error(err, "UFFDIO_WRITEPROTECT of written pages")
+        return self._result(runs)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         with _hub.lock, self._lock:
+            _hub.members.discard(self)
             if self._id is None:
-                self.closed = True
                 return
             wid, self._id = self._id, None
-            self.closed = True
             _native.us_unwatch(wid)
             uffd = _hub.uffd
             if uffd is not None:
@@ -240,11 +280,10 @@ class UffdSync(Backend):
                         uffd.unregister(s, e - s)
                     except OSError:
                         pass  # unmapped meanwhile
-            _hub.members.discard(self)
             _hub.stop_if_idle()
 
 
-@functools.cache  # one trial per process: its answer does not change
+@kernel_answer
 def _trial() -> tuple[bool, str]:
     """Track one page for real: register, protect, write, collect, close."""
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
@@ -263,8 +302,12 @@ def _trial() -> tuple[bool, str]:
         unpop = "" if not _hub.populate else "; no WP_UNPOPULATED: pages are pre-mapped"
         return True, f"a write to a protected page was caught by the handler thread ({kernel}{unpop})"
     except (Unsupported, PagewatchError) as exc:
+        if is_transient(exc):
+            raise
         return False, str(exc)
     except OSError as exc:
+        if is_transient(exc):
+            raise transient_error("the uffd-sync trial", exc) from exc
         if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
             return False, f"userfaultfd write-protect is not usable: {exc.strerror}"
         return False, f"the uffd-sync trial failed: {exc}"

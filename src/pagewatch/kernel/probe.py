@@ -13,6 +13,7 @@ import platform
 from typing import Any
 
 from .. import _native
+from ..errors import PagewatchError, is_transient, transient_error
 from .constants import PAGE_SIZE, PM_SOFT_DIRTY, PageCategory, UffdFeature
 from .uffd import open_userfaultfd
 
@@ -116,6 +117,8 @@ def _probe_wp_async() -> Capability:
     try:
         uffd = Userfaultfd(int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED))
     except OSError as exc:
+        if is_transient(exc):
+            raise
         return Capability(False, str(exc))
     buf = mmap.mmap(-1, 2 * PAGE_SIZE)
     try:
@@ -128,12 +131,16 @@ def _probe_wp_async() -> Capability:
                 _PM.fd,
                 addr, addr + 2 * PAGE_SIZE, 2, 2, 0, 0, 2, 0, 4)
         except OSError as exc:
+            if is_transient(exc):
+                raise
             return Capability(False, f"uffd-wp async registered, but PAGEMAP_SCAN failed: "
                               f"{exc.strerror}")
         if ret == 1 and int(regions[0][0]) == addr + PAGE_SIZE:
             return Capability(True, "a write to a protected page was seen by PAGEMAP_SCAN")
         return Capability(False, f"PAGEMAP_SCAN reported {regions.tolist()} after one write")
     except OSError as exc:
+        if is_transient(exc):
+            raise
         return Capability(False, str(exc))
     finally:
         uffd.close()
@@ -168,6 +175,8 @@ def _probe_pagemap_scan() -> tuple[Capability, dict[str, Capability]]:
         try:
             _native.pagemap_scan_once(_PM.fd, 0, PAGE_SIZE, 0, mask, 0, 0, 0, 0, 1, _BAD_VEC)
         except OSError as exc:
+            if is_transient(exc):
+                raise
             return exc.errno or 0
         return 0
 
@@ -240,10 +249,16 @@ def probe_wp_async() -> tuple[bool, str]:
     """Whether async write-protect works here (tried once per process, then cached)."""
     global _wp_async_cache
     if _wp_async_cache is None:
+        # Only the kernel's answers are kept: a passing shortage (EMFILE...) is raised, and
+        # the next call tries again.
         try:
             scan, _ = _probe_pagemap_scan()
             _wp_async_cache = _probe_wp_async() if scan else Capability(
                 False, f"needs PAGEMAP_SCAN: {scan.reason}")
+        except OSError as exc:
+            if is_transient(exc) and not isinstance(exc, PagewatchError):
+                raise transient_error("trying async write-protect", exc) from exc
+            raise
         finally:
             _PM.close()
     return _wp_async_cache.available, _wp_async_cache.reason

@@ -6,7 +6,14 @@ import errno
 import os
 
 from .. import _native
-from ..errors import InvalidRange, PagewatchError, PermissionDenied, Unsupported
+from ..errors import (
+    InvalidRange,
+    PagewatchError,
+    PermissionDenied,
+    Unsupported,
+    is_transient,
+    transient_error,
+)
 from .constants import PAGE_SIZE, UFFD_USER_MODE_ONLY, RegisterMode, UffdFeature, UffdIoctl
 
 __all__ = ["Userfaultfd", "open_userfaultfd"]
@@ -31,6 +38,8 @@ def open_userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> tuple[int, st
         except OSError as exc:
             errors.append(f"{how}: {exc.strerror}")
             last = exc.errno or 0
+            if is_transient(exc):
+                raise transient_error("creating a userfaultfd", exc) from exc
     if all("ENOSYS" in e or "not implemented" in e for e in errors[:2]):
         raise Unsupported("userfaultfd", "this kernel was built without CONFIG_USERFAULTFD "
                           f"({'; '.join(errors)})", "Use the mprotect or compare backend", last)
