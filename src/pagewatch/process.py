@@ -520,8 +520,9 @@ def _pick_thread(pid: int) -> int:
 def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
     """Create a userfaultfd in process ``pid`` and take it; returns ``(fd, info)``.
 
-    ``info`` has ``stop_ms`` (how long the target thread was stopped), ``wait_ms`` (until it
-    stopped), ``flags`` (the userfaultfd(2) flags that worked) and ``tid``.
+    ``info`` has ``stop_ms`` (how long the target thread was stopped: from the first
+    interrupt to the detach), ``wait_ms`` (from the interrupt until it stopped), ``held_ms``
+    (from then to the detach), ``flags`` (the userfaultfd(2) flags that worked) and ``tid``.
     """
     if pid == os.getpid():
         raise PagewatchError("a process cannot ptrace itself: use pagewatch.Tracker to track "
@@ -565,7 +566,11 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
                               exc.errno) from exc
         raise PagewatchError(f"injecting userfaultfd(2) into process {pid} failed at "
                              f"{what}: {exc.strerror}", exc.errno) from exc
-    info = {"tid": tid, "stop_ms": raw["stop_ns"] / 1e6, "wait_ms": raw["wait_ns"] / 1e6,
+    # The target is stopped from the first interrupt (it may take a while to stop: wait)
+    # until the detach (held after it stopped): stop_ms is the whole of it.
+    wait_ns, held_ns = raw["wait_ns"], raw["stop_ns"]
+    info = {"tid": tid, "wait_ms": wait_ns / 1e6, "held_ms": held_ns / 1e6,
+            "stop_ms": (wait_ns + held_ns) / 1e6 if wait_ns >= 0 and held_ns >= 0 else None,
             "tries": tries, "flags": None, "helper": bool(raw.get("helper")),
             "ptrace_calls": raw.get("ptrace_calls", 0)}
     if raw.get("detach_errno"):

@@ -7,9 +7,32 @@ import errno
 from ..errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 
 
+def zombie_parent(pid: int | str) -> str | None:
+    """``"PPID (comm)"`` of the parent that has not reaped ``pid`` when ``pid`` is a zombie
+    (it exited: no memory left), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "Z":
+        return None
+    ppid = fields[1]
+    try:
+        with open(f"/proc/{ppid}/comm") as f:
+            return f"{ppid} ({f.read().strip()})"
+    except OSError:
+        return ppid
+
+
 def proc_open_error(exc: OSError, pid: int | str, what: str) -> PagewatchError:
     """The error for a failed open of ``/proc/PID/<what>``."""
     if exc.errno in (errno.ENOENT, errno.ESRCH):
+        parent = zombie_parent(pid)
+        if parent is not None:
+            return TargetGone(f"process {pid} is a zombie: it has exited and its parent, "
+                              f"process {parent}, has not reaped it (wait(2)) yet; it has no "
+                              "memory left to track", exc.errno)
         return TargetGone(f"process {pid} does not exist (or has exited): /proc/{pid}/{what}",
                           exc.errno)
     if exc.errno in (errno.EACCES, errno.EPERM):
