@@ -11,6 +11,7 @@
 
 from ._region import Region
 from .backends.base import backends
+from .checkpoint import Checkpoint
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel.probe import Capabilities, Capability, probe
@@ -21,7 +22,7 @@ from .tracker import Tracker, track
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tracker", "track", "Snapshot", "snapshot_array", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
+    "Tracker", "track", "Snapshot", "snapshot_array", "Checkpoint", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
     "probe", "Capabilities", "Capability", "PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange",
     "TargetGone", "__version__",
 ]

@@ -11,7 +11,7 @@ import sys
 from ..errors import PagewatchError
 
 #: modules whose commands make up the CLI, in the order ``--help`` lists them
-COMMAND_MODULES = ["probe", "process", "exporter", "bench"]
+COMMAND_MODULES = ["probe", "process", "exporter", "bench", "checkpoint"]
 
 
 def positive_int(text: str) -> int:

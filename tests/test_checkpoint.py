@@ -1,0 +1,487 @@
+"""Checkpoints: round trips against a model of full copies, crash safety under SIGKILL,
+damage named, chains bounded, restore rewriting only what differs."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+import pagewatch as pw
+from pagewatch.checkpoint import CheckpointDamaged, CheckpointError, LocalStore
+from pagewatch.checkpoint import _format as fmt
+from pagewatch.kernel.constants import PAGE_SIZE
+
+from .targets import checkpoint_saver
+
+IN_MATRIX = bool(os.environ.get("PAGEWATCH_KERNEL_MATRIX"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-exact: dtype, shape, memory order and every byte."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and a.flags.f_contiguous == b.flags.f_contiguous
+            and a.flags.c_contiguous == b.flags.c_contiguous
+            and fmt.flat_bytes(a).tobytes() == fmt.flat_bytes(b).tobytes())
+
+
+def same_state(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> bool:
+    return got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+
+
+def aligned(shape: int | tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """A zeroed array alone on its pages (an anonymous mapping): a count of pages written is
+    then exact; a heap array shares its first and last pages with other objects."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    m = mmap.mmap(-1, max(n, 1))
+    return np.frombuffer(m, dt, count=n // dt.itemsize).reshape(shape)
+
+
+def copy_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v.copy(order="K") for k, v in state.items()}
+
+
+# ---- round trip ------------------------------------------------------------------------
+
+_ARRAY_KINDS = [
+    lambda n: np.zeros(n, np.uint8),
+    lambda n: np.zeros(max(1, n // 8), np.float64),
+    lambda n: np.zeros((3, max(1, n // 12)), np.int32, order="F"),
+    lambda n: np.zeros(max(1, n // 6), [("x", "<i2"), ("y", "<f4")]),
+]
+
+
+@settings(max_examples=6 if IN_MATRIX else 30, deadline=None, database=None)
+@seed(20261202)
+@given(st.data())
+def test_every_generation_of_random_writes_and_saves_loads_bit_exact(data: Any) -> None:
+    compression = data.draw(st.sampled_from(["none", "zstd"]), label="compression")
+    checksum = data.draw(st.sampled_from(["crc32", "xxh3_64"]), label="checksum")
+    max_chain = data.draw(st.integers(0, 4), label="max_chain")
+    ratio = data.draw(st.sampled_from([0.0, 0.25, 10.0]), label="ratio")
+    sizes = st.integers(1, 6 * PAGE_SIZE + 77)
+    state: dict[str, np.ndarray] = {}
+    for i in range(data.draw(st.integers(1, 3), label="arrays")):
+        state[f"a{i}"] = data.draw(st.sampled_from(_ARRAY_KINDS))(data.draw(sizes))
+    model: list[dict[str, np.ndarray]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ck")
+        with pw.Checkpoint(path, state, compression=compression, checksum=checksum,
+                           max_chain=max_chain, max_chain_ratio=ratio) as ck:
+            for _ in range(data.draw(st.integers(1, 8), label="saves")):
+                for _ in range(data.draw(st.integers(0, 4), label="ops")):
+                    op = data.draw(st.sampled_from(["write"] * 6 + ["add", "resize", "drop"]))
+                    name = data.draw(st.sampled_from(sorted(state)))
+                    if op == "write":
+                        flat = fmt.flat_bytes(state[name])
+                        s = data.draw(st.integers(0, flat.size - 1))
+                        e = data.draw(st.integers(s + 1, min(flat.size, s + 3 * PAGE_SIZE)))
+                        flat[s:e] = np.frombuffer(data.draw(st.binary(min_size=e - s,
+                                                                      max_size=e - s)), np.uint8)
+                    elif op == "add":
+                        new = data.draw(st.sampled_from(_ARRAY_KINDS))(data.draw(sizes))
+                        fmt.flat_bytes(new)[:] = data.draw(st.integers(0, 255))
+                        state[f"n{len(model)}{name}"] = new
+                    elif op == "resize":
+                        old = state[name]
+                        new = np.resize(old, (old.size + data.draw(st.integers(-old.size + 1, 999)),))
+                        state[name] = new
+                    elif len(state) > 1:
+                        del state[name]
+                g = ck.save()
+                assert g.number == len(model)
+                model.append(copy_state(state))
+            for n, want in enumerate(model):
+                assert same_state(pw.checkpoint.load(path, n), want), f"generation {n}"
+            assert pw.checkpoint.verify(path) == []
+
+
+def test_a_lone_array_round_trips_under_arr_0(tmp_path: Path) -> None:
+    a = aligned(10000, np.float32)
+    a[:] = np.arange(10000)
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        ck.save()
+        a[5000] = -1
+        g = ck.save()
+    assert g.pages == 1
+    got = pw.checkpoint.load(tmp_path / "ck")
+    assert list(got) == ["arr_0"] and same(got["arr_0"], a)
+
+
+def test_a_save_writes_only_the_pages_written_since_the_previous_one(tmp_path: Path) -> None:
+    a = aligned(256 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a, checksum="crc32") as ck:
+        full = ck.save()
+        pages = [3, 70, 71, 200]
+        for p in pages:
+            a[p * PAGE_SIZE + 9] = p
+        g = ck.save()
+        assert g.pages == len(pages)
+        assert len(pages) * PAGE_SIZE < g.nbytes < len(pages) * PAGE_SIZE + 4096
+        assert full.nbytes >= a.nbytes
+        idx = fmt.read_index(LocalStore(tmp_path / "ck").open(1), 1)
+        assert [e["kind"] for e in idx["arrays"]] == ["delta"]
+        assert idx["parent"] == 0
+
+
+def test_an_array_added_or_resized_between_saves_gets_a_full_entry(tmp_path: Path) -> None:
+    state = {"x": np.zeros(5000, np.int64), "y": np.ones(10, np.int8)}
+    with pw.Checkpoint(tmp_path / "ck", state) as ck:
+        ck.save()
+        state["x"] = np.resize(state["x"], 7000)
+        state["z"] = np.full(3, 7, np.int16)
+        state["y"][2] = 5
+        ck.save()
+    store = LocalStore(tmp_path / "ck")
+    with store.open(1) as r:
+        kinds = {e["name"]: e["kind"] for e in fmt.read_index(r, 1)["arrays"]}
+    assert kinds == {"x": "full", "y": "delta", "z": "full"}
+    assert same_state(pw.checkpoint.load(tmp_path / "ck"), state)
+
+
+def test_a_save_that_fails_midway_leaves_nothing_and_the_next_save_is_a_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = aligned(64 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        ck.save()
+        a[PAGE_SIZE * 5] = 1
+
+        def boom(*args: Any, **kw: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        with monkeypatch.context() as m:
+            m.setattr(fmt, "write_generation", boom)
+            with pytest.raises(OSError):
+                ck.save()
+        assert [g.number for g in ck.generations()] == [0]
+        assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
+        g = ck.save()  # the failed save's reset must not lose page 5: a base holds it
+        assert g.number == 1 and g.pages == 64
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
+# ---- bounded chains ----------------------------------------------------------------------
+
+class CountingStore(LocalStore):
+    """A local store that counts the bytes read through it."""
+
+    read = 0
+
+    def open(self, generation: int) -> Any:
+        r = super().open(generation)
+        store = self
+        inner = r.pread_into
+
+        def pread_into(offset: int, buf: memoryview) -> None:
+            store.read += len(buf.cast("B"))
+            inner(offset, buf)
+
+        r.pread_into = pread_into  # type: ignore[method-assign]
+        return r
+
+
+@pytest.mark.parametrize("max_chain, ratio", [(3, 10.0), (100, 0.05)])
+def test_loading_the_newest_generation_reads_at_most_a_bounded_chain(
+        tmp_path: Path, max_chain: int, ratio: float) -> None:
+    a = aligned(100 * PAGE_SIZE)
+    rng = np.random.default_rng(7)
+    kinds = []
+    with pw.Checkpoint(tmp_path / "ck", a, max_chain=max_chain, max_chain_ratio=ratio) as ck:
+        for _ in range(12):
+            for p in rng.choice(100, 2, replace=False):
+                a[p * PAGE_SIZE] += 1
+            n = ck.save().number
+            with LocalStore(tmp_path / "ck").open(n) as r:
+                kinds.append(fmt.read_index(r, n)["parent"] is None)
+            counting = CountingStore(tmp_path / "ck")
+            assert same(pw.checkpoint.load(counting)["arr_0"], a)
+            last_delta = 2 * 2 * PAGE_SIZE + 64 * 1024
+            assert counting.read <= a.nbytes * (1 + min(ratio, 1.0)) + last_delta + 64 * 1024
+    if max_chain == 3:  # a base, three deltas, a base...
+        assert kinds == [True, False, False, False] * 3
+    else:  # 5 % of 100 pages: the third delta passes it, the next save is a base
+        assert kinds[:5] == [True, False, False, False, True]
+
+
+def test_compact_folds_a_chain_into_a_base_and_prunes_older_generations(tmp_path: Path) -> None:
+    a = aligned(30 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        for i in range(4):
+            a[i * PAGE_SIZE] = i + 1
+            ck.save()
+        with pytest.raises(CheckpointError, match="in use"):
+            pw.checkpoint.compact(tmp_path / "ck")
+    want = pw.checkpoint.load(tmp_path / "ck", 2)
+    g = pw.checkpoint.compact(tmp_path / "ck", 2, prune=False)
+    assert g.number == 2 and g.pages == 30
+    assert same_state(pw.checkpoint.load(tmp_path / "ck", 2), want)
+    assert same(pw.checkpoint.load(tmp_path / "ck", 3)["arr_0"], a)  # builds on 2: still fine
+    pw.checkpoint.compact(tmp_path / "ck")
+    assert [g.number for g in pw.checkpoint.generations(tmp_path / "ck")] == [3]
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
+# ---- restore -----------------------------------------------------------------------------
+
+def test_restore_rewrites_only_the_pages_that_differ_and_the_next_save_holds_them(
+        tmp_path: Path) -> None:
+    state = {"g": aligned(50 * PAGE_SIZE), "h": np.arange(3000, dtype=np.int64)}
+    with pw.Checkpoint(tmp_path / "ck", state) as ck:
+        ck.save()
+        want = copy_state(state)
+        state["g"][[5, 6 * PAGE_SIZE, 40 * PAGE_SIZE + 1]] = 9
+        ck.save()
+        with pw.Tracker(state["g"]) as t:
+            rewritten = ck.restore(0)
+            d = t.collect()
+        assert same_state(state, want)
+        base_off = t.offset
+        # Pages of memory rewritten are exactly those holding the three changed bytes.
+        assert sorted(d.pages().tolist()) == sorted({(o + base_off) // PAGE_SIZE for o in
+                                                     (5, 6 * PAGE_SIZE, 40 * PAGE_SIZE + 1)})
+        assert rewritten == 3
+        assert ck.restore(0) == 0
+        g = ck.save()
+        assert g.pages >= 3
+    assert same_state(pw.checkpoint.load(tmp_path / "ck"), want)
+
+
+def test_restore_into_a_resized_array_is_refused_before_anything_is_written(
+        tmp_path: Path) -> None:
+    state = {"a": np.zeros(100, np.int32), "b": np.ones(100, np.int8)}
+    with pw.Checkpoint(tmp_path / "ck", state) as ck:
+        ck.save()
+        state["b"][:] = 3
+        state["a"] = np.zeros(200, np.int32)
+        with pytest.raises(CheckpointError, match="'a'"):
+            ck.restore(0)
+        assert (state["b"] == 3).all()
+
+
+# ---- damage ------------------------------------------------------------------------------
+
+def _parts_of(path: Path, n: int) -> list[tuple[int, int, str, str | None]]:
+    """``(start, end, part, array)`` for every byte range of generation ``n``'s file."""
+    with LocalStore(path).open(n) as r:
+        idx = fmt.read_index(r, n)
+        size = r.size()
+    out = [(0, fmt.PREAMBLE.size, "preamble", None)]
+    for e in idx["arrays"]:
+        if e["runs"]:
+            out.append((e["runs"]["offset"], e["runs"]["offset"] + e["runs"]["length"],
+                        "runs", e["name"]))
+        out.append((e["data"]["offset"], e["data"]["offset"] + e["data"]["length"], "data",
+                    e["name"]))
+    at = size - fmt.TRAILER.size
+    out.append((out[-1][1], at, "index", None))
+    out.append((at, size, "trailer", None))
+    assert all(a[1] == b[0] for a, b in zip(out, out[1:], strict=False)), "the parts cover"
+    return out
+
+
+def _small_chain(path: Path, compression: str, checksum: str) -> dict[int, dict[str, Any]]:
+    state = {"u": np.arange(3 * PAGE_SIZE // 4, dtype=np.int32),
+             "v": np.linspace(0, 1, 700)}
+    model = {}
+    with pw.Checkpoint(path, state, compression=compression, checksum=checksum) as ck:
+        ck.save()
+        model[0] = copy_state(state)
+        state["u"][[1, 2 * PAGE_SIZE // 4 + 5]] = -1
+        state["v"][600] = 2
+        ck.save()
+        model[1] = copy_state(state)
+    return model
+
+
+@pytest.mark.parametrize("compression, checksum", [("none", "crc32"), ("zstd", "xxh3_64")])
+def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
+        tmp_path: Path, compression: str, checksum: str) -> None:
+    path = tmp_path / "ck"
+    model = _small_chain(path, compression, checksum)
+    for n in (0, 1):
+        file = LocalStore(path).file(n)
+        good = Path(file).read_bytes()
+        parts = _parts_of(path, n)
+        for start, end, part, array in parts:
+            # Every byte of the small parts; ~40 of the bigger ones, both ends included.
+            step = 1 if end - start <= 64 else (end - start) // 40
+            for pos in sorted({*range(start, end, step), end - 1}):
+                bad = bytearray(good)
+                bad[pos] ^= 0x5A
+                Path(file).write_bytes(bad)
+                expect = {part} if part != "trailer" else {"trailer", "index"}
+                for g in (n, 1):  # the damaged generation, and generation 1 building on 0
+                    with pytest.raises(CheckpointDamaged) as err:
+                        pw.checkpoint.load(path, g)
+                    assert err.value.generation == n and err.value.part in expect, (pos, part)
+                    if part in ("runs", "data"):
+                        assert err.value.array == array and repr(array) in str(err.value)
+                problems = pw.checkpoint.verify(path)
+                assert problems and problems[0].generation == n and problems[0].part in expect
+                if n == 0:
+                    assert [p.generation for p in problems] == [0, 1]
+                    assert problems[1].part == "chain"
+        Path(file).write_bytes(good)
+    for n, want in model.items():
+        assert same_state(pw.checkpoint.load(path, n), want)
+
+
+def test_a_file_cut_short_or_a_missing_base_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "ck"
+    _small_chain(path, "none", "crc32")
+    f1 = LocalStore(path).file(1)
+    good = Path(f1).read_bytes()
+    for cut in (0, 10, len(good) // 2, len(good) - 1):
+        Path(f1).write_bytes(good[:cut])
+        with pytest.raises(CheckpointDamaged, match="generation 1"):
+            pw.checkpoint.load(path)
+    Path(f1).write_bytes(good)
+    os.unlink(LocalStore(path).file(0))
+    with pytest.raises(CheckpointDamaged, match="generation 1, chain: builds on generation 0"):
+        pw.checkpoint.load(path, 1)
+    assert [(p.generation, p.part) for p in pw.checkpoint.verify(path)] == [(1, "chain")]
+    with pytest.raises(CheckpointError, match="no generation 0"):
+        pw.checkpoint.load(path, 0)
+
+
+def test_missing_optional_packages_are_named(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _small_chain(tmp_path / "ck", "zstd", "xxh3_64")
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setitem(sys.modules, "xxhash", None)
+    with pytest.raises(CheckpointError, match=r"pagewatch\[zstd\]"):
+        pw.Checkpoint(tmp_path / "other", np.zeros(10), compression="zstd", checksum="crc32")
+    with pytest.raises(CheckpointError, match=r"pagewatch\[xxh3\]"):
+        pw.checkpoint.load(tmp_path / "ck")
+    assert fmt.default_checksum() == "crc32"
+
+
+def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    with pw.Checkpoint(tmp_path / "ck", np.zeros(10)), \
+            pytest.raises(CheckpointError, match="in use by another writer"):
+        pw.Checkpoint(tmp_path / "ck", np.zeros(10))
+
+
+# ---- crash safety -------------------------------------------------------------------------
+
+def crash_kills() -> int:
+    """SIGKILLs of the crash test: 200 on the host, 60 in each kernel-matrix guest (slow
+    emulation); env PAGEWATCH_CHECKPOINT_KILLS sets it (a long run by hand)."""
+    return int(os.environ.get("PAGEWATCH_CHECKPOINT_KILLS", 60 if IN_MATRIX else 200))
+
+
+def test_a_saver_killed_at_random_instants_never_leaves_wrong_data(tmp_path: Path) -> None:
+    path = str(tmp_path / "ck")
+    server = subprocess.Popen([sys.executable, "-m", "tests.targets.checkpoint_saver", path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              bufsize=1, cwd=ROOT)
+    assert server.stdin is not None and server.stdout is not None
+    model = checkpoint_saver.Model()
+    rng = random.Random(12)
+    stats = {"kills": 0, "loads": 0, "saves": 0}
+    newest_reported = -1
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        for _ in range(crash_kills()):
+            server.stdin.write("fork\n")
+            line = server.stdout.readline().split()
+            assert line[0] == "child", line
+            pid = int(line[1])
+            # Kill during start-up sometimes; else after 1-2 saves plus a random instant.
+            saves = 0 if rng.random() < 0.2 else rng.randint(1, 2)
+            while saves:
+                line = server.stdout.readline().split()
+                assert line[:2] == ["saved", str(pid)], line
+                newest_reported = max(newest_reported, int(line[2]))
+                stats["saves"] += 1
+                saves -= 1
+            if rng.random() < 0.9:
+                os.sched_yield()
+                for _ in range(rng.randint(0, 20000)):
+                    pass  # a random instant into the next save, without waiting on a clock
+            os.kill(pid, signal.SIGKILL)
+            stats["kills"] += 1
+            server.stdin.write(f"reap {pid}\n")
+            while True:  # saved lines the child wrote before it died, then the reap
+                line = server.stdout.readline().split()
+                if line[0] == "reaped":
+                    assert os.WIFSIGNALED(int(line[2])), line
+                    break
+                assert line[:2] == ["saved", str(pid)], line
+                newest_reported = max(newest_reported, int(line[2]))
+            have = LocalStore(path).generations() if os.path.isdir(path) else []
+            if newest_reported >= 0:
+                # A save that returned is durable: its generation (or a newer one) is there.
+                assert have and have[-1] >= newest_reported
+            for g in have:
+                got = pw.checkpoint.load(path, g)  # any error here is a failure: no damage
+                assert same_state(got, model(g)), f"generation {g} differs from the model"
+                stats["loads"] += 1
+    finally:
+        server.kill()
+        server.wait()
+    print(f"checkpoint crash test: {stats}")
+    assert stats["kills"] == crash_kills()
+    assert pw.checkpoint.verify(path) == []
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pagewatch.cli", "checkpoint", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_lists_verifies_compacts_and_restores_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ck"
+    model = _small_chain(path, "none", "crc32")
+    ls = run_cli("ls", str(path))
+    assert ls.returncode == 0, ls.stderr
+    lines = ls.stdout.splitlines()
+    assert "base" in lines[1] and "delta" in lines[2] and lines[-1].startswith("2 generations")
+    ok = run_cli("verify", str(path))
+    assert ok.returncode == 0 and "every checksum good" in ok.stdout
+    out = tmp_path / "g0.npz"
+    r = run_cli("restore", str(path), "-g", "0", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with np.load(out) as z:
+        assert same_state({k: z[k] for k in z.files}, model[0])
+    assert run_cli("restore", str(path), "-o", str(out)).returncode == 1  # exists, no -f
+    r = run_cli("restore", str(path), "-o", str(tmp_path / "npys"))
+    assert r.returncode == 0, r.stderr
+    assert same(np.load(tmp_path / "npys" / "v.npy"), model[1]["v"])
+    c = run_cli("compact", str(path))
+    assert c.returncode == 0 and "generation 1 is a base now" in c.stdout, c.stderr
+    assert [g.number for g in pw.checkpoint.generations(path)] == [1]
+    assert same_state(pw.checkpoint.load(path), model[1])
+
+
+def test_cli_verify_names_the_damage_and_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "ck"
+    _small_chain(path, "none", "crc32")
+    start, end, part, array = next(p for p in _parts_of(path, 0) if p[2] == "data")
+    f = Path(LocalStore(path).file(0))
+    bad = bytearray(f.read_bytes())
+    bad[start + 3] ^= 1
+    f.write_bytes(bad)
+    v = run_cli("verify", str(path))
+    assert v.returncode == 1
+    assert f"generation 0, array {array!r}, data: checksum mismatch" in v.stdout
+    assert "generation 1, array" in v.stdout and "builds on damaged generation 0" in v.stdout
+    assert "2 of 2 generations cannot be loaded" in v.stdout
+    r = run_cli("restore", str(path), "-o", str(tmp_path / "x.npz"))
+    assert r.returncode == 2 and "checkpoint damaged: generation 0" in r.stderr
+    assert run_cli("ls", str(tmp_path / "nothing")).returncode == 2
