@@ -485,3 +485,17 @@ def test_cli_verify_names_the_damage_and_exits_1(tmp_path: Path) -> None:
     r = run_cli("restore", str(path), "-o", str(tmp_path / "x.npz"))
     assert r.returncode == 2 and "checkpoint damaged: generation 0" in r.stderr
     assert run_cli("ls", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_bench_section_measures_saves_and_loads_and_counts_the_bytes_written() -> None:
+    from pagewatch import bench
+    from pagewatch.bench import checkpoint as ckbench
+
+    r = ckbench.measure("smoke")
+    # Figures of time are the machine's; what must hold is what was written and read.
+    assert r["pages_per_save"] == ckbench.SIZES["smoke"] // PAGE_SIZE // 100
+    assert 1.0 <= r["bytes_per_page"]["max"] <= 1.1
+    assert r["save"]["n"] == ckbench.CHAIN - 1 and r["load"]["n"] == ckbench.REPS["smoke"]
+    text = bench.report.render_text({"checkpoint": r, "backends": {}, "floor": {},
+                                     "alternatives": {}})
+    assert "checkpoint: 8 MiB" in text and "np.save" in text and "x np.load" in text

@@ -321,6 +321,10 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
         steps.append(step(f"alternative: {key}", result["alternatives"], key, functools.partial(
             measures.alternative_collect, key, cfg.alternative_bytes, cfg.fractions,
             cfg.alternative_reps, rng)))
+    from . import checkpoint as checkpoint_bench  # incremental saves vs np.save, np.load
+
+    steps.append(step("checkpoint: save and load against np.save and np.load", result,
+                      "checkpoint", functools.partial(checkpoint_bench.measure, cfg.mode)))
     if cfg.alternative_bytes != cfg.collect_bytes:
         result["notes"].append(f"the alternatives are measured on {_size(cfg.alternative_bytes)}"
                                f" ({cfg.mode} mode); they read every byte, so their cost "

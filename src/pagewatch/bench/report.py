@@ -304,6 +304,11 @@ def tables(result: dict[str, Any]) -> list[Table]:
     for extra in (_overhead_table(result), _overlap_table(result), _setup_table(result)):
         if extra is not None:
             out.append(extra)
+    ck = result.get("checkpoint")
+    if isinstance(ck, dict) and "save" in ck:
+        from .checkpoint import table_rows
+
+        out.append(Table(*table_rows(ck)))
     return out
 
 
