@@ -378,9 +378,9 @@ def test_a_second_writer_is_refused(tmp_path: Path) -> None:
 # ---- crash safety -------------------------------------------------------------------------
 
 def crash_kills() -> int:
-    """SIGKILLs of the crash test: 200 on the host, 60 in each kernel-matrix guest (slow
+    """SIGKILLs of the crash test: 200 on the host, 30 in each kernel-matrix guest (slow
     emulation); env PAGEWATCH_CHECKPOINT_KILLS sets it (a long run by hand)."""
-    return int(os.environ.get("PAGEWATCH_CHECKPOINT_KILLS", 60 if IN_MATRIX else 200))
+    return int(os.environ.get("PAGEWATCH_CHECKPOINT_KILLS", 30 if IN_MATRIX else 200))
 
 
 def test_a_saver_killed_at_random_instants_never_leaves_wrong_data(tmp_path: Path) -> None:
