@@ -178,12 +178,21 @@ def test_the_method_and_its_reason_are_reported() -> None:
     a = pw.snapshot_array(8 * PAGE_SIZE, np.uint8)
     with pw.Snapshot(a) as first:
         assert first.method == "dontneed"
-        with pw.Snapshot(a) as second:  # the memfd holds the first one's baseline
-            assert second.method == "copy" and "another snapshot" in second.method_reason
+        # pages dropped by the first would go back unseen by a second: refused
+        with pytest.raises(ValueError, match="dropping"):
+            pw.Snapshot(a[PAGE_SIZE:], method="copy")
     with pw.Snapshot(a[10:]) as part:
         assert part.method == "copy" and "page boundaries" in part.method_reason
+        with pw.Snapshot(a[PAGE_SIZE:3 * PAGE_SIZE]) as other:  # shares page 1 with part
+            assert other.method == "copy" and "another snapshot" in other.method_reason
+        with pw.Snapshot(a[:PAGE_SIZE]) as other:  # page 0 is part's too
+            assert other.method == "copy"
     with pw.Snapshot(a[PAGE_SIZE:3 * PAGE_SIZE]) as part:
         assert part.method == "dontneed"
+        with pw.Snapshot(a[4 * PAGE_SIZE:]) as other:  # no page in common
+            assert other.method == "dontneed"
+    with pw.Snapshot([a[:2 * PAGE_SIZE], a[PAGE_SIZE:3 * PAGE_SIZE]]) as both:
+        assert both.method == "copy"
     with pw.Snapshot(a, method="copy") as snap:
         assert snap.method == "copy" and snap.method_reason == "asked for (method='copy')"
     with pytest.raises(ValueError, match="method"):

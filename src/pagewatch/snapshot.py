@@ -28,6 +28,12 @@ Limits
   the pages fall back to the memfd (the ``"dontneed"`` snapshot's baseline).  That
   snapshot stays exact; another snapshot of the same memory (``"copy"``) does not see the
   change.  On ordinary anonymous memory the tracker reports such pages (they read as zero).
+* A restore by dropping pages is not a write: nothing else observing those pages sees
+  them go back to the baseline.  So a second snapshot of pages a ``"dontneed"`` snapshot
+  covers is refused (create both with ``method="copy"``), and a :class:`~pagewatch.Tracker`
+  beside a ``"dontneed"`` snapshot reports a page it reverted only when it was written
+  after that tracker's last collect.  ``"copy"`` restores are writes: every tracker and
+  snapshot of the same memory sees them.
 * Creating a snapshot reads the whole target (the baseline): keep writers paused then too.
 """
 
@@ -66,7 +72,11 @@ class _Area:
     start: int
     length: int
     fd: int
-    owner: Any = None  # weakref.ref to the "dontneed" _Part using the memfd as its baseline
+    #: the live snapshot parts on it; a "dontneed" one keeps its baseline in the memfd
+    parts: weakref.WeakSet[Any] = dataclasses.field(default_factory=weakref.WeakSet)
+
+    def live_parts(self) -> list[Any]:
+        return [p for p in self.parts if p.tracker is not None]
 
 
 _AREAS: dict[int, _Area] = {}
@@ -186,6 +196,9 @@ class _Part:
     def start(self, backend: str, huge_pages: str) -> None:
         r = self.region
         everything = np.array([[0, r.npages]], np.int64)
+        target = Region(r.address, r.size) if self.view is None else self.view
+        if self.area is not None:
+            self.area.parts.add(self)
         if self.method == "dontneed":
             assert self.area is not None
             # The memfd becomes the baseline: the current content goes in, and every page
@@ -194,14 +207,11 @@ class _Part:
                                       offset=r.start - self.area.start)
             _native.copy_runs(self._baseline_addr, r.start, everything, 0, r.length)
             _native.madvise_runs(r.start, everything, MADV_DONTNEED)
-            self.area.owner = weakref.ref(self)
-            self.tracker = Tracker(Region(r.address, r.size) if self.view is None else self.view,
-                                   backend=backend, huge_pages=huge_pages)
+            self.tracker = Tracker(target, backend=backend, huge_pages=huge_pages)
         else:
             # Tracking starts before the copy: a write during it is reported, and restore
             # rewrites that page whatever the copy caught.
-            self.tracker = Tracker(Region(r.address, r.size) if self.view is None else self.view,
-                                   backend=backend, huge_pages=huge_pages)
+            self.tracker = Tracker(target, backend=backend, huge_pages=huge_pages)
             self.baseline = mmap.mmap(-1, r.length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             _native.copy_runs(self._baseline_addr, r.start, everything, self.lo, self.hi)
 
@@ -276,9 +286,8 @@ class _Part:
                 self.tracker.close()
         finally:
             self.tracker = None
-            if self.area is not None and self.area.owner is not None \
-                    and self.area.owner() is self:
-                self.area.owner = None
+            if self.area is not None:
+                self.area.parts.discard(self)
             if self.baseline is not None:
                 self.baseline.close()
                 self.baseline = None
@@ -287,23 +296,37 @@ class _Part:
                 self.view = None
 
 
-def _choose_method(region: Region, want: str) -> tuple[str, str, _Area | None]:
-    if want == "copy":
-        return "copy", "asked for (method='copy')", None
+def _overlap(a: Region, b: Region) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+def _choose_method(region: Region, want: str,
+                   siblings: list[Region]) -> tuple[str, str, _Area | None]:
+    """The method for ``region``; ``siblings`` are the other targets of the same snapshot."""
     area = _area_of(region)
+    if area is not None and any(p.method == "dontneed" and _overlap(p.region, region)
+                                for p in area.live_parts()):
+        raise ValueError(
+            "another snapshot restores these pages by dropping them (method 'dontneed'), "
+            "which no other snapshot can see: close it first, or create both with "
+            "method='copy'")
+    if want == "copy":
+        return "copy", "asked for (method='copy')", area
     if area is None:
         why = "the target is not memory from pagewatch.snapshot_array()"
     elif region.address != region.start or region.address + region.size != region.end:
         why = ("the target does not start and end on page boundaries (dropping its first or "
                "last page would revert its neighbours too)")
-    elif area.owner is not None and area.owner() is not None:
-        why = "another snapshot already keeps its baseline in this array's memfd"
+    elif any(_overlap(r, region) for r in [*(p.region for p in area.live_parts()),
+                                           *siblings]):
+        why = ("another snapshot shares these pages, and would not see pages dropped by "
+               "this one")
     else:
         return "dontneed", ("memory from snapshot_array(): written pages are dropped and fall "
                             "back to the memfd that holds the baseline"), area
     if want == "dontneed":
         raise ValueError(f"method='dontneed' is not possible here: {why}")
-    return "copy", f"written runs are copied back from a private copy: {why}", None
+    return "copy", f"written runs are copied back from a private copy: {why}", area
 
 
 # ---- the public class ------------------------------------------------------------------
@@ -398,11 +421,13 @@ class Snapshot:
             self._kind = "one"
         if not items:
             raise ValueError("nothing to snapshot: the dict or list is empty")
-        parts = []
+        parts: list[_Part] = []
         try:
-            for item in items:
-                region, view = region_of(item)
-                parts.append(_Part(region, view, *_choose_method(region, method)))
+            found = [region_of(item) for item in items]
+            regions = [r for r, _ in found]
+            for i, (region, view) in enumerate(found):
+                others = regions[:i] + regions[i + 1:]
+                parts.append(_Part(region, view, *_choose_method(region, method, others)))
             need = sum(p.region.length for p in parts if p.method == "copy")
             avail = _available_memory()
             if need > avail:
