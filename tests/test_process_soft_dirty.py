@@ -285,13 +285,13 @@ def test_a_dead_process_cannot_be_frozen() -> None:
 def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
     """``pagewatch run`` keeps its child's leader seized from a tracer thread; a freeze asks
     that thread to stop it (at the exec hold, and while it runs)."""
-    out = tmp_path / "out"
-    code = ("import threading, time, sys\n"
+    out, enough = tmp_path / "out", tmp_path / "enough"
+    # It runs until the test has frozen it often enough (a file appears), not for a time.
+    code = ("import os, threading, time, sys\n"
             "def work(): sum(range(3_000_000))\n"
             "ts = [threading.Thread(target=work) for _ in range(2)]\n"
             "[t.start() for t in ts]; [t.join() for t in ts]\n"
-            "end = time.monotonic() + 0.5\n"
-            "while time.monotonic() < end: sum(range(10000))\n"
+            f"while not os.path.exists({str(enough)!r}): sum(range(10000))\n"
             f"open({str(out)!r}, 'w').write('done')\n"
             "sys.exit(5)\n")
     pid, release_w, err_fd = pcli._fork_held([sys.executable, "-c", code], {})
@@ -308,6 +308,8 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
                     with frozen(pid) as info:  # while it runs
                         assert states(pid)[pid] == "t"
                     infos.append(info)
+                    if len(infos) == 6:
+                        enough.touch()
                 time.sleep(0.01)
                 continue
             kind, a, _, _ = ev
@@ -331,7 +333,7 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
             os.waitpid(pid, 0)
     assert status is not None and os.waitstatus_to_exitcode(status) == 5
     assert out.read_text() == "done"
-    assert len(infos) >= 2 and all(i["by_tracer"] == 1 for i in infos), infos
+    assert len(infos) == 6 and all(i["by_tracer"] == 1 for i in infos), infos
 
 
 def test_hugetlb_memory_is_recognised_by_its_device(hugetlb_pages: int) -> None:
