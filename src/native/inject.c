@@ -216,10 +216,36 @@ static int resume_until(struct session *s, int req, int want_event)
 }
 
 /* Save the registers and mask of the stopped thread and block every signal. */
+/* Calls that return -EINTR, not a restart code, when a stop with no handler interrupts
+ * them (signal(7)), here without a timeout: restarting them is what the program would have
+ * seen without our interrupt.  (With a timeout they keep -EINTR: a restart would wait the
+ * whole timeout again.)  x86-64 numbers; arguments are still in their registers at the
+ * stop. */
+static int restart_without_timeout(const struct user_regs_struct *r)
+{
+    switch ((long)r->orig_rax) {
+    case 232: /* epoll_wait(epfd, events, maxevents, int timeout) */
+    case 281: /* epoll_pwait(..., int timeout, sigmask, size) */
+        return (int)r->r10 < 0;
+    case 441: /* epoll_pwait2(..., const struct timespec *timeout, ...) */
+    case 220: /* semtimedop(semid, sops, nsops, timeout) */
+        return r->r10 == 0;
+    case 128: /* rt_sigtimedwait(set, info, timeout, size): sigwaitinfo */
+        return r->rdx == 0;
+    case 65: /* semop */
+        return 1;
+    }
+    return 0;
+}
+
 static int prepare(struct session *s)
 {
     if (pt(PW_PTRACE_GETREGS, s->tid, NULL, &s->saved) < 0)
         return fail(s, errno, "PTRACE_GETREGS");
+    /* Restored at the final stop in get_signal(), -ERESTARTNOHAND (-514) makes the kernel
+     * restart the call when no handler runs, and a handler still sees EINTR. */
+    if ((long)s->saved.rax == -EINTR && restart_without_timeout(&s->saved))
+        s->saved.rax = (unsigned long)-514;
     if (s->saved.cs != 0x33)
         return fail(s, ENOEXEC, "the target thread runs 32-bit code");
     if (pt(PW_PTRACE_GETSIGMASK, s->tid, (void *)sizeof(uint64_t), &s->saved_mask) < 0)
