@@ -287,8 +287,9 @@ static int scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_sc
                 ret -= skip;
             }
         }
-        for (int i = 0; i < ret; i++)
-            found += (buf[n + i].end - buf[n + i].start) >> shift;
+        if (max_pages) /* else counted once at the end, in the copy-out */
+            for (int i = 0; i < ret; i++)
+                found += (buf[n + i].end - buf[n + i].start) >> shift;
         /* Merge the first new run into the last old one when the stop split a run. */
         if (ret > 0 && n > 0 && buf[n - 1].end == buf[n].start &&
             buf[n - 1].categories == buf[n].categories) {
@@ -306,6 +307,7 @@ static int scan_loop(int fd, uint64_t start, uint64_t end, const struct pw_pm_sc
     out->owned = owned;
     out->walk_end = cursor > end ? end : cursor;
     out->pages = found;
+    out->counted = max_pages != 0;
     return err;
 }
 
@@ -328,7 +330,7 @@ static int scan_maybe_nogil(int fd, uint64_t start, uint64_t end,
 
 /* int64 (n, 2) [first, end) page indices from `base`, categories dropped: the form
  * DirtyPages keeps, made while copying out. */
-static PyObject *runs_from(const struct pw_scan *res, uint64_t base)
+static PyObject *runs_from(struct pw_scan *res, uint64_t base)
 {
     const unsigned shift = pw_page_shift();
     const uint64_t round = ((uint64_t)1 << shift) - 1;
@@ -338,9 +340,17 @@ static PyObject *runs_from(const struct pw_scan *res, uint64_t base)
         return NULL;
     int64_t *o = PyArray_DATA(out);
     const struct pw_page_region *buf = res->buf;
+    uint64_t pages = 0;
     for (size_t i = 0; i < res->n; i++) {
-        o[2 * i] = (int64_t)((buf[i].start - base) >> shift);
-        o[2 * i + 1] = (int64_t)((buf[i].end - base + round) >> shift);
+        int64_t a = (int64_t)((buf[i].start - base) >> shift);
+        int64_t b = (int64_t)((buf[i].end - base + round) >> shift);
+        o[2 * i] = a;
+        o[2 * i + 1] = b;
+        pages += (uint64_t)(b - a);
+    }
+    if (!res->counted) {
+        res->pages = pages;
+        res->counted = 1;
     }
     return (PyObject *)out;
 }
@@ -382,6 +392,11 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
         out = PyArray_EMPTY(2, dims, NPY_UINT64, 0);
         if (out && res.n)
             memcpy(PyArray_DATA((PyArrayObject *)out), res.buf, res.n * sizeof(*res.buf));
+        if (!res.counted) {
+            const unsigned shift = pw_page_shift();
+            for (size_t i = 0; i < res.n; i++)
+                res.pages += (res.buf[i].end - res.buf[i].start) >> shift;
+        }
     }
     if (res.owned)
         free(res.buf);
@@ -392,28 +407,33 @@ static PyObject *py_pagemap_scan(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /*
- * scan_runs(fd, start, end, base, flags, mask, max_pages) -> (runs, walk_end, pages):
+ * scan_runs(fd, start, end, base, flags, mask, max_pages, check=0) -> (runs, walk_end, pages):
  * the tracker's collect in one call, positional arguments only (no keyword parsing on the
  * path every collect takes).  Pages matching `mask` (category_mask = return_mask) as int64
- * (n, 2) [first, end) page indices from `base`.  Raises OSError(errno).
+ * (n, 2) [first, end) page indices from `base`.  With `check`, msync(MS_ASYNC) first makes
+ * sure all of [start, end) is still mapped (a scan skips holes silently): OSError(ENOMEM,
+ * ..., "msync(2)") when not.  Raises OSError(errno).
  */
 static PyObject *py_scan_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
+    if (nargs != 7 && nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
-                        "scan_runs(fd, start, end, base, flags, mask, max_pages)");
+                        "scan_runs(fd, start, end, base, flags, mask, max_pages, check=0)");
         return NULL;
     }
     int fd = (int)PyLong_AsLong(args[0]);
     unsigned long long v[6];
     for (int i = 0; i < 6; i++)
         v[i] = PyLong_AsUnsignedLongLong(args[i + 1]);
+    int check = nargs == 8 ? PyObject_IsTrue(args[7]) : 0;
     if (PyErr_Occurred())
         return NULL;
     uint64_t start = v[0], end = v[1] < v[0] ? v[0] : v[1];
     const struct pw_pm_scan_arg tmpl = {
         .flags = v[3], .max_pages = v[5], .category_mask = v[4], .return_mask = v[4],
     };
+    if (check && end > start && msync((void *)(uintptr_t)start, end - start, MS_ASYNC) < 0)
+        return pw_raise_errno(errno, "msync(2)");
     struct pw_scan res = {0};
     int err = scan_maybe_nogil(fd, start, end, &tmpl, 1, &res);
     PyObject *out = err ? pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)") : runs_from(&res, v[2]);
@@ -658,8 +678,8 @@ PyMethodDef pw_core_methods[] = {
      "pagemap_scan_ranges(fd, ranges, flags, mask, inverted, anyof, return_mask)\n"
      "-> (regions, owner range index, errno per range): the loop over many ranges."},
     {"scan_runs", (PyCFunction)(void (*)(void))py_scan_runs, METH_FASTCALL,
-     "scan_runs(fd, start, end, base, flags, mask, max_pages) -> (int64 (n, 2) page runs "
-     "from base, walk_end, pages): the PAGEMAP_SCAN loop for a tracker's collect."},
+     "scan_runs(fd, start, end, base, flags, mask, max_pages, check=0) -> (int64 (n, 2) "
+     "page runs from base, walk_end, pages): the PAGEMAP_SCAN loop for a tracker's collect."},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, targetfd, flags=0) -> fd."},
     {"madvise", py_madvise, METH_VARARGS, "madvise(addr, len, advice)."},
     {"msync", py_msync, METH_VARARGS, "msync(addr, len, flags): ENOMEM if not all mapped."},

@@ -86,6 +86,7 @@ struct pw_scan {
     struct pw_page_region *buf;
     size_t n;
     int owned;
+    int counted; /* pages is the count of buf's pages (else not counted yet) */
     uint64_t walk_end, pages;
 };
 /* log2 of the page size, as a shift (read once). */

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -49,17 +50,6 @@ class DirtyPages:
                              f"region's {npages} pages")
 
     # ---- constructors -------------------------------------------------------------
-    @classmethod
-    def _of(cls, runs: np.ndarray, base: int, npages: int) -> DirtyPages:
-        """From ``int64 (n, 2)`` C-contiguous runs the caller vouches for (normalised, inside
-        the region): the collect path, with no copy and no checks."""
-        d = object.__new__(cls)
-        d._runs = runs
-        d.base = base
-        d.npages = npages
-        d.page_size = PAGE_SIZE
-        return d
-
     @classmethod
     def empty(cls, base: int, npages: int, page_size: int = PAGE_SIZE) -> DirtyPages:
         return cls(np.empty((0, 2), np.int64), base, npages, page_size)
@@ -172,3 +162,15 @@ class DirtyPages:
     def __repr__(self) -> str:
         return (f"<DirtyPages {len(self)} of {self.npages} pages in {len(self._runs)} runs "
                 f"at {self.base:#x}>")
+
+
+def dirty_pages_of(runs: np.ndarray, base: int, npages: int, *, _new: Any = object.__new__,
+                   _cls: type[DirtyPages] = DirtyPages, _ps: int = PAGE_SIZE) -> DirtyPages:
+    """A :class:`DirtyPages` of ``int64 (n, 2)`` C-contiguous runs the caller vouches for
+    (normalised, inside the region), with no copy and no checks: the collect path."""
+    d: DirtyPages = _new(_cls)
+    d._runs = runs
+    d.base = base
+    d.npages = npages
+    d.page_size = _ps
+    return d

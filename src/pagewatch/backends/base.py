@@ -31,7 +31,7 @@ import numpy as np
 from .. import _intervals
 from .._lifecycle import Closeable
 from .._region import Region
-from ..dirty import DirtyPages
+from ..dirty import DirtyPages, dirty_pages_of
 from ..errors import PagewatchError, TargetGone, Unsupported
 from ..kernel.constants import PAGE_SIZE
 from ..rangeset import RangeSet
@@ -169,7 +169,7 @@ class Backend(Closeable, abc.ABC):
     def _result(self, runs: np.ndarray) -> DirtyPages:
         """DirtyPages from runs of page indices of this region, normalised (as
         PAGEMAP_SCAN returns them)."""
-        return DirtyPages._of(runs, self.region.start, self.region.npages)
+        return dirty_pages_of(runs, self.region.start, self.region.npages)
 
 
 class Hub:
@@ -286,8 +286,11 @@ class HubBackend(Backend):
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
-        self._first_page = region.start // PAGE_SIZE
-        self._end_page = region.end // PAGE_SIZE
+        self._base = region.start
+        self._end = region.end
+        self._npages = region.npages
+        self._first_page = self._base // PAGE_SIZE
+        self._end_page = self._end // PAGE_SIZE
         self._pending: np.ndarray = _intervals.EMPTY
         self._cursor = -1  # not a member yet: nothing in the log is for it
 
@@ -342,8 +345,23 @@ class HubBackend(Backend):
             self._clear_pending()
 
     def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
-        with self.hub.lock:
-            if max_pages is None or not reset:
+        hub = self.hub
+        if max_pages is None:
+            # The common case, kept short (its fixed cost is what a small region pays):
+            # nothing pending, so the result is the get itself.
+            with hub.lock:
+                got = self._get(reset)
+                if self._cursor == hub.seq and not len(self._pending):
+                    if reset and len(got) and len(hub.members) > 1:
+                        hub.harvest(self, got)
+                    return dirty_pages_of(got, self._base, self._npages)
+                pending = self._pending_runs()
+                if reset:
+                    hub.harvest(self, got)
+                    self._pending = _intervals.EMPTY
+                return self._result(_intervals.normalise(np.concatenate([got, pending])))
+        with hub.lock:
+            if not reset:
                 got = self._get(reset)
                 pending = self._pending_runs()
                 if reset:

@@ -14,17 +14,22 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import NoReturn
 
 import numpy as np
 
+from .. import _native
 from ..errors import InvalidRange, PagewatchError, TargetGone
-from ..kernel.constants import PAGE_SIZE, PageCategory, UffdFeature
-from ..kernel.pagemap import Pagemap, scan_written
+from ..kernel._errors import scan_error
+from ..kernel.constants import PAGE_SIZE, PageCategory, ScanFlag, UffdFeature
+from ..kernel.pagemap import Pagemap, no_progress, scan_written
 from ..kernel.uffd import Userfaultfd
 from ._memory import busy_error, check_mapped, replaced_error
 from .base import Hub, HubBackend, Region
 
 _WRITTEN = int(PageCategory.WRITTEN)
+_RESET = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
+_GET = int(ScanFlag.CHECK_WPASYNC)
 _FEATURES = int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED)
 
 
@@ -82,6 +87,7 @@ class UffdAsync(HubBackend):
         hub = self.hub
         with hub.lock:
             uffd, self._pagemap = hub.open()
+            self._fd = self._pagemap.fileno()
             self._uffd = uffd
             # New THPs would make written-state 2 MiB coarse until the first write splits
             # them; the kernel splits the existing ones on write.
@@ -116,24 +122,34 @@ class UffdAsync(HubBackend):
             self._join()
 
     def _scan(self, start: int, end: int, reset: bool, max_pages: int = 0) -> np.ndarray:
-        """Written page runs of ``[start, end)``, as page indices of the region.
-
-        A page no longer registered with our userfaultfd (``EPERM``) is memory that was
-        unmapped and mapped anew: the registration is the mapping's identity.
-        """
+        """Written page runs of ``[start, end)``, as page indices of the region."""
         try:
-            return scan_written(self._pagemap.fileno(), start, end, self.region.start, reset,
-                                max_pages)
+            return scan_written(self._fd, start, end, self._base, reset, max_pages)
         except InvalidRange as exc:
-            if exc.errno != errno.EPERM:
-                raise
+            self._scan_failed(exc)
+
+    def _scan_failed(self, exc: PagewatchError) -> NoReturn:
+        """Raise what a failed scan means.  A page no longer registered with our
+        userfaultfd (``EPERM``) is memory that was unmapped and mapped anew: the
+        registration is the mapping's identity."""
+        if isinstance(exc, InvalidRange) and exc.errno == errno.EPERM:
             check_mapped(self.region)
             raise replaced_error(self.region, "it is not registered with pagewatch's "
                                  "userfaultfd any more", exc.errno) from exc
+        raise exc
 
     def _get(self, reset: bool) -> np.ndarray:
-        self._check_alive()
-        return self._scan(self.region.start, self.region.end, reset)
+        flags = _RESET if reset else _GET
+        try:  # checked mapped and scanned in one native call (scan_written, inlined)
+            runs, walk_end, _ = _native.scan_runs(self._fd, self._base, self._end, self._base,
+                                                  flags, _WRITTEN, 0, True)
+        except OSError as exc:
+            if exc.filename == "msync(2)":
+                check_mapped(self.region)  # the TargetGone that says what went
+            self._scan_failed(scan_error(exc, self._base, self._end, flags))
+        if walk_end < self._end:
+            raise no_progress(walk_end, self._base, self._end)
+        return runs
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
         base, ps = self.region.start, PAGE_SIZE

@@ -234,7 +234,7 @@ def _scan(
         if owned is not None:
             owned.close()
     if walk_end < end and not (max_pages and pages >= max_pages):
-        raise _no_progress(walk_end, start, end)
+        raise no_progress(walk_end, start, end)
     return regions, walk_end, pages
 
 
@@ -244,24 +244,31 @@ _GET_FLAGS = int(ScanFlag.CHECK_WPASYNC)
 
 
 def scan_written(fd: int, start: int, end: int, base: int, reset: bool,
-                 max_pages: int = 0) -> np.ndarray:
+                 max_pages: int = 0, check_mapped: bool = False) -> np.ndarray:
     """The written pages of ``[start, end)`` (page-aligned, checked by the caller) of this
     process's uffd-wp-async memory, get-and-reset with ``reset``: ``int64 (n, 2)`` runs of
     page indices from ``base``.  The tracker's collect: one native call, no keyword
     parsing, no validation beyond the kernel's; errors as :func:`pagemap_scan` raises them.
+
+    With ``check_mapped``, the range is first checked to be all mapped (a scan passes over
+    holes without a word): if it is not, the ``OSError`` (``ENOMEM``, ``filename``
+    ``"msync(2)"``) is raised as it is, for the caller to say what went.
     """
     flags = _RESET_FLAGS if reset else _GET_FLAGS
     try:
         runs, walk_end, pages = _native.scan_runs(fd, start, end, base, flags, _WRITTEN,
-                                                  max_pages)
+                                                  max_pages, check_mapped)
     except OSError as exc:
+        if exc.filename == "msync(2)":
+            raise
         raise scan_error(exc, start, end, flags) from exc
     if walk_end < end and not (max_pages and pages >= max_pages):
-        raise _no_progress(walk_end, start, end)
+        raise no_progress(walk_end, start, end)
     return runs
 
 
-def _no_progress(walk_end: int, start: int, end: int) -> PagewatchError:
+def no_progress(walk_end: int, start: int, end: int) -> PagewatchError:
+    """The error for a PAGEMAP_SCAN loop the kernel stopped short of ``end``."""
     return PagewatchError(
         f"PAGEMAP_SCAN made no progress at {walk_end:#x} in [{start:#x}, {end:#x}): the "
         "kernel backs out of a partial hugetlb page under write-protect; align the range "
