@@ -1271,12 +1271,9 @@ class ProcessTracker:
                 if m.private:  # an unmodified page of a private file mapping is not its own
                     holds_data &= (e & np.uint64(PM_FILE)) == 0
                 hit = np.where(seen, soft_dirty, holds_data)
-            pages = np.flatnonzero(hit).astype(np.int64) + first
-            if len(pages):
-                brk = np.flatnonzero(np.diff(pages) != 1) + 1
-                starts = pages[np.concatenate(([0], brk))]
-                ends = pages[np.concatenate((brk - 1, [len(pages) - 1]))] + 1
-                out.append(np.stack([starts, ends], axis=1) * PAGE_SIZE)
+            runs = _intervals.from_bitmap(hit, first)
+            if len(runs):
+                out.append(runs * PAGE_SIZE)
         return (np.concatenate(out) if out else _EMPTY_RUNS), is_new
 
     def _collect_soft_dirty_all(self, reset: bool) -> ProcessDirty:

@@ -24,7 +24,7 @@ import operator
 import os
 import threading
 import weakref
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -193,7 +193,9 @@ class Hub:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.members: weakref.WeakSet[HubBackend] = weakref.WeakSet()
+        #: the live trackers (HubBackends, but for uffd-sync's hub, which shares only the
+        #: lock, the members and what they cover)
+        self.members: weakref.WeakSet[Any] = weakref.WeakSet()
         self.pid = os.getpid()
         self._clear_log()
 
@@ -252,7 +254,7 @@ class Hub:
     def others(self, exclude: Backend) -> RangeSet:
         """The addresses the live members other than ``exclude`` track."""
         return RangeSet((m.region.start, m.region.end) for m in list(self.members)
-                        if m is not exclude and not m.closed)
+                        if m is not exclude and not m.closed and m.gone is None)
 
     def covered(self, exclude: Backend, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of ``[start, end)`` another live member covers."""

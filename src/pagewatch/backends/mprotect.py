@@ -67,6 +67,7 @@ from ..dirty import DirtyPages
 from ..errors import InvalidRange, PagewatchError, is_transient, transient_error
 from ..kernel.constants import PAGE_SIZE
 from ..kernel.maps import maps
+from ..rangeset import RangeSet
 from ._memory import (
     check_identity,
     check_mapped,
@@ -213,15 +214,8 @@ def covers(start: int, end: int) -> bool:
     """Whether live mprotect trackers cover all of ``[start, end)``: such pages show as
     read-only in ``/proc/self/maps`` but are writable memory (we protected them)."""
     with _live_lock:
-        spans = sorted((b.region.start, b.region.end) for b in _live if not b.closed)
-    cursor = start
-    for lo, hi in spans:
-        if lo > cursor:
-            break
-        cursor = max(cursor, hi)
-        if cursor >= end:
-            return True
-    return cursor >= end
+        spans = RangeSet((b.region.start, b.region.end) for b in _live if not b.closed)
+    return not spans.missing(start, end)
 
 
 protected_by_us.append(covers)

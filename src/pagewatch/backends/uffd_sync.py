@@ -60,7 +60,7 @@ from ..errors import (
 from ..kernel.constants import PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
 from ..kernel.uffd import Userfaultfd
 from ._memory import busy_error, check_mapped, kernel_answer, replaced_error
-from .base import Backend, Region
+from .base import Backend, Hub, Region
 from .mprotect import writable
 
 __all__ = ["UffdSync", "writable", "BACKEND"]
@@ -95,17 +95,16 @@ def _create() -> tuple[int, str, bool]:
                       "Use the mprotect or compare backend")
 
 
-class _Hub:
-    """The process's one userfaultfd, its handler thread and the live trackers."""
+class _Hub(Hub):
+    """The process's one userfaultfd, its handler thread and the live trackers (``lock``,
+    ``members``, what they cover: :class:`~.base.Hub`)."""
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.members: weakref.WeakSet[UffdSync] = weakref.WeakSet()
+        super().__init__()
         self.uffd: Userfaultfd | None = None
         self.how = ""
         self.kernel_writes = False
         self.populate = False
-        self.pid = os.getpid()
         self._pagemap = -1
 
     def pagemap(self) -> int:
@@ -134,19 +133,6 @@ class _Hub:
 
     def live(self) -> list[UffdSync]:
         return [m for m in self.members if not m.closed and m.gone is None]
-
-    def covered(self, exclude: UffdSync, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of ``[start, end)`` no other live tracker covers."""
-        cuts = [(max(start, m.region.start), min(end, m.region.end)) for m in self.live()
-                if m is not exclude]
-        out, cursor = [], start
-        for lo, hi in sorted(c for c in cuts if c[0] < c[1]):
-            if lo > cursor:
-                out.append((cursor, lo))
-            cursor = max(cursor, hi)
-        if cursor < end:
-            out.append((cursor, end))
-        return out
 
     def forget_replaced(self, start: int, end: int) -> None:
         """Live trackers over ``[start, end)`` whose memory was replaced are gone: a new
@@ -217,7 +203,7 @@ class UffdSync(Backend):
                 try:
                     self._id = _native.us_watch(region.start, region.npages, _hub.populate)
                 except OSError as exc:
-                    for s, e in _hub.covered(self, region.start, region.end):
+                    for s, e in _hub.uncovered(self, region.start, region.end):
                         try:
                             uffd.unregister(s, e - s)
                         except OSError:
@@ -275,7 +261,7 @@ class UffdSync(Backend):
             _native.us_unwatch(wid)
             uffd = _hub.uffd
             if uffd is not None:
-                for s, e in _hub.covered(self, self.region.start, self.region.end):
+                for s, e in _hub.uncovered(self, self.region.start, self.region.end):
                     try:
                         uffd.unregister(s, e - s)
                     except OSError:
