@@ -153,12 +153,13 @@ def tool_env(bindir: Path) -> dict[str, str]:
     return dict(os.environ, PATH=path)
 
 
-def cpu_has_virtualization() -> bool:
-    """Whether /proc/cpuinfo names hardware virtualization (Intel vmx, AMD svm)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+def cpu_has_virtualization(text: str | None = None) -> bool:
+    """Whether /proc/cpuinfo (or ``text``) names hardware virtualization (vmx, svm)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
     for line in text.splitlines():
         if line.startswith("flags"):
             flags = set(line.partition(":")[2].split())

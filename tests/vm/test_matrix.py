@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.vm import BACKENDS, matrix
+from tests.vm.__main__ import cpu_has_virtualization
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,3 +127,14 @@ def test_the_guard_fails_a_kernel_without_results_or_with_an_abnormal_pytest_exi
     assert matrix.guard([ok, broken]) == ["[6.12] no results: the run left no results (exit 255)"]
     assert matrix.guard([column("host", every_backend_passes(), rc=2)]) == [
         "[host] pytest exited 2 (interrupted)"]
+
+
+@pytest.mark.kernel_independent
+def test_kvm_is_tried_only_when_the_cpu_flags_name_vmx_or_svm() -> None:
+    # This workplace's /dev/kvm (PVM) has neither: the harness then picks TCG at once instead
+    # of a 90 s boot trial on every fresh machine.
+    flags = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep {} lm constant_tsc\n"
+    assert not cpu_has_virtualization("processor\t: 0\n" + flags.format("pge"))
+    assert cpu_has_virtualization("processor\t: 0\n" + flags.format("vmx"))
+    assert cpu_has_virtualization(flags.format("svm"))
+    assert not cpu_has_virtualization("")
