@@ -112,6 +112,9 @@ Limits
   (``UFFDIO_REGISTER`` fails with ``EBUSY``: one userfaultfd per mapping); ranges it had
   registered before are listed in ``skipped``.
 * A page written with the content it already had is reported (it was written).
+* io_uring fixed buffers are pinned and written by the kernel with no fault: they are
+  reported as written at every collect (read from the rings' fdinfo); other long-term pins
+  (RDMA, vfio DMA) are not seen (see the README).
 * Transparent huge pages of the target are left as they are: a write to a protected huge
   page splits it, so writes are reported per 4 KiB page after the first collect.
 * Syscall injection is implemented for x86-64 (64-bit targets); arm64 is designed (see
@@ -135,6 +138,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import select
 import signal
 import threading
@@ -178,6 +182,8 @@ _HOLDS_DATA = int(PageCategory.PRESENT | PageCategory.SWAPPED)
 _NOT_OWN_DATA = int(PageCategory.FILE | PageCategory.PFNZERO)
 _CAP_SYS_PTRACE = 19
 _EMPTY_RUNS = np.empty((0, 2), np.int64)
+#: a registered buffer in an io_uring's fdinfo: "    0: 0x7f0123456000/65536"
+_USER_BUF = re.compile(r"\s*\d+: 0x([0-9a-f]+)/(\d+)")
 #: what a scan plan found for a mapping: fully tracked, read-only candidate, not tracked
 _FULL, _CANDIDATE, _IGNORED = 1, 2, 3
 
@@ -1510,6 +1516,44 @@ class ProcessTracker:
             self._raise_gone(None, result)
         return result  # (strict applies at attach; later skips are in result.skipped)
 
+    def _fixed_buffers(self) -> np.ndarray:
+        """The target's io_uring fixed buffers (``IORING_REGISTER_BUFFERS``), as absolute
+        page runs: reported as written at every collect.
+
+        Their pages are pinned and the kernel writes them (``READ_FIXED``, ...) through its
+        own mapping of the page: no write fault, so neither the write-protect nor the
+        soft-dirty bit sees those writes, and nothing tells whether they happened.  The
+        buffers are listed in ``/proc/PID/fdinfo`` of each io_uring descriptor; they are
+        looked for only while the maps show a ring (``anon_inode:[io_uring]``).
+        """
+        if b"anon_inode:[io_uring]" not in self._parsed_text:
+            return _EMPTY_RUNS
+        try:
+            fds = os.listdir(f"/proc/{self.pid}/fd")
+        except OSError:
+            return _EMPTY_RUNS
+        runs = []
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/{fd}") != "anon_inode:[io_uring]":
+                    continue
+            except OSError:
+                continue
+            listing = False
+            for line in (_read_text(f"/proc/{self.pid}/fdinfo/{fd}") or "").splitlines():
+                if line.startswith("UserBufs:"):
+                    listing = True
+                    continue
+                found = _USER_BUF.match(line) if listing else None
+                if found is None:
+                    if listing:
+                        break
+                    continue
+                start, length = int(found[1], 16), int(found[2])
+                runs.append((start // PAGE_SIZE * PAGE_SIZE,
+                             -(-(start + length) // PAGE_SIZE) * PAGE_SIZE))
+        return np.array(runs, np.int64).reshape(-1, 2)
+
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
         """Drop what is no longer mapped.  Tracked memory that is still mapped stays tracked
         whatever its protection now (it is harvested at each collect)."""
@@ -1531,8 +1575,9 @@ class ProcessTracker:
         """The result over ``mappings`` (in address order) of ``runs`` (absolute addresses)
         and what is pending from first sights."""
         now = time.monotonic()
-        if len(self._pending):
-            runs = np.concatenate([runs, self._pending])
+        fixed = self._fixed_buffers()
+        if len(self._pending) or len(fixed):
+            runs = np.concatenate([runs, self._pending, fixed])
         result = ProcessDirty(self.pid, time=now, elapsed=now - self._last_reset,
                               new=frozenset(new), skipped=tuple(self._skipped.values()),
                               backend=self.backend, mappings=mappings, runs=runs)
