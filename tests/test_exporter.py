@@ -162,6 +162,13 @@ def test_the_working_set_counts_distinct_pages_within_each_window() -> None:
 
 
 @pytest.mark.kernel_independent
+def test_runs_expand_to_every_page_number() -> None:
+    runs = [np.array([[3, 5], [9, 10]], np.int64), np.array([[100, 103]], np.int64)]
+    assert ex._pages_of(runs).tolist() == [3, 4, 9, 100, 101, 102]
+    assert ex._pages_of([]).tolist() == []
+
+
+@pytest.mark.kernel_independent
 def test_windows_parse_and_label_as_prometheus_durations() -> None:
     assert ex.parse_windows("1m, 10s,5m,1m") == (10.0, 60.0, 300.0)
     assert [ex.window_label(w) for w in (10.0, 60.0, 300.0, 3600.0, 0.5, 90.0)] == [

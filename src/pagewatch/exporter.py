@@ -403,11 +403,24 @@ class _Target:
         self.stop_seconds = stop / 1000 if stop is not None else float("nan")
 
     def account(self, d: ProcessDirty) -> None:
+        parts = []
         for m, pages in d.written().items():
             self.written[mapping_kind(m)] += len(pages) * PAGE_SIZE
-        self.working_set.add(d.addresses() // np.uint64(PAGE_SIZE), d.time)
+            parts.append(pages.runs + m.start // PAGE_SIZE)  # runs of page numbers
+        self.working_set.add(_pages_of(parts), d.time)
         self.ws_counts = self.working_set.counts(d.time)
         self.tracked_bytes = sum(m.size for m in d)
+
+
+def _pages_of(parts: list[np.ndarray]) -> np.ndarray:
+    """Every page number of ``[first, end)`` runs, as ``uint64`` (no Python loop per run)."""
+    if not parts:
+        return np.empty(0, np.uint64)
+    runs = np.concatenate(parts)
+    lengths = runs[:, 1] - runs[:, 0]
+    before = np.cumsum(lengths) - lengths
+    return (np.repeat(runs[:, 0] - before, lengths) + np.arange(int(lengths.sum()))
+            ).astype(np.uint64)
 
 
 @dataclasses.dataclass
