@@ -206,9 +206,11 @@ def test_selectors_find_the_target_and_never_this_process(
     me = os.getpid()
     grandchild = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"],
                                   stdout=subprocess.PIPE, text=True)
+    killed: list[int] = []
     try:
         assert grandchild.stdout is not None
         sleeper = int(grandchild.stdout.readline())
+        killed.append(sleeper)
 
         def pids(sel: ex.Selector) -> set[int]:
             return {i.pid for i in sel.find()}
@@ -227,9 +229,12 @@ def test_selectors_find_the_target_and_never_this_process(
             assert target.pid in found and me not in found
             assert pids(ex.Selector(cgroup=cgroup.lstrip("/"))) >= {target.pid}
     finally:
+        for pid in killed:  # the grandchild, before its parent (after, it is not ours)
+            os.kill(pid, signal.SIGKILL)
         grandchild.kill()
         grandchild.wait()
-        subprocess.run(["pkill", "-P", str(grandchild.pid)], check=False)
+        if grandchild.stdout is not None:
+            grandchild.stdout.close()
 
 
 # ---- the collector, in this process ---------------------------------------------------------
@@ -710,6 +715,8 @@ def test_prometheus_measures_the_true_write_rates_working_sets_and_staleness(
         results = {}
         for p in (slow, fast):
             t1 = at - offset
+            wait_for("the pacer's report after the evaluation time",
+                     lambda p=p, t1=t1: p.reports[-1][1] >= t1)
             true = (p.written_at(t1) - p.written_at(t1 - 10)) / 10 * PAGE_SIZE
             measured = rates[str(p.pid)]
             results[p.pid] = (true / PAGE_SIZE, measured / PAGE_SIZE, ws[str(p.pid)] / PAGE_SIZE)
