@@ -17,10 +17,11 @@ import pagewatch as pw
 from pagewatch import _native
 from pagewatch import snapshot as snapshot_mod
 from pagewatch.backends.base import BACKENDS, backend_class
-from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE
+from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE, PM_SWAP
 from pagewatch.kernel.pagemap import read_pagemap
 
 MADV_HUGEPAGE = 14
+MADV_PAGEOUT = 21
 HUGE = 2 << 20
 
 
@@ -318,7 +319,7 @@ def test_a_write_racing_restore_is_undone_or_reported(backend: str, kind: str) -
         assert not a.any()
 
 
-# ---- huge pages ------------------------------------------------------------------------
+# ---- huge pages and swap ---------------------------------------------------------------
 
 def _thp_mode() -> str:
     try:
@@ -348,3 +349,27 @@ def test_a_target_on_transparent_huge_pages_kept_restores_exactly(backend: str) 
         assert np.array_equal(a, base)
     del a
     mm.close()
+
+
+def _swap_active() -> bool:
+    with open("/proc/swaps") as f:
+        return len(f.read().splitlines()) > 1
+
+
+@pytest.mark.skipif(not _swap_active(), reason="no swap is active on this machine (the kernel "
+                    "matrix guests turn it on: tests/vm/guest.py)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_pages_swapped_out_while_written_are_restored(backend: str, kind: str) -> None:
+    npages = 64
+    a = make(kind, npages)
+    fill(a, 6)
+    base = a.copy()
+    with pw.Snapshot(a, backend=backend) as snap:
+        a[8 * PAGE_SIZE:40 * PAGE_SIZE] = 3
+        _native.madvise(a.ctypes.data, npages * PAGE_SIZE, MADV_PAGEOUT)
+        swapped = read_pagemap("self", a.ctypes.data, a.ctypes.data + npages * PAGE_SIZE)
+        n_swapped = int(((swapped[8:40] & np.uint64(PM_SWAP)) != 0).sum())
+        assert n_swapped > 0, "MADV_PAGEOUT swapped none of the written pages out"
+        assert set(range(8, 40)) <= set(snap.diff().pages().tolist())
+        snap.restore()
+        assert np.array_equal(a, base)

@@ -76,6 +76,27 @@ def hugetlb_check() -> dict[str, Any]:
     return {"works": got >= old + 4, "detail": f"nr_hugepages {old} -> {got} -> {old}"}
 
 
+def swap_on() -> dict[str, Any]:
+    """Turn on 256 MiB of swap on zram, so tests can swap pages out (``MADV_PAGEOUT``); only
+    in the throw-away VM."""
+    if len(Path("/proc/swaps").read_text().splitlines()) > 1:
+        return {"works": True, "detail": "swap was on already"}
+    path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+    try:
+        for cmd in (["modprobe", "zram"], None, ["mkswap", "/dev/zram0"],
+                    ["swapon", "/dev/zram0"]):
+            if cmd is None:
+                Path("/sys/block/zram0/disksize").write_text("256M")
+                continue
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PATH": path})
+    except subprocess.CalledProcessError as exc:
+        return {"works": False, "detail": f"{' '.join(exc.cmd)}: {exc.stderr.strip()}"}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"works": False, "detail": f"zram swap: {exc}"}
+    return {"works": True, "detail": "256 MiB of swap on /dev/zram0"}
+
+
 def _pagewatch_cmd() -> list[str]:
     script = Path(sys.executable).parent / "pagewatch"
     if script.exists():
@@ -146,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['booted']} s, Python at {info['uptime_at_start']} s", flush=True)
     info["soft_dirty"] = soft_dirty_check()
     info["hugetlb"] = hugetlb_check() if args.vm else {"works": None, "detail": "not tried on host"}
+    info["swap"] = swap_on() if args.vm else {"works": None, "detail": "not turned on on host"}
+    print(f"pagewatch-vm[{args.label}]: swap: {info['swap']['detail']}", flush=True)
     print(f"pagewatch-vm[{args.label}]: soft-dirty via /proc/self/pagemap: "
           f"{'works' if info['soft_dirty']['works'] else 'does not work'} "
           f"({info['soft_dirty']['detail']}); hugetlb: {info['hugetlb']['detail']}", flush=True)
