@@ -25,6 +25,9 @@ def register(sub: Any) -> None:
                       help=argparse.SUPPRESS)
     p.add_argument("--backends", metavar="A,B",
                    help="measure only these backends (default: every one)")
+    p.add_argument("--snapshot", action="store_true",
+                   help="measure Snapshot restore/update instead (1 GiB with --full, "
+                   "256 MiB by default) against np.copyto, a C floor and fork()")
     p.add_argument("--json", metavar="FILE", help="write every raw figure as JSON to FILE")
     p.add_argument("--plot", metavar="FILE.png", help="draw one panel per measure (matplotlib)")
     p.set_defaults(func=run_bench, mode=None)
@@ -52,6 +55,10 @@ def run_bench(args: argparse.Namespace) -> int:
                   f"{', '.join(BACKENDS)}", file=sys.stderr)
             return 2
         kw["backends"] = names
+    if args.snapshot:
+        from ._bench_snapshot import run_snapshot_bench
+
+        return run_snapshot_bench(args, kw.get("backends"))
     cfg = {"quick": bench.Config.quick, "full": bench.Config.full,
            "smoke": bench.Config.smoke}[args.mode or "quick"](**kw)
 
