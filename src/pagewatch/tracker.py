@@ -90,7 +90,10 @@ class Tracker(Closeable):
         -------
         DirtyPages
         """
-        return self._b.collect(reset=reset, max_pages=max_pages)
+        impl = self._impl
+        if impl is None:
+            raise ValueError("this tracker is closed")
+        return impl.collect(reset, max_pages)
 
     def close(self) -> None:
         """Stop tracking and leave the memory as it was."""

@@ -43,6 +43,22 @@ __all__ = [
 ]
 
 
+class _Forks:
+    """How many fork()s lie between the first process and this one (0 in the first): a
+    tracker made in another generation is a parent's copy.  Counted by Python's at-fork
+    hook, which ``os.fork()`` and ``multiprocessing`` run (so do the hubs' own)."""
+
+    count = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.count += 1
+
+
+_forks = _Forks
+os.register_at_fork(after_in_child=_Forks.bump)
+
+
 class Backend(Closeable, abc.ABC):
     """One way of tracking writes to a :class:`Region` (see the module docstring).
 
@@ -64,6 +80,7 @@ class Backend(Closeable, abc.ABC):
         self.huge_pages = huge_pages
         self.closed = False
         self.pid = os.getpid()
+        self._forks = _forks.count
         #: the TargetGone this tracker met: raised again by every later collect
         self.gone: TargetGone | None = None
         self._advice: HugePageAdvice | None = None
@@ -84,7 +101,7 @@ class Backend(Closeable, abc.ABC):
         """Raise unless this tracker can collect: open, this process's, memory not gone."""
         if self.closed:
             raise ValueError(f"this {self.name} tracker is closed")
-        if os.getpid() != self.pid:
+        if _forks.count != self._forks:  # os.getpid() here: a syscall every collect
             raise PagewatchError("this tracker belongs to the parent process: after fork() "
                                  "the child must create its own tracker")
         if self.gone is not None:
@@ -107,10 +124,12 @@ class Backend(Closeable, abc.ABC):
 
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         """The pages written since the last reset (see the module docstring)."""
-        limit = self.limit(max_pages)
-        self.check_usable()
+        # The checks inlined for the usual case (each step is paid on every collect).
+        limit = None if max_pages is None else self.limit(max_pages)
+        if self.closed or _forks.count != self._forks or self.gone is not None:
+            self.check_usable()
         try:
-            return self._collect(bool(reset), limit)
+            return self._collect(reset is True or bool(reset), limit)
         except TargetGone as exc:
             self._went(exc)
             raise

@@ -12,7 +12,7 @@
     The C reference, no pagewatch: ``write[<bytes>]`` holds ``plain`` (untracked writes)
     and, per mechanism set up in C, ``uffd-async`` (the kernel's own fault), ``mprotect``,
     ``uffd-sync``, ``soft-dirty`` first-write costs for each pattern;
-    ``fresh_touch`` (page allocation); ``reset`` and ``collect`` (the PAGEMAP_SCAN loop).
+    ``fresh_touch`` (page allocation); ``reset`` and ``collect`` (the minimal PAGEMAP_SCAN call, ``scan_floor``).
 ``backends[<name>]``
     ``available``, ``reason``, then ``write`` (ns/page per pattern), ``reset`` (ms/GiB per
     size), ``collect`` (ms per written fraction, ``reset`` and ``noreset``), ``precision``
@@ -267,9 +267,9 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
         # Every size a backend's reset is measured at gets its kernel reference.
         reset_sizes = sorted({s for n in names for s in cfg.reset_sizes_for(n)}
                              | set(cfg.reset_sizes))
-        steps.append(step("floor: reset (PAGEMAP_SCAN loop)", floor, "reset", functools.partial(
+        steps.append(step("floor: reset (minimal PAGEMAP_SCAN call)", floor, "reset", functools.partial(
             measures.floor_reset, reset_sizes, cfg.reps)))
-        steps.append(step("floor: collect (PAGEMAP_SCAN loop)", floor, "collect",
+        steps.append(step("floor: collect (minimal PAGEMAP_SCAN call)", floor, "collect",
                           functools.partial(measures.floor_collect, cfg.collect_bytes,
                                             cfg.fractions, cfg.reps, rng)))
     else:

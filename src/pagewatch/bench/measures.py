@@ -359,8 +359,9 @@ def floor_reset(sizes: Sequence[int], reps: int) -> dict[str, Any]:
 
 def floor_collect(nbytes: int, fractions: Sequence[float], reps: int,
                   rng: np.random.Generator) -> dict[str, Any]:
-    """The kernel's collect, ms: the PAGEMAP_SCAN loop over ``nbytes`` after writing each
-    fraction of its pages, without reset (plain get) and with it (get-and-reset)."""
+    """The kernel's collect, ms: the minimal PAGEMAP_SCAN call (``scan_floor``) over
+    ``nbytes`` after writing each fraction of its pages, without reset (plain get) and with
+    it (get-and-reset)."""
     out: dict[str, Any] = {}
     with Mapping(nbytes) as m, RawAsync(m) as raw:
         for f in fractions:

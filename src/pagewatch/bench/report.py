@@ -181,7 +181,7 @@ def _collect_table(result: dict[str, Any]) -> Table:
     series: list[tuple[str, Any]] = []
     fc = result.get("floor", {}).get("collect")
     if fc is not None:
-        series.append(("kernel: PAGEMAP_SCAN loop (C)", fc))
+        series.append(("kernel: minimal PAGEMAP_SCAN call (C)", fc))
     for name, e in _ok_backends(result):
         series.append((f"pagewatch {name}", e.get("collect")))
     for key, a in result.get("alternatives", {}).items():
