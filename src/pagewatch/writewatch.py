@@ -4,6 +4,14 @@ As on Windows, write watching is chosen at allocation: :func:`alloc` is
 ``VirtualAlloc(MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH)``, and a range not allocated by it
 is an error.  Addresses are returned in ascending order, the granularity is the page size.
 
+Where Windows fails with ``ERROR_INVALID_PARAMETER``, these raise :class:`ValueError`
+(:class:`~pagewatch.InvalidRange` for ranges): a zero size, a range that is not in one
+write-watched allocation (not allocated by :func:`alloc`, running past its end, or freed),
+``max_count`` below 1, and ``reset_write_watch`` of a zero size.  Changing the protection of
+watched pages (``mprotect``) leaves the watch state as it was, as on Windows, with every
+backend but ``mprotect``, which reports pages whose protection the program changed as
+written (it cannot know whether they were).
+
 ``get_write_watch(..., reset=True)`` is ``WRITE_WATCH_FLAG_RESET``: atomic, a page written
 while it runs is reported now or by the next call.  :func:`reset_write_watch` alone has the
 race Microsoft documents: a write between a ``get_write_watch`` without reset and it is
@@ -13,6 +21,7 @@ forgotten, so prefer ``reset=True``.
 from __future__ import annotations
 
 import mmap
+import operator
 import threading
 
 import numpy as np
@@ -101,14 +110,20 @@ def get_write_watch(
         ``WRITE_WATCH_FLAG_RESET``: reset the pages returned, atomically.
     max_count
         Return at most this many addresses (the first, ascending); with ``reset`` only
-        those are reset, as on Windows.
+        those are reset, as on Windows.  At least 1 (Windows refuses a zero count).
 
     Returns
     -------
     (numpy.ndarray of uint64, int)
     """
-    if max_count is not None and max_count < 0:
-        raise ValueError(f"max_count must be >= 0, not {max_count}")
+    if max_count is not None:
+        if isinstance(max_count, bool):
+            raise TypeError("max_count must be an integer or None, not a bool")
+        max_count = operator.index(max_count)
+        if max_count < 1:
+            # Windows: ERROR_INVALID_PARAMETER for a zero count (a buffer of no entries).
+            raise ValueError(f"max_count must be >= 1 (Windows answers a count of "
+                             f"{max_count} with ERROR_INVALID_PARAMETER)")
     mem, first, last = _find(base, size)
     with mem.lock:
         mem._sync()
