@@ -241,7 +241,7 @@ def busy_error(me: object, exc: OSError) -> PagewatchError:
             continue
         hub = getattr(mod.BACKEND, "hub", None) or getattr(mod, "_hub", None)
         for m in list(getattr(hub, "members", ())):
-            if m is not me and not m.closed and m.region.start < region.end and \
+            if m.name != name and not m.closed and m.region.start < region.end and \
                     m.region.end > region.start:
                 holders.append(f"a {m.name} tracker of [{m.region.start:#x}, "
                                f"{m.region.end:#x})")
@@ -269,3 +269,17 @@ def kernel_answer(fn: Callable[[], _T]) -> Callable[[], _T]:
         return done[0]
 
     return wrapper
+
+
+def forget_replaced(start: int, end: int) -> None:
+    """Before a userfaultfd registers ``[start, end)``: trackers of either userfaultfd
+    backend whose memory there was replaced are gone (a registration by the other backend
+    would hide the replacement from them)."""
+    import sys
+
+    for modname, attr in (("pagewatch.backends.uffd_async", "BACKEND"),
+                          ("pagewatch.backends.uffd_sync", "_hub")):
+        mod = sys.modules.get(modname)
+        if mod is not None:
+            obj = getattr(mod, attr)
+            getattr(obj, "hub", obj).forget_replaced(start, end)

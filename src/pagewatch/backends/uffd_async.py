@@ -24,7 +24,7 @@ from ..kernel._errors import scan_error
 from ..kernel.constants import PAGE_SIZE, PageCategory, ScanFlag, UffdFeature
 from ..kernel.pagemap import Pagemap, no_progress, scan_written
 from ..kernel.uffd import Userfaultfd
-from ._memory import busy_error, check_mapped, replaced_error
+from ._memory import busy_error, check_mapped, forget_replaced, replaced_error
 from .base import Hub, HubBackend, Region
 
 _WRITTEN = int(PageCategory.WRITTEN)
@@ -92,7 +92,7 @@ class UffdAsync(HubBackend):
             # New THPs would make written-state 2 MiB coarse until the first write splits
             # them; the kernel splits the existing ones on write.
             self._split_huge_pages()
-            hub.forget_replaced(region.start, region.end)
+            forget_replaced(region.start, region.end)
             covered = hub.covered(self, region.start, region.end)
             fresh = hub.uncovered(self, region.start, region.end)
             done: list[tuple[int, int]] = []
@@ -160,6 +160,8 @@ class UffdAsync(HubBackend):
         if not self.has_pending:
             # The kernel's own max_pages: exact, and it protects only what it reports.
             self._check_alive()
+            if not max_pages:  # nothing to take; still, raise if the memory was replaced
+                self._scan(self.region.start, self.region.start + PAGE_SIZE, False, 1)
             got = self._scan(self.region.start, self.region.end, True, max_pages) if max_pages \
                 else np.empty((0, 2), np.int64)
             self.hub.harvest(self, got)

@@ -59,7 +59,13 @@ from ..errors import (
 )
 from ..kernel.constants import PAGE_SIZE, UFFD_USER_MODE_ONLY, UffdFeature
 from ..kernel.uffd import Userfaultfd
-from ._memory import busy_error, check_mapped, kernel_answer, replaced_error
+from ._memory import (
+    busy_error,
+    check_mapped,
+    forget_replaced,
+    kernel_answer,
+    replaced_error,
+)
 from .base import Backend, Hub, Region
 from .mprotect import writable
 
@@ -182,7 +188,7 @@ class UffdSync(Backend):
         self._lock = threading.Lock()
         self._split_huge_pages()
         with _hub.lock:
-            _hub.forget_replaced(region.start, region.end)  # (may stop an idle hub)
+            forget_replaced(region.start, region.end)  # (may stop an idle hub)
             uffd = _hub.open()
             try:
                 # Registering again with the same userfaultfd is allowed: no coverage logic.
