@@ -383,6 +383,8 @@ def crash_kills() -> int:
     return int(os.environ.get("PAGEWATCH_CHECKPOINT_KILLS", 30 if IN_MATRIX else 200))
 
 
+# ~30-60 s on an idle host; a loaded 2-core box (load average 20) made it 216 s.
+@pytest.mark.timeout(1200)
 def test_a_saver_killed_at_random_instants_never_leaves_wrong_data(tmp_path: Path) -> None:
     path = str(tmp_path / "ck")
     server = subprocess.Popen([sys.executable, "-m", "tests.targets.checkpoint_saver", path],
@@ -396,7 +398,9 @@ def test_a_saver_killed_at_random_instants_never_leaves_wrong_data(tmp_path: Pat
     try:
         assert server.stdout.readline().strip() == "ready"
         for _ in range(crash_kills()):
-            server.stdin.write("fork\n")
+            # Every fourth saver fsyncs as a Checkpoint does by default; the others skip it
+            # (LocalStore durable=False): the same commits, without the wait for the disk.
+            server.stdin.write("fork durable\n" if stats["kills"] % 4 == 0 else "fork\n")
             line = server.stdout.readline().split()
             assert line[0] == "child", line
             pid = int(line[1])

@@ -1,5 +1,7 @@
 """The crash test's saver: a fork server whose children save a checkpoint in a loop until
-they are SIGKILLed.
+they are SIGKILLed.  A child fsyncs (``durable``) only when asked: a SIGKILL leaves the
+page cache as it was, so what is tested (a rename commits a complete file) is the same
+either way, and the fsyncs made most of the test's time on a busy disk.
 
 The state of generation ``g`` is a pure function of ``g`` (:func:`model`), so the test can
 compare any generation it finds on disk.  A child continues from the newest generation on
@@ -8,7 +10,7 @@ disk: it loads it, applies the next step, saves, and so on; every few saves it c
 
 Protocol on stdin/stdout (one line each, written with one ``write(2)``)::
 
-    test -> server: "fork"           server -> test: "child PID"
+    test -> server: "fork [durable]" server -> test: "child PID"
     child -> test:  "saved PID G"    after save() of generation G returned
     test -> server: "reap PID"       server -> test: "reaped PID STATUS"
 """
@@ -69,17 +71,18 @@ def _say(line: str) -> None:
     os.write(1, (line + "\n").encode())
 
 
-def _saver(path: str) -> None:
+def _saver(path: str, durable: bool) -> None:
     import pagewatch as pw
 
-    have = pw.checkpoint.LocalStore(path).generations() if os.path.isdir(path) else []
+    store = pw.checkpoint.LocalStore(path, durable=durable)
+    have = store.generations() if os.path.isdir(path) else []
     if have:
         g = have[-1]
         state = pw.checkpoint.load(path, g)
     else:
         g = -1
         state = initial()
-    with pw.Checkpoint(path, state, max_chain=3, checksum="crc32") as ck:
+    with pw.Checkpoint(store, state, max_chain=3, checksum="crc32") as ck:
         while True:
             if g >= 0:
                 step(g + 1, state)
@@ -99,7 +102,7 @@ def main() -> None:
             pid = os.fork()
             if pid == 0:
                 try:
-                    _saver(path)
+                    _saver(path, durable=rest == ["durable"])
                 finally:
                     os._exit(1)
             _say(f"child {pid}")

@@ -149,11 +149,13 @@ class _FileWriter(GenerationWriter):
     def commit(self) -> None:
         # The data is on disk before the name points at it; the name is on disk before
         # commit returns (so the next generation, which needs this one, never outlives it).
-        os.fsync(self._fd)
+        if self._store.durable:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         os.rename(self._tmp, self._final)
-        _fsync_dir(self._store.path)
+        if self._store.durable:
+            _fsync_dir(self._store.path)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -166,10 +168,18 @@ class _FileWriter(GenerationWriter):
 class LocalStore(Store):
     """A directory: ``00000000.pwg``, ``00000001.pwg``, ... one file per generation, and
     ``lock`` (an ``flock`` held by the one writer).  ``*.tmp`` files are saves that never
-    committed; the writer removes them when it takes the lock."""
+    committed; the writer removes them when it takes the lock.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``durable=False`` skips the two fsyncs of a commit (and of a removal): a generation is
+    still all or nothing if the process is killed (the rename is the commit), but a power
+    cut or a kernel crash may lose the newest generations, or leave a file whose name
+    survived and whose data did not (loading names it as damaged).  For scratch
+    checkpoints and tests.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.path = os.fspath(path)
+        self.durable = durable
         self._lock_fd = -1
 
     def __str__(self) -> str:
@@ -202,7 +212,8 @@ class LocalStore(Store):
 
     def remove(self, generation: int) -> None:
         os.unlink(self.file(generation))
-        _fsync_dir(self.path)
+        if self.durable:
+            _fsync_dir(self.path)
 
     def lock(self) -> None:
         if self._lock_fd >= 0:
