@@ -25,6 +25,7 @@ with an array (another small array, say) makes that page be saved again; never t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time as _time
 from collections.abc import Iterator, Mapping
@@ -334,22 +335,34 @@ class _Tracked:
         self.meta = array_meta(array)
         flat_bytes(array)  # refuses a non-contiguous array before a tracker is made
         self.tracker = Tracker(array, backend=backend) if array.nbytes else None
+        self._pages: np.ndarray | None = None
 
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
 
-    def written_runs(self) -> tuple[np.ndarray, int]:
-        """Byte runs of the array written since the last call (collect and reset, one
-        step), and how many pages they are."""
+    def written(self, name: str) -> ArrayPart:
+        """The pages of the array written since the last call (collect and reset, one step)
+        as a delta part: byte runs clipped to the array, gathered page by page."""
+        a = self.array
         if self.tracker is None:
-            return np.empty((0, 2), np.int64), 0
-        d = self.tracker.collect(reset=True)
+            return ArrayPart(name, a, np.empty((0, 2), np.int64), 0)
+        t = self.tracker
+        d = t.collect(reset=True)
         ps = d.page_size
-        runs = d.runs * ps - self.tracker.offset
-        np.clip(runs, 0, self.array.nbytes, out=runs)
-        return runs[runs[:, 1] > runs[:, 0]], len(d)
+        runs = d.runs * ps - t.offset
+        np.clip(runs, 0, a.nbytes, out=runs)
+        runs = runs[runs[:, 1] > runs[:, 0]]
+        if self._pages is None:
+            # The memory pages under the array, its neighbours' bytes on the first and last
+            # page included (they are mapped: the array lives there); only read.
+            npages = t.region.npages
+            raw = (ctypes.c_uint8 * (npages * ps)).from_address(t.base)
+            self._pages = np.frombuffer(memoryview(raw).cast("B"), np.uint8).reshape(npages, ps)
+        head = t.offset
+        tail = self._pages.size - t.offset - a.nbytes
+        return ArrayPart(name, a, runs, len(d), (self._pages, d.pages(), head, tail))
 
 
 def _key(a: np.ndarray) -> tuple[Any, ...]:
@@ -479,11 +492,11 @@ class Checkpoint:
                     tr = self._tracked[name] = _Tracked(a, self.backend)
                     parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)))
                     continue
-                runs, pages = tr.written_runs()  # reset first, copy after (never lose a write)
+                part = tr.written(name)  # reset first, copy after (never lose a write)
                 if base:
                     parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)))
                 else:
-                    parts.append(ArrayPart(name, a, runs, pages))
+                    parts.append(part)
             n = max(self._store.generations(), default=-1) + 1
             idx = _write(self._store, n, None if base else self._last, _time.time(), parts,
                          PAGE_SIZE, self.checksum, self.compression)
