@@ -577,3 +577,36 @@ def test_a_fork_child_copy_of_a_tracker_refuses_and_the_parent_goes_on(backend: 
         m[3 * PAGE_SIZE] = 1
         assert pages(t.collect()) == [1, 3]
 
+
+
+@every_backend
+def test_changes_not_made_by_this_process_stores_are_seen_by_compare_only(backend: str) -> None:
+    """Pinned, as the README documents: an alias mapping of the same memfd, ``pwrite`` to
+    the file, another process writing shared memory (repro 10)."""
+    n = 8
+    fd = os.memfd_create("pw-alias")
+    os.ftruncate(fd, n * PAGE_SIZE)
+    a = mmap.mmap(fd, n * PAGE_SIZE)
+    b = mmap.mmap(fd, n * PAGE_SIZE)  # a second mapping of the same pages
+    shm = mmap.mmap(-1, n * PAGE_SIZE)  # shared anonymous, written by a child
+    ta = pw.Tracker(a, backend=backend)
+    ts = pw.Tracker(shm, backend=backend)
+    try:
+        b[PAGE_SIZE] = 1
+        os.pwrite(fd, b"\x09", 2 * PAGE_SIZE)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            shm[3 * PAGE_SIZE] = 1
+            os._exit(0)
+        os.waitpid(pid, 0)
+        seen = backend == "compare"
+        assert pages(ta.collect()) == ([1, 2] if seen else [])
+        assert pages(ts.collect()) == ([3] if seen else [])
+        a[4 * PAGE_SIZE] = 1  # this process's own store: every backend
+        assert pages(ta.collect()) == [4]
+    finally:
+        ta.close()
+        ts.close()
+        for m in (a, b, shm):
+            m.close()
+        os.close(fd)
