@@ -426,6 +426,15 @@ def test_a_descriptor_shortage_at_the_first_trial_is_not_cached() -> None:
 
 # ---- 10. close gives the huge-page advice back ------------------------------------------------------
 
+def thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "never"
+    return text[text.find("[") + 1:text.find("]")]
+
+
 def _vma_of(addr: int) -> tuple[int, int, list[str]]:
     cur: tuple[int, int] | None = None
     with open("/proc/self/smaps") as f:
@@ -435,7 +444,8 @@ def _vma_of(addr: int) -> tuple[int, int, list[str]]:
                 a, b = (int(x, 16) for x in head.split("-"))
                 cur = (a, b) if a <= addr < b else None
             elif line.startswith("VmFlags") and cur:
-                return cur[0], cur[1], line.split()[1:]
+                # (sd: soft-dirty's own mark on the mapping, cleared by its reset)
+                return cur[0], cur[1], [f for f in line.split()[1:] if f != "sd"]
     raise AssertionError("not mapped")
 
 
@@ -458,7 +468,11 @@ def test_close_leaves_the_huge_page_advice_and_the_mapping_as_they_were(
         poke(inner + 5 * PAGE_SIZE, 2)
         assert pages(t.collect()) == [5]
         t.close()
-        assert _vma_of(inner) == before
+        if advice == "none" and thp_mode() == "always" and backend != "compare":
+            # Documented: no call clears the advice, and page-precise tracking needed it.
+            assert "nh" in _vma_of(inner)[2]
+        else:
+            assert _vma_of(inner) == before
     finally:
         libc.munmap(p, n)
 

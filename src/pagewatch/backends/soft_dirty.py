@@ -47,7 +47,7 @@ import numpy as np
 from .. import _intervals, _native
 from ..dirty import DirtyPages
 from ..errors import PagewatchError
-from ._memory import check_mapped
+from ._memory import check_identity, check_mapped, mapping_identity
 from .base import Hub, HubBackend, Region
 
 __all__ = ["SoftDirty", "BACKEND"]
@@ -118,6 +118,7 @@ class SoftDirty(HubBackend):
 
     def __init__(self, region: Region, *, huge_pages: str = "split") -> None:
         super().__init__(region, huge_pages=huge_pages)
+        self._identity = mapping_identity(region)
         self._split_huge_pages()
         with self.hub.lock:
             self._join()
@@ -131,6 +132,7 @@ class SoftDirty(HubBackend):
 
     def _check_alive(self) -> None:
         check_mapped(self.region)
+        check_identity(self.region, self._identity)  # new memory at the same address?
 
     def _read_reset(self) -> np.ndarray:
         """Read and clear everything; the other members' bits go to their pending sets.
