@@ -17,17 +17,19 @@ Two ways to restore, chosen per target and reported (``method``, ``method_reason
     that holds the baseline.  ``restore()`` drops the written pages (``MADV_DONTNEED``),
     so they fall back to the memfd's content with no copy at all; the next write to such a
     page copies it again (a page fault plus a 4 KiB copy).  ``update()`` writes the written
-    pages into the memfd and drops the private copies.  Memory: the memfd (the baseline)
-    plus the pages written since the last restore or update.
+    pages into the memfd.  Memory: the memfd (the baseline) plus the target's private
+    copies of the pages written since the last restore.
 
 Limits
 ------
 * ``restore()`` and ``update()`` expect the target to be quiescent, as ``np.copyto``
   does; the contract with writers that do not pause is in :class:`Snapshot`'s Notes.
-* A ``MADV_DONTNEED`` by the program on memory from :func:`snapshot_array` is not a write:
-  the pages fall back to the memfd (the ``"dontneed"`` snapshot's baseline).  That
-  snapshot stays exact; another snapshot of the same memory (``"copy"``) does not see the
-  change.  On ordinary anonymous memory the tracker reports such pages (they read as zero).
+* A ``MADV_DONTNEED`` by the program is not a write.  On memory from
+  :func:`snapshot_array` the pages fall back to the memfd: a ``"dontneed"`` snapshot stays
+  exact (the memfd is its baseline), a ``"copy"`` snapshot does not see the change.  On
+  ordinary anonymous memory the pages read as zero: the ``uffd-async`` and ``compare``
+  backends report them (and ``restore()`` puts them back); ``mprotect`` and ``uffd-sync``
+  do not, so a snapshot with those backends misses such a change.
 * A restore by dropping pages is not a write: nothing else observing those pages sees
   them go back to the baseline.  So a second snapshot of pages a ``"dontneed"`` snapshot
   covers is refused (create both with ``method="copy"``), and a :class:`~pagewatch.Tracker`
@@ -201,12 +203,13 @@ class _Part:
             self.area.parts.add(self)
         if self.method == "dontneed":
             assert self.area is not None
-            # The memfd becomes the baseline: the current content goes in, and every page
-            # of the target drops its private copy and maps the memfd again.
+            # The memfd becomes the baseline: the current content goes in.  The target's
+            # private copies stay (they hold the same bytes): dropping them would be no
+            # write, and a tracker that keeps its written state in the page table
+            # (soft-dirty) would lose the writes made before this snapshot.
             self.baseline = mmap.mmap(self.area.fd, r.length, flags=mmap.MAP_SHARED,
                                       offset=r.start - self.area.start)
             _native.copy_runs(self._baseline_addr, r.start, everything, 0, r.length)
-            _native.madvise_runs(r.start, everything, MADV_DONTNEED)
             self.tracker = Tracker(target, backend=backend, huge_pages=huge_pages)
         else:
             # Tracking starts before the copy: a write during it is reported, and restore
@@ -272,10 +275,8 @@ class _Part:
         if not written:
             return written
         if self.method == "dontneed":
+            # into the memfd; the private copies hold the same bytes and stay (see start())
             _native.copy_runs(self._baseline_addr, t.base, written.runs, 0, self.region.length)
-            _native.madvise_runs(t.base, written.runs, MADV_DONTNEED)
-            if t.backend == "compare":
-                self._settle(written, check=True)
         else:
             _native.copy_runs(self._baseline_addr, t.base, written.runs, self.lo, self.hi)
         return written
