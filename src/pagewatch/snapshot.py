@@ -18,7 +18,7 @@ Two ways to restore, chosen per target and reported (``method``, ``method_reason
     so they fall back to the memfd's content with no copy at all; the next write to such a
     page copies it again (a page fault plus a 4 KiB copy).  ``update()`` writes the written
     pages into the memfd.  Memory: the memfd (the baseline) plus the target's private
-    copies of the pages written since the last restore.
+    copies of the pages written before the snapshot and since the last restore.
 
 Limits
 ------
