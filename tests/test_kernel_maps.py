@@ -158,3 +158,17 @@ def test_maps_of_a_dead_pid_raises_target_gone() -> None:
         maps(pid)
     with pytest.raises(TargetGone):
         find_mapping(0x1000, pid)
+
+
+def test_parse_maps_parses_only_the_lines_it_has_not_seen() -> None:
+    from pagewatch.kernel.maps import parse_maps
+
+    text = (b"00400000-00401000 r-xp 00000000 fe:00 12 /bin/x\n"
+            b"00600000-00602000 rw-p 00000000 00:00 0 \n")
+    first, cache = parse_maps(text)
+    assert [(m.start, m.end, m.perms, m.path) for m in first] == [
+        (0x400000, 0x401000, "r-xp", "/bin/x"), (0x600000, 0x602000, "rw-p", "")]
+    grown = text.replace(b"00602000", b"00603000")
+    again, _ = parse_maps(grown, cache)
+    assert again[0] is first[0]  # the unchanged line: the same object, not parsed again
+    assert again[1] is not first[1] and again[1].end == 0x603000

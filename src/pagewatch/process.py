@@ -151,7 +151,7 @@ import numpy as np
 from . import _intervals, _native
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
-from .kernel._errors import proc_open_error, scan_error
+from .kernel._errors import proc_open_error, scan_error, zombie_parent
 from .kernel.constants import (
     PAGE_SIZE,
     PM_FILE,
@@ -163,8 +163,8 @@ from .kernel.constants import (
     ScanFlag,
     UffdFeature,
 )
-from .kernel.maps import Mapping, _parse
-from .kernel.pagemap import Pagemap, _scan, clear_refs
+from .kernel.maps import Mapping, maps, parse_maps
+from .kernel.pagemap import Pagemap, _scan, clear_refs, read_entries
 from .kernel.uffd import Userfaultfd
 from .rangeset import RangeSet
 
@@ -478,11 +478,7 @@ def _find_gadget(pid: int) -> int:
     """Address of a ``syscall`` instruction (0f 05) in the target, read-only: the [vdso] has
     several (its fallbacks), else any executable mapping does.  0 if none is there yet (a
     target inside execve): the injection looks again, and checks, once the target stopped."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            ms = [_parse(line) for line in f if line.strip()]
-    except OSError as exc:
-        raise proc_open_error(exc, pid, "maps") from exc
+    ms = maps(pid)
     candidates = [m for m in ms if m.path == "[vdso]"]
     candidates += [m for m in ms if m.executable and m.readable
                    and m.path not in SPECIAL_MAPPINGS]
@@ -1048,18 +1044,7 @@ class ProcessTracker:
             self._raise_gone(None)
         if text == self._parsed_text:
             return text, self._parsed_list
-        before = self._parsed
-        parsed = {}
-        out = []
-        for line in text.splitlines():
-            m = before.get(line)
-            if m is None:
-                if not line.strip():
-                    continue
-                m = _parse(line.decode(errors="replace"))
-            parsed[line] = m
-            out.append(m)
-        self._parsed = parsed
+        out, self._parsed = parse_maps(text, self._parsed)
         self._parsed_text, self._parsed_list = text, out
         return text, out
 
@@ -1082,6 +1067,11 @@ class ProcessTracker:
                 raise TargetExec(f"process {self.pid} executed a new program: the memory "
                                  "that was tracked is gone; attach again to track the new "
                                  "program", err, collected)
+        parent = zombie_parent(self.pid)
+        if parent is not None:
+            raise TargetGone(f"process {self.pid} has exited: it is a zombie, which its "
+                             f"parent, process {parent}, has not reaped (wait(2)) yet",
+                             err or errno.ESRCH, collected)
         raise TargetGone(f"process {self.pid} has exited", err or errno.ESRCH, collected)
 
     # ---- registration (uffd-async) ---------------------------------------------------------
@@ -1231,7 +1221,7 @@ class ProcessTracker:
         for first in range(lo, hi, step):
             n = min(step, hi - first)
             try:
-                data = os.pread(fd, n * 8, first * 8)
+                data = read_entries(fd, first, n)
             except OSError as exc:
                 if exc.errno in (errno.ESRCH, errno.ENOENT):
                     self._raise_gone(exc.errno)

@@ -6,7 +6,7 @@ import dataclasses
 
 from ._errors import proc_open_error
 
-__all__ = ["Mapping", "maps", "find_mapping"]
+__all__ = ["Mapping", "maps", "parse_maps", "find_mapping"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +53,33 @@ def _parse(line: str) -> Mapping:
                    int(parts[4]), parts[5].rstrip("\n") if len(parts) > 5 else "")
 
 
+def parse_maps(text: bytes, previous: dict[bytes, Mapping] | None = None
+               ) -> tuple[list[Mapping], dict[bytes, Mapping]]:
+    """The mappings of a ``/proc/PID/maps`` text, and a cache of them by line.
+
+    Give the cache of the previous call as ``previous``: a line seen then is not parsed
+    again (the same :class:`Mapping` object is returned for it), so reading the maps of a
+    process with tens of thousands of mappings again costs a dictionary look-up per line.
+    """
+    before = previous or {}
+    parsed: dict[bytes, Mapping] = {}
+    out = []
+    for line in text.splitlines():
+        m = before.get(line)
+        if m is None:
+            if not line.strip():
+                continue
+            m = _parse(line.decode(errors="replace"))
+        parsed[line] = m
+        out.append(m)
+    return out, parsed
+
+
 def maps(pid: int | str = "self") -> list[Mapping]:
     """Every mapping of the process, in address order."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            return [_parse(line) for line in f if line.strip()]
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            return parse_maps(f.read())[0]
     except OSError as exc:
         raise proc_open_error(exc, pid, "maps") from exc
 

@@ -37,6 +37,7 @@ __all__ = [
     "pagemap_scan",
     "pagemap_scan_once",
     "read_pagemap",
+    "read_entries",
     "decode_pagemap",
     "PagemapBits",
     "clear_refs",
@@ -306,18 +307,26 @@ def pagemap_scan_once(
             owned.close()
 
 
+def read_entries(fd: int, first_page: int, n: int) -> bytes:
+    """``n`` classic pagemap entries (8 bytes each) from page ``first_page`` of an open
+    pagemap, raw; fewer when the file ends first (the process's memory is gone).  The one
+    read loop of the classic format.  Raises OSError."""
+    data = b""
+    offset = first_page * 8
+    while len(data) < n * 8:
+        chunk = os.pread(fd, n * 8 - len(data), offset + len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def read_pagemap(pid: int | str, start: int, end: int) -> np.ndarray:
     """The classic pagemap entries of the pages of ``[start, end)``: one ``uint64`` a page."""
     end = _check_range(start, end)
     n = (end - start) // PAGE_SIZE
     with Pagemap(pid) as pm:
-        data = b""
-        offset = start // PAGE_SIZE * 8
-        while len(data) < n * 8:
-            chunk = os.pread(pm.fileno(), n * 8 - len(data), offset + len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_entries(pm.fileno(), start // PAGE_SIZE, n)
         if pm.exited():
             raise TargetGone(f"process {pid} has exited: its pagemap no longer describes its "
                              "memory", errno.ESRCH)
