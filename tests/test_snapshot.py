@@ -6,6 +6,7 @@ The random sequences against a numpy model are in test_snapshot_model.py.
 from __future__ import annotations
 
 import errno
+import gc
 import mmap
 import os
 import threading
@@ -373,3 +374,25 @@ def test_pages_swapped_out_while_written_are_restored(backend: str, kind: str) -
         assert set(range(8, 40)) <= set(snap.diff().pages().tolist())
         snap.restore()
         assert np.array_equal(a, base)
+
+
+def test_a_snapshot_array_freed_by_the_collector_under_the_area_lock_does_not_deadlock() -> None:
+    # The garbage collector runs finalizers on whatever thread allocates: one that frees a
+    # snapshot_array while that thread holds the area lock must not wait on that lock (the
+    # snapshot model test hung there with a plain Lock).
+    class Cycle:
+        pass
+
+    c = Cycle()
+    c.me = c  # type: ignore[attr-defined]
+    c.a = pw.snapshot_array(4096, "uint8")  # type: ignore[attr-defined]
+    del c
+
+    def collect_under_the_lock() -> None:
+        with snapshot_mod._AREAS_LOCK:
+            gc.collect()
+
+    t = threading.Thread(target=collect_under_the_lock, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the finalizer waited on the lock its own thread holds"

@@ -82,7 +82,10 @@ class _Area:
 
 
 _AREAS: dict[int, _Area] = {}
-_AREAS_LOCK = threading.Lock()
+# Reentrant: _forget_area runs from a weakref finalizer, which the garbage collector can call
+# on a thread that holds the lock already (any allocation under it may collect): a plain Lock
+# deadlocked the snapshot model test there.
+_AREAS_LOCK = threading.RLock()
 
 
 def _forget_area(start: int, fd: int) -> None:
@@ -146,7 +149,7 @@ def snapshot_array(shape: int | Sequence[int], dtype: Any = np.float64) -> np.nd
 
 def _area_of(region: Region) -> _Area | None:
     with _AREAS_LOCK:
-        for area in _AREAS.values():
+        for area in list(_AREAS.values()):  # a finalizer may drop one meanwhile
             if area.start <= region.start and region.end <= area.start + area.length:
                 return area
     return None
