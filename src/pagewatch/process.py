@@ -13,7 +13,7 @@ So pagewatch
    the target's copy, restores its registers and signal mask exactly and detaches (an
    interrupted ``read()`` or ``nanosleep()`` is restarted by the kernel as if nothing
    happened; see ``src/native/inject.c``).  All of this runs in a short-lived helper process
-   (its own session, ignoring SIGINT/SIGTERM/SIGHUP), which always completes the restore and
+   (its own process group, ignoring SIGINT/SIGTERM/SIGHUP), which always completes the restore and
    passes the descriptor back over a unix socket: the death of this process, at any instant,
    never releases the target with our registers or mask (``attach_info["helper"]``);
 2. registers every tracked mapping for *async* write-protect and protects it.  A write is then

@@ -8,7 +8,7 @@ KIND is what monitors the target (the ``steady`` program of tests/targets/steady
 ``tracker`` (a forked process creating a ``ProcessTracker``), ``record`` (``pagewatch
 record PID``), ``run`` (``pagewatch run -- steady``).  MODE:
 
-``walk``
+``walk`` (``group-walk``: SIGKILL to the monitor's process group)
     deterministic: the monitor is killed (SIGKILL) right before the N-th ptrace call of the
     process doing the attach (the helper: ``PAGEWATCH_TEST_FAULT=N``), for N = 1, 2, ...
     until a monitor gets through; COUNT repeats the walk.
@@ -60,6 +60,17 @@ def _children() -> set[int]:
                 out |= {int(x) for x in f.read().split()}
         except OSError:
             pass
+    return out
+
+
+def _children_of(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out |= {int(x) for x in f.read().split()}
+    except OSError:
+        pass
     return out
 
 
@@ -116,7 +127,9 @@ def _settle(targets: set[int]) -> None:
         if not pending:
             return
         if time.monotonic() > end:
-            raise RuntimeError(f"helpers still running after {BOUND:g} s: {others}")
+            raise RuntimeError(f"helpers still running after {BOUND:g} s: " + "; ".join(
+                f"{p} {_comm(p)} {_status(p).get('State')} traced by "
+                f"{_status(p).get('TracerPid')}" for p in _children()))
         time.sleep(0.002)
 
 
@@ -260,6 +273,7 @@ class Harness:
         self.not_started = 0
         self.survived = 0
         self.stop_ms: list[float] = []
+        self.t_ready = 0.0  # run: seconds from the fork of its child to the child's first line
 
     # One trial: start, maybe kill (fault: PAGEWATCH_TEST_FAULT or a strace argv prefix; sig:
     # a signal sent after `delay` s), check.  Returns True if the monitor got through unkilled.
@@ -281,7 +295,10 @@ class Harness:
             return []
         strace = shutil.which("strace")
         assert strace, "strace is needed (apt-get install strace)"
-        return [strace, "-f", "-qq", "-o", "/dev/null", "-e", "trace=ptrace", "-e",
+        # --seccomp-bpf: strace stops the monitor at its ptrace calls only, not at each of the
+        # thousands of an interpreter's start (minutes under emulation).
+        return [strace, "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-e", "trace=ptrace",
+                "-e",
                 f"inject=ptrace:signal=SIGKILL:when={strace_n}"]
 
     def _harm(self, label: str, why: str | None) -> None:
@@ -320,8 +337,9 @@ class Harness:
                 line = f.read().strip()
             if line and not sig:
                 self.stop_ms.append(json.loads(line).get("stop_ms", 0.0))
-        killed = code == -signal.SIGKILL or (strace_n and code not in (0,))
-        if (fault or strace_n) and killed:
+        if code not in (0, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 130, 143):
+            raise RuntimeError(f"the monitor failed (exit code {code}) at {label}")
+        if (fault or strace_n) and code == -signal.SIGKILL:
             self.kills += 1
         _settle({target.pid})
         self._harm(label, target.check_running())
@@ -339,6 +357,14 @@ class Harness:
         os.close(in_r)
         target = None
         try:
+            # The interpreter's start-up takes 0.3-1 s (more under load): count from the
+            # fork of the child, which the attach at its exec follows closely.
+            end = time.monotonic() + BOUND
+            while not _children_of(proc.pid) and proc.poll() is None:
+                if time.monotonic() > end:
+                    raise RuntimeError("pagewatch run started no child")
+                time.sleep(0.001)
+            t_fork = time.monotonic()
             if sig:
                 time.sleep(delay)
                 try:
@@ -347,6 +373,8 @@ class Harness:
                 except ProcessLookupError:
                     pass
             line = _readline(out_r)
+            if not sig and not fault and not strace_n:
+                self.t_ready = time.monotonic() - t_fork
             if not line.startswith("ready"):  # the monitor died before the exec
                 proc.wait(BOUND)
                 _settle(set())
@@ -393,21 +421,27 @@ class Harness:
 
     # ---- modes ----
 
-    def walk(self, repeats: int, use_strace: bool) -> int:
+    def walk(self, repeats: int, use_strace: bool, group: bool = False, stride: int = 1) -> int:
         """Kill at every ptrace call of one attach, N = 1.. until a monitor gets through;
-        returns the number of ptrace calls walked."""
+        returns the number of ptrace calls walked.  ``group``: SIGKILL to the monitor's
+        process group (the monitor in a group of its own).  ``stride``: every stride-th call
+        only (1, 1 + stride, ...), for slow machines."""
         calls = 0
         for _ in range(repeats):
             n = 1
             while True:
                 done = (self.trial(strace_n=n, label=f"strace N={n}") if use_strace else
+                        self.trial(fault=f"{n}:{int(signal.SIGKILL)}:pg", own_pg=True,
+                                   label=f"N={n} to group") if group else
                         self.trial(fault=str(n), label=f"N={n}"))
                 if done:
                     break
-                n += 1
+                n += stride
                 if n > 500:
                     raise RuntimeError("the walk does not end")
-            calls = n - 1
+            # The last call: the first surviving N follows it (stride 1) or lies up to
+            # stride - 1 past it.
+            calls = n - 1 if stride == 1 else n - stride
         return calls
 
     def random(self, count: int, seed: int) -> None:
@@ -422,7 +456,10 @@ class Harness:
             kinds.append((signal.SIGKILL, True))  # user's kill of it, not ours to survive
         for i in range(count):
             sig, pg = kinds[i % len(kinds)]
-            delay = rng.uniform(0, span)
+            # run: from the fork of its child (the exec and the attach follow) to a bit past
+            # the target's first line in the calibration.
+            delay = rng.uniform(0, 1.5 * self.t_ready) if self.kind == "run" else \
+                rng.uniform(0, span)
             self.trial(sig=sig, delay=delay, own_pg=pg,
                        label=f"random #{i} {signal.Signals(sig).name}{' to group' if pg else ''}"
                        f" after {delay * 1e3:.1f} ms")
@@ -431,10 +468,11 @@ class Harness:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("kind", choices=["tracker", "record", "run"])
-    ap.add_argument("mode", choices=["walk", "strace", "random"])
+    ap.add_argument("mode", choices=["walk", "group-walk", "strace", "random"])
     ap.add_argument("count", type=int)
     ap.add_argument("--backend", default="uffd-async")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--stride", type=int, default=1)
     a = ap.parse_args()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
@@ -444,7 +482,7 @@ def main() -> None:
     if a.mode == "random":
         h.random(a.count, a.seed)
     else:
-        calls = h.walk(a.count, a.mode == "strace")
+        calls = h.walk(a.count, a.mode == "strace", a.mode == "group-walk", a.stride)
     print(json.dumps({"kind": a.kind, "mode": a.mode, "backend": a.backend, "kills": h.kills,
                       "harmed": h.harmed, "not_started": h.not_started, "calls": calls,
                       "stop_ms": h.stop_ms}))
