@@ -273,6 +273,7 @@ class Harness:
         self.not_started = 0
         self.survived = 0
         self.stop_ms: list[float] = []
+        self._tracers: list[subprocess.Popen[bytes]] = []
         self.t_ready = 0.0  # run: seconds from the fork of its child to the child's first line
 
     # One trial: start, maybe kill (fault: PAGEWATCH_TEST_FAULT or a strace argv prefix; sig:
@@ -290,16 +291,43 @@ class Harness:
                 os.kill(target.pid, signal.SIGKILL)
                 _reap(target.pid)
 
-    def _prefix(self, strace_n: int) -> list[str]:
-        if not strace_n:
-            return []
+    def _under_strace(self, argv: list[str], n: int) -> subprocess.Popen[bytes]:
+        """Start the monitor (``argv``: a pagewatch command line, or one that makes a
+        ProcessTracker of the pid it ends with) and let it wait once its
+        imports are done; attach strace (its fault injection: SIGKILL at the monitor's n-th
+        ptrace call) and let it go.  strace follows only what comes next, not the thousands
+        of system calls of an interpreter's start (minutes under emulation; and
+        --seccomp-bpf, which would spare them, breaks strace 6.1's when=N count)."""
         strace = shutil.which("strace")
         assert strace, "strace is needed (apt-get install strace)"
-        # --seccomp-bpf: strace stops the monitor at its ptrace calls only, not at each of the
-        # thousands of an interpreter's start (minutes under emulation).
-        return [strace, "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-e", "trace=ptrace",
-                "-e",
-                f"inject=ptrace:signal=SIGKILL:when={strace_n}"]
+        if argv[0] == PAGEWATCH:  # the CLI: its arguments after the wait
+            code = ("import sys\nfrom pagewatch.cli import main\nprint('go?', flush=True)\n"
+                    "sys.stdin.readline()\nsys.exit(main(sys.argv[1:]))")
+            args = argv[1:]
+        else:  # a ProcessTracker of the pid that ends argv
+            code = ("import sys, pagewatch\nprint('go?', flush=True)\nsys.stdin.readline()\n"
+                    f"pagewatch.ProcessTracker(int(sys.argv[1]), backend={self.backend!r})"
+                    ".close()")
+            args = [argv[-1]]
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env=_env(None))
+        assert proc.stdin is not None and proc.stdout is not None
+        if proc.stdout.readline() != b"go?\n":
+            raise RuntimeError("the monitor did not start")
+        tracer = subprocess.Popen([strace, "-f", "-qq", "-o", os.devnull, "-p", str(proc.pid),
+                                   "-e", "trace=ptrace", "-e",
+                                   f"inject=ptrace:signal=SIGKILL:when={n}"],
+                                  stderr=subprocess.DEVNULL)
+        self._tracers.append(tracer)
+        end = time.monotonic() + BOUND
+        while _status(proc.pid).get("TracerPid", "0") == "0":
+            if time.monotonic() > end or tracer.poll() is not None:
+                raise RuntimeError("strace did not attach")
+            time.sleep(0.002)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        return proc
 
     def _harm(self, label: str, why: str | None) -> None:
         if why:
@@ -318,7 +346,8 @@ class Harness:
             else:
                 argv = [PAGEWATCH, "record", str(target.pid), "--interval", "60",
                         "--duration", "0.05", "-o", os.devnull, "--backend", self.backend]
-            proc = _cli(self._prefix(strace_n) + argv, fault, own_pg)
+            proc = (self._under_strace(argv, strace_n) if strace_n else
+                    _cli(argv, fault, own_pg))
             mon = proc.pid
         if sig:
             time.sleep(delay)
@@ -331,6 +360,9 @@ class Harness:
             except ProcessLookupError:
                 pass
         st = _reap(mon) if proc is None else proc.wait(BOUND)
+        for tracer in self._tracers:  # strace ends with its tracee
+            tracer.wait(BOUND)
+        self._tracers.clear()
         code = os.waitstatus_to_exitcode(st) if proc is None and st is not None else st
         if info_fd >= 0:
             with os.fdopen(info_fd) as f:
@@ -352,7 +384,7 @@ class Harness:
         in_r, in_w = os.pipe()
         argv = [PAGEWATCH, "run", "--interval", "60", "-o", os.devnull, "--backend",
                 self.backend, "--", self.steady]
-        proc = _cli(self._prefix(strace_n) + argv, fault, False, stdin=in_r, stdout=out_w)
+        proc = _cli(argv, fault, False, stdin=in_r, stdout=out_w)
         os.close(out_w)
         os.close(in_r)
         target = None
