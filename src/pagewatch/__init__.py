@@ -7,22 +7,70 @@
 ...     d = t.collect()
 >>> (d.offsets() - t.offset).tolist()  # doctest: +SKIP
 [4096]
+
+The names below are imported when first used (PEP 562): ``import pagewatch`` itself loads
+neither numpy nor the C extension, so ``pagewatch --help`` starts at once.
 """
 
-from ._region import Region
-from .backends.base import backends
-from .checkpoint import Checkpoint
-from .dirty import DirtyPages
-from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
-from .kernel.probe import Capabilities, Capability, probe
-from .process import ProcessDirty, ProcessTracker
-from .snapshot import Snapshot, snapshot_array
-from .tracker import Tracker, track
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
+
+if TYPE_CHECKING:
+    __version__: str
+    from ._region import Region
+    from .backends import list_backends
+    from .checkpoint import Checkpoint
+    from .dirty import DirtyPages
+    from .kernel.probe import Capabilities, Capability, probe
+    from .process import ProcessDirty, ProcessTracker, SkippedMapping, TargetExec
+    from .snapshot import Snapshot, snapshot_array
+    from .tracker import Tracker, track
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pagewatch")
+    except metadata.PackageNotFoundError:  # run from a source tree never installed
+        return "0+unknown"
+
+
+#: public name -> the module that defines it
+_LAZY = {
+    "Region": "._region", "list_backends": ".backends", "DirtyPages": ".dirty",
+    "Capabilities": ".kernel.probe", "Capability": ".kernel.probe", "probe": ".kernel.probe",
+    "ProcessDirty": ".process", "ProcessTracker": ".process", "SkippedMapping": ".process",
+    "TargetExec": ".process", "Snapshot": ".snapshot", "snapshot_array": ".snapshot",
+    "Tracker": ".tracker", "track": ".tracker", "Checkpoint": ".checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the package metadata only when asked
+        globals()[name] = _version()
+        return globals()[name]
+    if name == "backends":  # the subpackage (calling it is the deprecated list_backends())
+        return importlib.import_module(".backends", __name__)
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'pagewatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # the next look-up is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"backends"})
+
 
 __all__ = [
-    "Tracker", "track", "Snapshot", "snapshot_array", "Checkpoint", "ProcessTracker", "ProcessDirty", "Region", "DirtyPages", "backends",
-    "probe", "Capabilities", "Capability", "PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange",
-    "TargetGone", "__version__",
+    "Tracker", "track", "Snapshot", "snapshot_array", "Checkpoint", "ProcessTracker", "ProcessDirty",
+    "TargetExec", "SkippedMapping", "Region", "DirtyPages", "list_backends", "probe",
+    "Capabilities", "Capability", "PagewatchError", "Unsupported", "PermissionDenied",
+    "InvalidRange", "TargetGone", "__version__",
 ]
