@@ -5,7 +5,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: probe test lint typecheck unit test-kernels bench clean
+.PHONY: demo probe test lint typecheck unit test-kernels bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard src/native/*.c src/native/*.h)
 	$(PY) -m venv $(VENV)
@@ -13,7 +13,14 @@ $(STAMP): pyproject.toml setup.py $(wildcard src/native/*.c src/native/*.h)
 	$(VPY) -m pip install -q -e '.[test,cli,plot,exporter]'
 	touch $(STAMP)
 
-# The main job: what this machine's kernel offers, each "no" with its reason.
+# The first thing to run: a small Python program that writes its memory in phases, tracked
+# by pagewatch run (a summary per interval and mapping), then the recording's report and plot.
+demo: $(STAMP)
+	$(VENV)/bin/pagewatch run --interval 0.25 -o demo.jsonl --force -- $(VPY) -m pagewatch.demo
+	$(VENV)/bin/pagewatch report demo.jsonl --top 5
+	$(VENV)/bin/pagewatch plot demo.jsonl --force
+
+# What this machine's kernel offers, each "no" with its reason: the diagnostic step.
 probe: $(STAMP)
 	$(VENV)/bin/pagewatch probe
 
@@ -31,4 +38,4 @@ bench: $(STAMP)
 	$(VENV)/bin/pagewatch bench --quick
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/pagewatch/*.so
+	rm -rf $(VENV) build src/*.egg-info src/pagewatch/*.so demo.jsonl demo.png

@@ -318,6 +318,6 @@ def test_cli_refuses_an_output_it_cannot_write_before_measuring(
 
     monkeypatch.setattr(bench, "run", never)
     missing = tmp_path / "no" / "out.json"
-    assert main(["bench", "--smoke", "--json", str(missing)]) == 2
+    assert main(["bench", "--smoke", "--json", str(missing)]) == 1
     assert f"cannot write {missing}: folder {tmp_path / 'no'} does not exist" \
         in capfd.readouterr().err

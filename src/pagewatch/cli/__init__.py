@@ -1,5 +1,7 @@
 """The ``pagewatch`` command.  Each sub-command lives in its own module with a
-``register(subparsers)`` function; a module that fails to import only loses its commands."""
+``register(subparsers)`` function; a module that fails to import only loses its commands.
+Only the module of the command given is imported (``COMMANDS``): ``pagewatch --help`` and
+``--version`` load neither numpy nor the C extension."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from ..errors import PagewatchError
 
 #: modules whose commands make up the CLI, in the order ``--help`` lists them
-COMMAND_MODULES = ["probe", "process", "exporter", "bench", "checkpoint"]
+COMMAND_MODULES = ["probe", "process", "report", "exporter", "bench", "checkpoint"]
 
 
 def positive_int(text: str) -> int:
@@ -47,13 +50,84 @@ def check_writable(path: str | None) -> None:
         raise PagewatchError(f"cannot write {path}: permission denied")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+#: the commands of each module of COMMAND_MODULES, with their one-line help: ``--help`` lists
+#: them without importing anything, and a command imports only its own module.  A module
+#: missing here is imported (and registered) every time.
+COMMANDS: dict[str, dict[str, str]] = {
+    "probe": {"probe": "test every kernel feature pagewatch can use, and say which work",
+              "backends": "list the tracking backends and which work here"},
+    "process": {"run": "run a command and report the pages it writes",
+                "record": "record the pages a process writes to a JSONL file",
+                "top": "live view of the pages a process writes, per mapping",
+                "plot": "heatmap of written addresses over time, from a recording"},
+    "report": {"report": "summary of a recording: top mappings, rate over time, working set"},
+    "exporter": {"exporter": "serve per-process write rates to Prometheus (/metrics)"},
+    "bench": {"bench": "measure every tracking backend against the C floor"},
+    "checkpoint": {"checkpoint": "list, verify, compact or restore a checkpoint"},
+}
+
+#: commands whose target may be ``-- CMD [ARGS...]`` after their options (run has its own)
+TAKES_A_COMMAND = ("record", "top")
+
+EPILOG = """\
+the workflow:
+  pagewatch run -- python3 app.py         track a command from its first instruction; writes
+                                          pagewatch-app.PID.jsonl and prints a summary
+  pagewatch record --pid 1234             record a running process (Ctrl-C ends it)
+  pagewatch report pagewatch-app.PID.jsonl  top mappings, rate over time, write working set
+  pagewatch plot pagewatch-app.PID.jsonl  address x time heatmap (pagewatch-app.PID.png)
+  pagewatch top --pid 1234                live view per mapping
+  pagewatch probe                         what this kernel offers, and why not
+
+exit status: 0 done; 1 a failure (the message says which and what to do); 2 wrong usage;
+run: the command's own exit status.  "pagewatch COMMAND --help" for each command."""
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"pagewatch {__version__}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other message: ``pagewatch: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        command = self.prog.split(" ", 1)[1:] if self.prog != "pagewatch" else []
+        where = f"{command[0]}: " if command else ""
+        self.exit(2, f"pagewatch: {where}{message}\n")
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is not an option)."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the module of the command it names is imported (the
+    other commands are listed with their help line), without, every module is."""
+    parser = _Parser(
         prog="pagewatch",
-        description="Which pages of memory were written since a point in time.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        description="Which pages of memory were written since a point in time: in a command "
+        "you start, in a running process, or in your own (the Python API).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version=_version(),
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    chosen = _chosen(argv) if argv is not None else None
     for name in COMMAND_MODULES:
+        stubs = COMMANDS.get(name)
+        if argv is not None and stubs is not None and chosen not in stubs:
+            for command, text in stubs.items():
+                sub.add_parser(command, help=text, add_help=False)
+            continue
         try:
             mod = importlib.import_module(f"{__name__}.{name}")
         except ImportError as exc:
@@ -65,13 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
+    tail = None
+    if _chosen(argv) in TAKES_A_COMMAND and "--" in argv:  # record/top -- CMD [ARGS...]
+        at = argv.index("--")
+        argv, tail = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    if tail is not None:
+        args.cmd = tail
     try:
         rc: int = args.func(args)
     except PagewatchError as exc:
         print(f"pagewatch: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

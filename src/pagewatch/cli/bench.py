@@ -41,7 +41,7 @@ def run_bench(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("pagewatch bench: --plot needs matplotlib: pip install 'pagewatch[plot]'",
+            print("pagewatch: bench: --plot needs matplotlib: pip install 'pagewatch[plot]'",
                   file=sys.stderr)
             return 2
     check_writable(args.json)
@@ -51,7 +51,7 @@ def run_bench(args: argparse.Namespace) -> int:
         names = tuple(n.strip() for n in args.backends.split(",") if n.strip())
         unknown = [n for n in names if n not in BACKENDS]
         if unknown:
-            print(f"pagewatch bench: unknown backend {', '.join(unknown)}: choose from "
+            print(f"pagewatch: bench: unknown backend {', '.join(unknown)}: choose from "
                   f"{', '.join(BACKENDS)}", file=sys.stderr)
             return 2
         kw["backends"] = names

@@ -36,10 +36,22 @@ from . import check_writable, positive_float, positive_int
 MiB = 1 << 20
 
 
+def _interval(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument("--interval", type=positive_float, default=default, metavar="S",
+                        help=f"seconds between collects (default {default:g})")
+
+
+def _force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--force", action="store_true",
+                        help="overwrite the output file if it exists")
+
+
+TARGET = ("the process: --pid PID (a running one), or -- CMD [ARGS...] (started now, tracked "
+          "from its first instruction)")
+
+
 def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--interval", type=positive_float, default=None, metavar="S",
-                        help="seconds between collects (run: 0.5, record/top: 1)")
     common.add_argument("--backend", default="auto",
                         choices=["auto", "uffd-async", "soft-dirty"],
                         help="how to track (default: the best that works here)")
@@ -49,46 +61,77 @@ def register(sub: Any) -> None:
     r = sub.add_parser(
         "run", parents=[common], help="run a command and report the pages it writes",
         description="Start CMD stopped right after exec, track it from its first instruction "
-        "to its exit, print a summary on stderr and exit with its exit code.",
+        "to its exit, write a recording (pagewatch-CMD.PID.jsonl unless --output or "
+        "--no-output), print a summary on stderr and exit with its exit code.",
         epilog="example: pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"")
-    r.add_argument("--output", "-o", metavar="FILE.jsonl",
-                   help="also write one JSON line per interval to FILE")
+    _interval(r, 0.5)
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--output", "-o", metavar="FILE.jsonl",
+                     help="the recording: one JSON line per interval (default "
+                     "pagewatch-CMD.PID.jsonl in the current folder)")
+    out.add_argument("--no-output", action="store_true", help="write no recording")
+    _force(r)
     r.add_argument("--top", type=positive_int, default=5, metavar="N",
                    help="mappings listed in the summary (default 5)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
-                   help="the command to run")
+                   help="the command to run, after --")
     r.set_defaults(func=cmd_run)
 
     rec = sub.add_parser(
-        "record", parents=[common], help="record the pages a running process writes",
-        description="Attach to PID and write one JSON line per interval (to --output or "
-        "stdout) with the written page runs of each mapping.  Ctrl-C or SIGTERM ends it "
-        "cleanly, after a last collect; the "
-        "process goes on untouched.")
-    rec.add_argument("pid", type=positive_int)
+        "record", parents=[common], help="record the pages a process writes to a JSONL file",
+        usage="pagewatch record [options] (--pid PID | -- CMD [ARGS...])",
+        description="Track a running process (--pid) or a command started now (-- CMD) and "
+        "write one JSON line per interval with the written page runs of each mapping, to "
+        "pagewatch-NAME.PID.jsonl unless --output says otherwise (-o - : stdout).  Ctrl-C or "
+        "SIGTERM ends it cleanly, after a last collect; a running process goes on untouched.",
+        epilog="examples: pagewatch record --pid 1234 --duration 10\n"
+        "          pagewatch record -- python3 app.py")
+    _interval(rec, 1.0)
+    rec.add_argument("--pid", type=positive_int, dest="pid_option", metavar="PID",
+                     help="the running process to record")
+    rec.add_argument("pid", type=positive_int, nargs="?", metavar="PID",
+                     help="the same as --pid PID (the older form)")
     rec.add_argument("--duration", type=positive_float, default=None, metavar="S",
                      help="stop after S seconds (default: until Ctrl-C or the process exits)")
     rec.add_argument("--count", type=positive_int, default=None, metavar="N",
                      help="stop after N intervals (default: until Ctrl-C or the process exits)")
-    rec.add_argument("--output", "-o", metavar="FILE.jsonl", help="default: stdout")
-    rec.set_defaults(func=cmd_record)
+    rec.add_argument("--output", "-o", metavar="FILE.jsonl",
+                     help="where to write (default pagewatch-NAME.PID.jsonl; - : stdout)")
+    _force(rec)
+    rec.set_defaults(func=cmd_record, cmd=None)
 
     top = sub.add_parser(
         "top", parents=[common], help="live view of the pages a process writes, per mapping",
-        description="Show written pages/s and MiB/s per mapping of PID, refreshed every "
-        "interval (needs the 'rich' package: pip install 'pagewatch[cli]').  Ctrl-C quits.")
-    top.add_argument("pid", type=positive_int)
+        usage="pagewatch top [options] (--pid PID | -- CMD [ARGS...])",
+        description="Show written pages/s and MiB/s per mapping, refreshed every interval.  "
+        "On a terminal (needs the 'rich' package: pip install 'pagewatch[cli]') keys change "
+        "the order (p: pages/s, t: total pages, s: size, a: address), space pauses, q quits; "
+        "elsewhere (a pipe, a file) it prints plain rows every interval.  Ctrl-C or SIGTERM "
+        "quits.",
+        epilog="examples: pagewatch top --pid 1234\n          pagewatch top -- python3 app.py")
+    _interval(top, 1.0)
+    top.add_argument("--pid", type=positive_int, dest="pid_option", metavar="PID",
+                     help="the running process to show")
+    top.add_argument("pid", type=positive_int, nargs="?", metavar="PID",
+                     help="the same as --pid PID (the older form)")
     top.add_argument("--rows", type=positive_int, default=20, help="mappings shown (default 20)")
     top.add_argument("--count", type=positive_int, default=None, metavar="N",
                      help="quit after N refreshes")
-    top.set_defaults(func=cmd_top)
+    top.add_argument("--sort", choices=list(SORTS), default="pages",
+                     help="order of the rows (default pages: pages/s)")
+    top.set_defaults(func=cmd_top, cmd=None)
 
     plot = sub.add_parser(
-        "plot", help="heatmap of written addresses over time, from a record/run JSONL file",
+        "plot", help="heatmap of written addresses over time, from a recording",
         description="Draw the pages written (address x time) and the write rate over time "
-        "(needs matplotlib: pip install 'pagewatch[plot]').")
-    plot.add_argument("file", metavar="FILE.jsonl")
-    plot.add_argument("-o", "--output", required=True, metavar="heat.png")
+        "(needs matplotlib: pip install 'pagewatch[plot]').",
+        epilog="example: pagewatch plot pagewatch-python3.1234.jsonl  "
+        "(writes pagewatch-python3.1234.png)")
+    plot.add_argument("file", metavar="FILE.jsonl",
+                      help="a recording written by pagewatch run or record")
+    plot.add_argument("-o", "--output", metavar="heat.png",
+                      help="the image (default: FILE with .png for .jsonl)")
+    _force(plot)
     plot.add_argument("--rows", type=positive_int, default=400,
                       help="address bins of the heatmap (default 400)")
     plot.set_defaults(func=cmd_plot)
@@ -462,63 +505,170 @@ class Run:
         self.exec_errno = int(data) if data else None
 
 
+def _command_name(cmd: list[str]) -> str:
+    """The name in a default recording: the program, or the script it runs (memray's way)."""
+    prog = os.path.basename(cmd[0])
+    if prog.startswith("python") and len(cmd) > 1:
+        if cmd[1].endswith(".py"):
+            return os.path.basename(cmd[1])[:-3]
+        if cmd[1] == "-m" and len(cmd) > 2:
+            return cmd[2].rsplit(".", 1)[-1]
+    return prog
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "target"
+
+
+def _open_new(path: str, force: bool) -> IO[str]:
+    """Open ``path`` for writing; an existing file only with ``force``; ``-``: stdout."""
+    if path == "-":
+        return sys.stdout
+    check_writable(path)
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/null, a FIFO: not a file
+        return open(path, "w")                          # of ours to keep
+    try:
+        return open(path, "w" if force else "x")
+    except FileExistsError:
+        raise PagewatchError(f"{path} exists: give -f/--force to overwrite it, or another "
+                             "--output") from None
+
+
+def _open_default(name: str, pid: int) -> tuple[IO[str], str]:
+    """A new ``pagewatch-NAME.PID.jsonl`` in the current folder (never one that exists)."""
+    stem = f"pagewatch-{_safe(name)}.{pid}"
+    for n in range(100):
+        path = f"{stem}.jsonl" if n == 0 else f"{stem}.{n}.jsonl"
+        try:
+            return open(path, "x"), path
+        except FileExistsError:
+            continue
+    raise PagewatchError(f"{stem}.jsonl and 99 more names exist already: give --output")
+
+
+def _next_steps(path: str | None) -> str:
+    if path is None or path == "-":
+        return ""
+    return (f"  recording: {path}\n  next: pagewatch report {path}   "
+            f"(or: pagewatch plot {path})")
+
+
+def _usage(command: str, text: str) -> int:
+    print(f"pagewatch: {command}: {text}", file=sys.stderr)
+    return 2
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print("pagewatch run: give the command to run, e.g. "
-              "pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"", file=sys.stderr)
-        return 2
+        return _usage(args.command, "give the command to run, e.g. "
+                      "pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"")
+    no_output = getattr(args, "no_output", False)
+    path: str | None = None if no_output else args.output
+    f: IO[str] | None = None
+    if path is not None:
+        f = _open_new(path, args.force)  # before the command starts: a refusal costs nothing
+    elif not no_output:
+        check_writable("pagewatch.jsonl")
     # Like time(1): Ctrl-C and Ctrl-\ are for the command; pagewatch reports when it ends.
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
     try:
-        with _output(args.output, None) as out:
-            run = Run(cmd, args, out)
-            run.start(old)
-            try:
-                run.loop()
-            finally:
-                run.close()
-            assert run.status is not None
-            rc = _exit_code(run.status)
-            out.write({"type": "exit", "code": rc,
+        run = Run(cmd, args, JsonLines(f))
+        run.start(old)
+        try:
+            if f is None and not no_output:
+                f, path = _open_default(_command_name(cmd), run.pid)
+                run.out = JsonLines(f)
+            run.loop()
+        finally:
+            run.close()
+        assert run.status is not None
+        rc = _exit_code(run.status)
+        run.out.write({"type": "exit", "code": rc,
                        "t": round(time.monotonic() - run.stats.t0, 6)})
     finally:
+        if f is not None and f is not sys.stdout:
+            f.close()
         for s, h in old.items():
             signal.signal(s, h)
     err = run.exec_errno
     if err is not None:
-        print(f"pagewatch run: {cmd[0]}: {os.strerror(err)}", file=sys.stderr)
+        if args.output is None and path is not None:  # nothing ran: no recording of it
+            os.unlink(path)
+        print(f"pagewatch: {cmd[0]}: {os.strerror(err)}", file=sys.stderr)
         return rc
     if run.error:
-        print(f"pagewatch run: {run.error}", file=sys.stderr)
+        print(f"pagewatch: {run.error}", file=sys.stderr)
     how = (f"exited with code {rc}" if os.WIFEXITED(run.status) else
            f"was killed by signal {os.WTERMSIG(run.status)}")
     elapsed = time.monotonic() - run.stats.t0
     _summary(run.stats, run.interval, run.first, run.stop_ms, max(run.execs, 0),
              f"{cmd[0]} (pid {run.pid}) {how} after {elapsed:.2f} s", args.top, sys.stderr,
              followed=True)
+    steps = _next_steps(path)
+    if steps:
+        print(steps, file=sys.stderr)
     return rc
 
 
 # ---- record -------------------------------------------------------------------------------
 
 
+class UsageError(PagewatchError):
+    """Wrong arguments: exit status 2."""
+
+
+def _target(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
+    """``(pid, None)`` or ``(None, command)``, from ``--pid PID``, ``PID`` or ``-- CMD``."""
+    pid = args.pid_option or args.pid
+    if args.pid_option and args.pid and args.pid_option != args.pid:
+        raise UsageError(f"{args.command}: two different pids ({args.pid} and --pid "
+                         f"{args.pid_option})")
+    cmd = args.cmd
+    if cmd is not None and pid is not None:
+        raise UsageError(f"{args.command}: give --pid PID or -- CMD [ARGS...], not both")
+    if pid is None and not cmd:
+        raise UsageError(f"{args.command}: give the process: --pid PID (a running one) or "
+                         f"-- CMD [ARGS...] (started now), e.g. pagewatch {args.command} "
+                         "--pid 1234")
+    return pid, cmd
+
+
 def cmd_record(args: argparse.Namespace) -> int:
-    interval = args.interval or 1.0
-    pidfd = _pidfd(args.pid)
+    try:
+        pid, cmd = _target(args)
+    except UsageError as exc:
+        print(f"pagewatch: {exc}", file=sys.stderr)
+        return 2
+    if cmd is not None:  # started now and tracked from its first instruction: as run does
+        args.cmd, args.no_output, args.top = cmd, False, 5
+        return cmd_run(args)
+    assert pid is not None
+    interval = args.interval
+    pidfd = _pidfd(pid)
     deadline = time.monotonic() + args.duration if args.duration else None
     session: Session | None = None
+    path: str | None = args.output
     try:
-        with _output(args.output, sys.stdout) as out:
+        if path is None:
+            name = (_read_text(f"/proc/{pid}/comm") or "").strip() or "process"
+            f, path = _open_default(name, pid)
+        else:
+            f = _open_new(path, args.force)
+        if path != "-":
+            print(f"pagewatch: recording pid {pid} to {path} (Ctrl-C ends it)",
+                  file=sys.stderr)
+        try:
+            out = JsonLines(f)
             # Ctrl-C or kill(1), even during the attach: the end of the recording, not an
             # error.  A signal ignored already (SIGINT in a background job) stays ignored.
             stop = StopRequest()
             old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
                    if signal.getsignal(sig) != signal.SIG_IGN}
             try:
-                session = Session(args.pid, args, interval, out, stop=stop)
+                session = Session(pid, args, interval, out, stop=stop)
                 try:
                     session.loop(pidfd, deadline, args.count)
                 finally:
@@ -526,11 +676,17 @@ def cmd_record(args: argparse.Namespace) -> int:
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
-        if args.output is not None or not sys.stdout.isatty():
+        finally:
+            if f is not sys.stdout:
+                f.close()
+        if path != "-" or not sys.stdout.isatty():
             elapsed = time.monotonic() - session.stats.t0
             _summary(session.stats, session.interval, session.first,
                      session.first.attach_stop_ms, session.execs,
-                     f"recorded pid {args.pid} for {elapsed:.2f} s", 5, sys.stderr)
+                     f"recorded pid {pid} for {elapsed:.2f} s", 5, sys.stderr)
+            steps = _next_steps(path)
+            if steps:
+                print(steps, file=sys.stderr)
         return 0
     finally:
         os.close(pidfd)
@@ -546,57 +702,199 @@ def _pidfd(pid: int) -> int:
 # ---- top ----------------------------------------------------------------------------------
 
 
-def _top_table(d: ProcessDirty, rows: int, totals: collections.Counter[Any]) -> Any:
+#: top's orders: key -> (help, the sort key of a row (mapping, pages this interval, total))
+SORTS: dict[str, Any] = {
+    "pages": lambda m, pages, total: -len(pages),
+    "total": lambda m, pages, total: -total,
+    "size": lambda m, pages, total: -(m.end - m.start),
+    "address": lambda m, pages, total: m.start,
+}
+SORT_KEYS = {"p": "pages", "t": "total", "s": "size", "a": "address"}
+
+
+def short_name(path: str) -> str:
+    """What top shows of a mapping: the file's base name (the library, not its folder), the
+    kernel's name as it is (``[heap]``, ``[anon:x]``), or ``anonymous``."""
+    if not path:
+        return "anonymous"
+    if path.startswith("["):
+        return path
+    deleted = path.endswith(" (deleted)")
+    base = os.path.basename(path[:-10] if deleted else path) or path
+    return base + (" (deleted)" if deleted else "")
+
+
+def _top_rows(d: ProcessDirty, rows: int, totals: collections.Counter[Any], sort: str
+              ) -> list[tuple[Any, Any, int]]:
+    key = SORTS[sort]
+    items = [(m, pages, totals[(m.path, m.start)]) for m, pages in d.written().items()]
+    items.sort(key=lambda r: key(*r))
+    return items[:rows]
+
+
+def _top_title(d: ProcessDirty) -> str:
+    dt = max(d.elapsed, 1e-9)
+    return (f"pid {d.pid}: {d.pages / dt:,.0f} pages/s, {d.nbytes / dt / MiB:,.2f} MiB/s "
+            f"written ({d.backend}, {len(d)} mappings tracked)")
+
+
+def _top_table(d: ProcessDirty, rows: int, totals: collections.Counter[Any],
+               sort: str = "pages", note: str = "") -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     dt = max(d.elapsed, 1e-9)
-    t = Table(title=f"pid {d.pid}: {d.pages / dt:,.0f} pages/s, "
-              f"{d.nbytes / dt / MiB:,.2f} MiB/s written ({d.backend}, "
-              f"{len(d)} mappings tracked)", title_justify="left")
+    t = Table(title=escape(_top_title(d) + note), title_justify="left")
     for col, just in (("pages/s", "right"), ("MiB/s", "right"), ("total pages", "right"),
                       ("size MiB", "right"), ("perms", "left"), ("mapping", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for m, pages in d.top(rows):
+    for m, pages, total in _top_rows(d, rows, totals, sort):
         t.add_row(f"{len(pages) / dt:,.0f}", f"{pages.nbytes / dt / MiB:,.2f}",
-                  f"{totals[(m.path, m.start)]:,}", f"{(m.end - m.start) / MiB:,.1f}",
-                  m.perms, f"{_name(m.path)} {m.start:#x}")
+                  f"{total:,}", f"{(m.end - m.start) / MiB:,.1f}",
+                  m.perms, escape(f"{short_name(m.path)} {m.start:#x}"))
     return t
+
+
+def _top_plain(d: ProcessDirty, rows: int, totals: collections.Counter[Any], sort: str,
+               t: float) -> str:
+    dt = max(d.elapsed, 1e-9)
+    out = [f"t={t:.1f}s {_top_title(d)}",
+           f"{'pages/s':>10} {'MiB/s':>9} {'total':>9} {'size MiB':>9} perms mapping"]
+    for m, pages, total in _top_rows(d, rows, totals, sort):
+        out.append(f"{len(pages) / dt:>10.0f} {pages.nbytes / dt / MiB:>9.2f} {total:>9} "
+                   f"{(m.end - m.start) / MiB:>9.1f} {m.perms:<5} {short_name(m.path)} "
+                   f"{m.start:#x}")
+    return "\n".join(out) + "\n"
+
+
+@contextlib.contextmanager
+def _keys() -> Iterator[int | None]:
+    """stdin in cbreak mode (keys without Enter) when it is a terminal: its fd, else None."""
+    try:
+        fd = sys.stdin.fileno()
+        interactive = os.isatty(fd)
+    except (AttributeError, ValueError, OSError):
+        interactive = False
+    if not interactive:
+        yield None
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     try:
-        from rich.console import Console
-        from rich.live import Live
-    except ImportError as exc:
-        raise Unsupported("pagewatch top", "the 'rich' package is not installed",
-                          "Install it: pip install 'pagewatch[cli]'") from exc
-    interval = args.interval or 1.0
-    pidfd = _pidfd(args.pid)
+        pid, cmd = _target(args)
+    except UsageError as exc:
+        print(f"pagewatch: {exc}", file=sys.stderr)
+        return 2
+    live_view = sys.stdout.isatty()
+    if live_view:
+        try:
+            from rich.console import Console
+            from rich.live import Live
+        except ImportError as exc:
+            raise Unsupported("pagewatch top", "the 'rich' package is not installed",
+                              "Install it: pip install 'pagewatch[cli]'") from exc
+    child: Any = None
+    if cmd is not None:
+        import subprocess
+
+        try:
+            child = subprocess.Popen(cmd)
+        except OSError as exc:
+            print(f"pagewatch: {cmd[0]}: {exc.strerror}", file=sys.stderr)
+            return 126 if exc.errno == errno.EACCES else 127
+        pid = child.pid
+    assert pid is not None
+    interval = args.interval
+    pidfd = _pidfd(pid)
     totals: collections.Counter[Any] = collections.Counter()
-    console = Console()
+    stop = StopRequest()
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+           if signal.getsignal(sig) != signal.SIG_IGN}
+    sort, paused, t0 = args.sort, False, time.monotonic()
     try:
-        with ProcessTracker(args.pid, backend=args.backend, mappings=args.mappings) as p, \
-                Live(console=console, auto_refresh=False) as live:
+        with contextlib.ExitStack() as stack:
+            p = stack.enter_context(ProcessTracker(pid, backend=args.backend,
+                                                   mappings=args.mappings))
+            live = None
+            if live_view:
+                live = stack.enter_context(Live(console=Console(), auto_refresh=False))
+            keyfd = stack.enter_context(_keys()) if live_view else None
             p.collect()
             n = 0
+            last: ProcessDirty | None = None
             while args.count is None or n < args.count:
-                exited = _exited(pidfd, interval)
+                deadline = time.monotonic() + interval
+                exited = False
+                while not stop.stopping:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    try:
+                        stop.waiting = True
+                        ready, _, _ = select.select(
+                            [pidfd] + ([keyfd] if keyfd is not None else []), [], [], wait)
+                    except _Wake:
+                        break
+                    finally:
+                        stop.waiting = False
+                    if pidfd in ready:
+                        exited = True
+                        break
+                    if keyfd is not None and keyfd in ready:
+                        key = os.read(keyfd, 1).decode(errors="replace").lower()
+                        if key == "q":
+                            stop.stopping = True
+                        elif key == " ":
+                            paused = not paused
+                        elif key in SORT_KEYS:
+                            sort = SORT_KEYS[key]
+                        if live is not None and last is not None:
+                            note = " - paused (space: go on)" if paused else ""
+                            live.update(_top_table(last, args.rows, totals, sort, note),
+                                        refresh=True)
+                if stop.stopping:
+                    break
                 try:
                     d = p.collect()
                 except TargetGone:
-                    live.console.print(f"process {args.pid} has exited")
-                    return 0
+                    print(f"pagewatch: process {pid} has exited", file=sys.stderr)
+                    break
                 for m, pages in d.written().items():
                     totals[(m.path, m.start)] += len(pages)
-                live.update(_top_table(d, args.rows, totals), refresh=True)
+                if live is not None:
+                    if not paused:
+                        last = d
+                        live.update(_top_table(d, args.rows, totals, sort), refresh=True)
+                else:
+                    sys.stdout.write(_top_plain(d, args.rows, totals, sort,
+                                                time.monotonic() - t0))
+                    sys.stdout.flush()
                 n += 1
                 if exited:
-                    return 0
-    except KeyboardInterrupt:
-        pass
+                    break
     finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         os.close(pidfd)
+    if child is not None:  # top -- CMD: ends with the command, and with its exit status
+        if stop.stopping and child.poll() is None:
+            child.terminate()
+        return _exit_code_of(child.wait())
     return 0
+
+
+def _exit_code_of(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
 
 
 # ---- plot ---------------------------------------------------------------------------------
@@ -687,7 +985,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise Unsupported("pagewatch plot", "matplotlib is not installed",
                           "Install it: pip install 'pagewatch[plot]'") from exc
+    if args.output is None:
+        stem = args.file[:-6] if args.file.endswith(".jsonl") else args.file
+        args.output = stem + ".png"
     check_writable(args.output)
+    if os.path.exists(args.output) and not args.force:
+        raise PagewatchError(f"{args.output} exists: give -f/--force to overwrite it, or "
+                             "another --output")
     lines = _load(args.file)
     grid, labels, total = heatmap(lines, args.rows)
     t = np.array([obj.get("t", i) for i, obj in enumerate(lines)], float)
@@ -711,6 +1015,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.tight_layout()
     fig.savefig(args.output, dpi=100)
     plt.close(fig)
-    print(f"pagewatch plot: wrote {args.output} ({len(lines)} intervals, {total} pages on the "
+    print(f"pagewatch: wrote {args.output} ({len(lines)} intervals, {total} pages on the "
           "address axis)", file=sys.stderr)
     return 0
