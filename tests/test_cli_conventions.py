@@ -146,7 +146,7 @@ def test_run_writes_a_recording_named_after_the_command_and_says_what_to_run_nex
 @needs_tracking
 def test_record_of_a_command_starts_it_tracked_and_keeps_its_exit_code(tmp_path: Path) -> None:
     r = pw("record", "--interval", "0.05", "--",
-           sys.executable, "-c", "b = bytearray(1 << 22); raise SystemExit(3)")
+           sys.executable, "-c", "import os; b = bytearray(1 << 22); os._exit(3)")
     assert r.returncode == 3, r.stderr
     [rec] = list(tmp_path.glob("pagewatch-python*.jsonl"))
     objs = [json.loads(x) for x in rec.read_text().splitlines()]

@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("checkpoint", help="list, verify, compact or restore a checkpoint",
                        description="Look after a checkpoint written by pagewatch.Checkpoint.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmds = p.add_subparsers(dest="action", metavar="ACTION")
+    cmds = p.add_subparsers(dest="action", metavar="ACTION", help="what to do")
     cmds.required = True
     ls = cmds.add_parser("ls", help="list the generations")
     ls.add_argument("path", metavar="PATH")
