@@ -65,7 +65,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | {"backends"})
+    return sorted(set(globals()) | set(_LAZY) | {"backends", "__version__"})
 
 
 __all__ = [

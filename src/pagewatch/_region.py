@@ -58,16 +58,22 @@ def region_of(target: Any) -> tuple[Region, memoryview | None]:
     try:
         view = memoryview(target)
     except TypeError:
-        raise TypeError(f"cannot track a {type(target).__name__}: pass an object with the "
+        raise TypeError(f"cannot track {_a(target)} object: pass an object with the "
                         "buffer protocol (numpy array, bytearray, mmap, memoryview) or "
                         "pagewatch.Region(address, size)") from None
     try:
         address, nbytes, readonly = _native.buffer_info(view)
     except BufferError:
-        raise InvalidRange(f"this {type(target).__name__} is not one contiguous block of "
+        raise InvalidRange(f"this {type(target).__name__} object is not one contiguous block of "
                            "memory: track its base array or a contiguous copy") from None
     if readonly:
-        raise InvalidRange(f"this {type(target).__name__} is read-only: nothing can write it")
+        raise InvalidRange(f"this {type(target).__name__} object is read-only: nothing can write it")
     if nbytes == 0:
-        raise InvalidRange(f"this {type(target).__name__} is empty")
+        raise InvalidRange(f"this {type(target).__name__} object is empty")
     return Region(address, nbytes), view
+
+
+def _a(target: object) -> str:
+    """``a bytes``, ``an int``: the article and the type name, for messages."""
+    name = type(target).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

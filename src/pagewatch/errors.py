@@ -8,6 +8,7 @@ Every class derives from :class:`PagewatchError`, which derives from :class:`OSE
 from __future__ import annotations
 
 import errno as _errno
+from typing import Any
 
 __all__ = ["PagewatchError", "Unsupported", "PermissionDenied", "InvalidRange", "TargetGone"]
 
@@ -21,6 +22,10 @@ class PagewatchError(OSError):
         What went wrong and what to do about it.
     errno
         The errno of the system call behind the error, or ``None``.
+
+    Like psutil's errors, every one can be pickled (``__reduce__`` gives back the arguments
+    it was made with, and its attributes), is shown as ``pagewatch.Name``, and says what it
+    holds in its ``repr``.
     """
 
     def __init__(self, message: str, errno: int | None = None) -> None:
@@ -29,11 +34,22 @@ class PagewatchError(OSError):
         else:
             super().__init__(errno, message)
         self.message = message
+        self._made_with: tuple[object, ...] = (message, errno)
 
     def __str__(self) -> str:
         if self.errno is not None:
             return f"{self.message} [errno {self.errno}: {_errno.errorcode.get(self.errno, '?')}]"
-        return self.message
+        return str(self.message)
+
+    def __repr__(self) -> str:
+        extra = f", errno={self.errno}" if self.errno is not None else ""
+        pid = getattr(self, "pid", None)
+        extra += f", pid={pid}" if pid is not None else ""
+        return f"pagewatch.{type(self).__name__}({self.message!r}{extra})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        state = {k: v for k, v in self.__dict__.items() if k != "_made_with"}
+        return (_rebuild, (type(self), self._made_with, state))
 
 
 class Unsupported(PagewatchError):
@@ -53,13 +69,18 @@ class Unsupported(PagewatchError):
         if hint:
             msg += f". {hint}"
         super().__init__(msg, errno)
+        self._made_with = (feature, reason, hint, errno)
 
 
 class PermissionDenied(PagewatchError):
-    """A permission is missing; the message names it and how to get it."""
+    """A permission is missing; the message names it and how to get it.  ``pid``: the
+    process concerned, when there is one."""
 
-    def __init__(self, message: str, errno: int | None = _errno.EPERM) -> None:
+    def __init__(self, message: str, errno: int | None = _errno.EPERM,
+                 pid: int | None = None) -> None:
         super().__init__(message, errno)
+        self.pid = pid
+        self._made_with = (message, errno, pid)
 
 
 class InvalidRange(PagewatchError, ValueError):
@@ -72,13 +93,34 @@ class InvalidRange(PagewatchError, ValueError):
 class TargetGone(PagewatchError):
     """The tracked memory or process went away (unmapped, exited).
 
-    ``collected`` holds what was collected before it went, when there is any.
+    ``collected`` holds what was collected before it went, when there is any; ``pid`` the
+    process that went, when it was one.
     """
 
-    def __init__(self, message: str, errno: int | None = None, collected: object = None) -> None:
+    def __init__(self, message: str, errno: int | None = None, collected: object = None,
+                 pid: int | None = None) -> None:
         super().__init__(message, errno)
         self.collected = collected
+        self.pid = pid
+        self._made_with = (message, errno, collected, pid)
 
+
+def _make(cls: Any, made_with: tuple[object, ...]) -> Any:
+    return cls(*made_with)
+
+
+def _rebuild(cls: type[PagewatchError], made_with: tuple[object, ...],
+             state: dict[str, object]) -> PagewatchError:
+    """Unpickle: made again with its arguments, then its attributes put back."""
+    exc: PagewatchError = _make(cls, made_with)
+    exc.__dict__.update(state)
+    return exc
+
+
+# Shown (and pickled) as pagewatch.Name: the names users import them by.
+for _cls in (PagewatchError, Unsupported, PermissionDenied, InvalidRange, TargetGone):
+    _cls.__module__ = "pagewatch"
+del _cls
 
 #: errnos that say "not now" (a passing shortage), never "not on this kernel"
 TRANSIENT_ERRNOS = frozenset({_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM, _errno.EAGAIN,

@@ -194,6 +194,8 @@ class TargetExec(TargetGone):
     Create a new :class:`ProcessTracker` to track the new program.
     """
 
+    __module__ = "pagewatch"
+
 
 @dataclasses.dataclass(frozen=True)
 class SkippedMapping:

@@ -1,0 +1,82 @@
+"""The Python API's conventions (issue 14): errors as psutil's, one meaning per name, what a
+user receives is exported, py.typed, messages built from type names."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+
+import pagewatch as pw
+from pagewatch import errors
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("exc", [
+    pw.PagewatchError("x", 5),
+    pw.PagewatchError("no errno"),
+    pw.Unsupported("uffd-async", "too old", "use soft-dirty", 38),
+    pw.PermissionDenied("ptrace refused", 1, pid=42),
+    pw.InvalidRange("empty"),
+    pw.TargetGone("process 42 has exited", 3, pid=42),
+    pw.TargetExec("process 42 executed a new program", pid=42),
+])
+def test_every_error_survives_pickling_with_its_message_errno_and_pid(
+        exc: pw.PagewatchError) -> None:
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is type(exc)
+    assert str(again) == str(exc) and again.errno == exc.errno
+    assert getattr(again, "pid", None) == getattr(exc, "pid", None)
+    if isinstance(exc, pw.Unsupported):
+        assert (again.feature, again.reason, again.hint) == (exc.feature, exc.reason, exc.hint)
+
+
+@pytest.mark.kernel_independent
+def test_errors_show_as_pagewatch_names_and_print_what_they_were_given() -> None:
+    for cls in (pw.PagewatchError, pw.Unsupported, pw.PermissionDenied, pw.InvalidRange,
+                pw.TargetGone, pw.TargetExec):
+        assert cls.__module__ == "pagewatch" and getattr(pw, cls.__name__) is cls
+    e = pw.PagewatchError("x", 5)
+    assert str(e) == "x [errno 5: EIO]" and e.errno == 5 and e.message == "x"
+    assert repr(e) == "pagewatch.PagewatchError('x', errno=5)"
+    assert repr(pw.TargetGone("gone", pid=7)) == "pagewatch.TargetGone('gone', pid=7)"
+    assert isinstance(pw.TargetGone("gone"), OSError) and pw.TargetGone("gone").pid is None
+
+
+@pytest.mark.kernel_independent
+def test_what_users_receive_is_exported_and_typed() -> None:
+    from pagewatch.process import SkippedMapping, TargetExec
+
+    assert pw.SkippedMapping is SkippedMapping and pw.TargetExec is TargetExec
+    assert set(pw.__all__) <= set(dir(pw))
+    for name in pw.__all__:
+        assert getattr(pw, name) is not None
+    assert (Path(pw.__file__).parent / "py.typed").exists()
+    assert errors.__all__  # the module of the errors is still importable by its name
+
+
+@pytest.mark.kernel_independent
+def test_pagewatch_backends_is_the_subpackage_and_list_backends_the_function() -> None:
+    import pagewatch.backends as b
+
+    assert isinstance(b.BACKENDS, dict) and "uffd-async" in b.BACKENDS
+    names = [x.name for x in pw.list_backends()]
+    assert sorted(names) == sorted(b.BACKENDS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [x.name for x in pw.backends()] == names  # the old call still works
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("target, text", [
+    (b"abc", "this bytes object is read-only"),
+    (bytearray(), "this bytearray object is empty"),
+    (5, "cannot track an int object"),
+])
+def test_messages_built_from_a_type_name_read_as_english(target: object, text: str) -> None:
+    with pytest.raises((TypeError, pw.InvalidRange)) as exc:
+        pw.Tracker(target)  # type: ignore[arg-type]
+    assert text in str(exc.value)
