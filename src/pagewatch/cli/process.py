@@ -1008,7 +1008,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ax.set_ylabel(f"written mappings, end to end ({total} pages, low address on top)")
     pid = lines[0].get("pid", "?")
     ax.set_title(f"pages written by pid {pid}, per interval")
-    ax2.step(t, rate, where="post")
+    ax2.stairs(rate, np.concatenate(([t0[0]], t)))  # each rate over its own interval
     ax2.set_ylabel("MiB/s written")
     ax2.set_xlabel("seconds")
     ax2.set_ylim(bottom=0)

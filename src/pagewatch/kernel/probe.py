@@ -107,7 +107,26 @@ def _probe_userfaultfd() -> tuple[Capability, str, dict[str, Capability]]:
             feats[name] = Capability(
                 False, f"not offered by this kernel's UFFDIO_API (needs Linux "
                 f"{_UFFD_SINCE.get(name, '?')}+ built with the option it depends on)")
-    return Capability(True, f"created with the {how}"), how, feats
+    return Capability(True, f"created with the {how}; {_kernel_faults()}"), how, feats
+
+
+def _kernel_faults() -> str:
+    """Whether this process may create a userfaultfd that handles faults taken by the kernel
+    (a ``read(2)`` into a protected page) -- the one question where 'user-mode only' matters:
+    uffd-sync handles such writes with it and fails them with EFAULT without it; uffd-async
+    sees them either way (the written state is in the page table, no fault is handled)."""
+    tried = []
+    for how, fn in (("syscall", _native.userfaultfd), ("/dev/userfaultfd",
+                                                         _native.userfaultfd_dev)):
+        try:
+            os.close(fn(os.O_CLOEXEC | os.O_NONBLOCK))
+            return (f"kernel-mode faults allowed too (the {how} without UFFD_USER_MODE_ONLY): "
+                    "uffd-sync handles writes made by system calls")
+        except OSError as exc:
+            tried.append(f"{how}: {exc.strerror}")
+    return ("user-mode faults only (UFFD_USER_MODE_ONLY; without it: " + "; ".join(tried)
+            + "): uffd-sync fails system calls writing tracked pages with EFAULT; "
+            "uffd-async sees them all the same")
 
 
 def _probe_wp_async() -> Capability:
