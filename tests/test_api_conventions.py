@@ -80,3 +80,14 @@ def test_messages_built_from_a_type_name_read_as_english(target: object, text: s
     with pytest.raises((TypeError, pw.InvalidRange)) as exc:
         pw.Tracker(target)  # type: ignore[arg-type]
     assert text in str(exc.value)
+
+
+def test_an_error_about_a_process_carries_its_pid() -> None:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    with pytest.raises(pw.TargetGone) as exc:
+        pw.ProcessTracker(p.pid)
+    assert exc.value.pid == p.pid
+    assert pickle.loads(pickle.dumps(exc.value)).pid == p.pid

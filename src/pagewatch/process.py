@@ -488,7 +488,7 @@ def _find_gadget(pid: int) -> int:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDenied(why_no_ptrace(pid), exc.errno) from exc
+            raise PermissionDenied(why_no_ptrace(pid), exc.errno, pid=pid) from exc
         raise proc_open_error(exc, pid, "mem") from exc
     try:
         for i, m in enumerate(candidates):
@@ -514,11 +514,11 @@ def _pick_thread(pid: int) -> int:
     try:
         tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError as exc:
-        raise TargetGone(f"process {pid} has exited", exc.errno) from exc
+        raise TargetGone(f"process {pid} has exited", exc.errno, pid=pid) from exc
     for tid in tids:
         if _thread_state(pid, tid) not in "ZX":
             return tid
-    raise TargetGone(f"process {pid} is exiting")
+    raise TargetGone(f"process {pid} is exiting", pid=pid)
 
 
 def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
@@ -533,7 +533,7 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
                              "this process's own memory")
     st = _status(pid)
     if not st:
-        raise TargetGone(f"process {pid} does not exist (or has exited)", errno.ESRCH)
+        raise TargetGone(f"process {pid} does not exist (or has exited)", errno.ESRCH, pid=pid)
     if st.get("Seccomp", "0") == "2":
         raise Unsupported(
             f"userfaultfd injection into process {pid}",
@@ -553,9 +553,9 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
         what = exc.filename or "ptrace"
         if exc.errno == errno.ESRCH:
             raise TargetGone(f"process {pid} exited while pagewatch attached ({what})",
-                             exc.errno) from exc
+                             exc.errno, pid=pid) from exc
         if exc.errno == errno.EPERM and "SEIZE" in str(what):
-            raise PermissionDenied(why_no_ptrace(pid), exc.errno) from exc
+            raise PermissionDenied(why_no_ptrace(pid), exc.errno, pid=pid) from exc
         if exc.errno == errno.ETIMEDOUT:
             raise PagewatchError(
                 f"thread {tid} of process {pid} did not stop within {timeout:g} s (it is in an "
@@ -590,7 +590,7 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
             e = raw["getfd_errno"]
             raise PermissionDenied(f"pidfd_getfd(2) could not take the userfaultfd of process "
                                    f"{pid} ({os.strerror(e)}): it needs the same ptrace "
-                                   "permission as attaching", e)
+                                   "permission as attaching", e, pid=pid)
         raise Unsupported(f"userfaultfd in process {pid}",
                           "the target's userfaultfd(2) calls failed (" + "; ".join(errs) +
                           "): the kernel lacks CONFIG_USERFAULTFD or a policy forbids it",
@@ -666,7 +666,7 @@ def _freeze_error(pid: int, timeout: float, exc: OSError) -> PagewatchError:
     tid = exc.filename2 if isinstance(exc.filename2, int) else 0
     thread = f"thread {tid} of process {pid}" if tid and tid != pid else f"process {pid}"
     if exc.errno == errno.ESRCH:
-        return TargetGone(f"process {pid} has exited", exc.errno)
+        return TargetGone(f"process {pid} has exited", exc.errno, pid=pid)
     if exc.errno == errno.EPERM:
         tracer = _tracer_of(pid, tid) if tid else 0
         if tracer:
@@ -676,8 +676,8 @@ def _freeze_error(pid: int, timeout: float, exc: OSError) -> PagewatchError:
                 "have only "
                 "one tracer: the soft-dirty backend stops every thread of the target for an "
                 "instant at each reset (so that no write falls between the read of the bits "
-                "and their reset); detach that debugger or strace first", exc.errno)
-        return PermissionDenied(why_no_ptrace(pid), exc.errno)
+                "and their reset); detach that debugger or strace first", exc.errno, pid=pid)
+        return PermissionDenied(why_no_ptrace(pid), exc.errno, pid=pid)
     if exc.errno == errno.ETIMEDOUT:
         return PagewatchError(
             f"{thread} did not stop within {timeout:g} s (it is in an uninterruptible sleep, "
@@ -857,7 +857,7 @@ class ProcessTracker:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError as exc:
             raise TargetGone(f"process {self.pid} does not exist (or has exited)",
-                             exc.errno) from exc
+                             exc.errno, pid=self.pid) from exc
         except OSError as exc:
             raise PagewatchError(f"pidfd_open({self.pid}) failed: {exc.strerror}",
                                  exc.errno) from exc
@@ -878,10 +878,10 @@ class ProcessTracker:
             self._fds.append(self._maps_fd)
             self._pagemap = Pagemap(self.pid)
         except PermissionDenied as exc:
-            raise PermissionDenied(why_no_ptrace(self.pid), exc.errno) from exc
+            raise PermissionDenied(why_no_ptrace(self.pid), exc.errno, pid=self.pid) from exc
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
-                raise PermissionDenied(why_no_ptrace(self.pid), exc.errno) from exc
+                raise PermissionDenied(why_no_ptrace(self.pid), exc.errno, pid=self.pid) from exc
             raise proc_open_error(exc, self.pid, "maps") from exc
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"unknown backend {backend!r} for a process: choose "
@@ -1068,13 +1068,14 @@ class ProcessTracker:
             if fresh:
                 raise TargetExec(f"process {self.pid} executed a new program: the memory "
                                  "that was tracked is gone; attach again to track the new "
-                                 "program", err, collected)
+                                 "program", err, collected, pid=self.pid)
         parent = zombie_parent(self.pid)
         if parent is not None:
             raise TargetGone(f"process {self.pid} has exited: it is a zombie, which its "
                              f"parent, process {parent}, has not reaped (wait(2)) yet",
-                             err or errno.ESRCH, collected)
-        raise TargetGone(f"process {self.pid} has exited", err or errno.ESRCH, collected)
+                             err or errno.ESRCH, collected, pid=self.pid)
+        raise TargetGone(f"process {self.pid} has exited", err or errno.ESRCH, collected,
+                         pid=self.pid)
 
     # ---- registration (uffd-async) ---------------------------------------------------------
     def _scan(self, start: int, end: int, **kw: Any) -> np.ndarray:
@@ -1477,7 +1478,7 @@ class ProcessTracker:
                                          f"{end:#x}) of process {self.pid}")
                 raise scan_error(OSError(err, os.strerror(err)), start, end, flags)
             if self._pagemap.exited():
-                raise TargetGone(f"process {self.pid} has exited", errno.ESRCH)
+                raise TargetGone(f"process {self.pid} has exited", errno.ESRCH, pid=self.pid)
             for i in sorted(redo):
                 m = entries[i]
                 runs, is_new = self._collect_uffd(m, reset, register=self._select(m))

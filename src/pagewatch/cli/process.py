@@ -696,7 +696,8 @@ def _pidfd(pid: int) -> int:
     try:
         return os.pidfd_open(pid)
     except ProcessLookupError as exc:
-        raise TargetGone(f"process {pid} does not exist (or has exited)", exc.errno) from exc
+        raise TargetGone(f"process {pid} does not exist (or has exited)", exc.errno,
+                         pid=pid) from exc
 
 
 # ---- top ----------------------------------------------------------------------------------
