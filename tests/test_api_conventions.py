@@ -91,3 +91,20 @@ def test_an_error_about_a_process_carries_its_pid() -> None:
         pw.ProcessTracker(p.pid)
     assert exc.value.pid == p.pid
     assert pickle.loads(pickle.dumps(exc.value)).pid == p.pid
+
+
+@pytest.mark.kernel_independent
+def test_count_is_the_number_of_written_pages_everywhere() -> None:
+    import numpy as np
+
+    from pagewatch.kernel.maps import Mapping, MapsEntry
+    from pagewatch.process import BACKENDS, PROCESS_BACKENDS
+
+    d = pw.DirtyPages(np.array([[2, 5], [9, 10]], np.int64), 0, 16)
+    assert d.count == len(d) == 4 and d.pages().tolist() == [2, 3, 4, 9]
+    m = MapsEntry(0x10000, 0x20000, "rw-p", 0, "00:00", 0, "")
+    p = pw.ProcessDirty(1, {m: pw.DirtyPages(np.array([[0, 3]], np.int64), m.start, 16)},
+                        time=0.0, elapsed=1.0)
+    assert len(p) == 1 and p.count == p.pages == 3  # one mapping, three pages written
+    assert Mapping is MapsEntry and BACKENDS is PROCESS_BACKENDS
+    assert isinstance(PROCESS_BACKENDS, tuple)

@@ -86,8 +86,14 @@ class DirtyPages:
         return v
 
     def __len__(self) -> int:
-        """Number of written pages."""
+        """Number of written pages (``count``)."""
         return int((self._runs[:, 1] - self._runs[:, 0]).sum())
+
+    @property
+    def count(self) -> int:
+        """Number of written pages, as ``len(d)`` and ``ProcessDirty.count``; ``pages()`` is
+        their index array."""
+        return len(self)
 
     @property
     def nbytes(self) -> int:

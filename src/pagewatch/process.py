@@ -168,10 +168,13 @@ from .kernel.pagemap import Pagemap, _scan, clear_refs, read_entries
 from .kernel.uffd import Userfaultfd
 from .rangeset import RangeSet
 
-__all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec", "BACKENDS"]
+__all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec",
+           "PROCESS_BACKENDS", "BACKENDS"]
 
-#: the ways to track another process, best first
-BACKENDS = ("uffd-async", "soft-dirty")
+#: the ways to track another process, best first (``pagewatch.backends.BACKENDS`` is the
+#: registry of the in-process backends, a dict: this tuple is a different thing)
+PROCESS_BACKENDS = ("uffd-async", "soft-dirty")
+BACKENDS = PROCESS_BACKENDS  # the old name, kept for code that imports it
 
 #: kernel-provided mappings that are never tracked
 SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]"})
@@ -326,15 +329,23 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
         return iter(self._maps)
 
     def __len__(self) -> int:
-        """Number of tracked mappings (written or not); see ``pages`` for the total."""
+        """Number of tracked mappings (written or not): a ProcessDirty is a mapping from
+        them; ``count`` is the number of pages written."""
         return len(self._maps)
 
     def _written_indices(self) -> list[int]:
         return np.flatnonzero(np.diff(self._bounds) > 0).tolist()
 
     @property
+    def count(self) -> int:
+        """Pages written, all mappings together (``DirtyPages.count`` is the same figure for
+        one mapping)."""
+        return self._pages
+
+    @property
     def pages(self) -> int:
-        """Pages written, all mappings together."""
+        """The older name of :attr:`count` (kept: ``DirtyPages.pages()`` is the array of
+        page indices, so prefer ``count`` for the number)."""
         return self._pages
 
     @property

@@ -6,12 +6,13 @@ import dataclasses
 
 from ._errors import proc_open_error
 
-__all__ = ["Mapping", "maps", "parse_maps", "find_mapping"]
+__all__ = ["MapsEntry", "Mapping", "maps", "parse_maps", "find_mapping"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Mapping:
-    """One line of ``/proc/PID/maps``."""
+class MapsEntry:
+    """One line of ``/proc/PID/maps`` (also importable as ``Mapping``, its older name, which
+    collections.abc and the benchmark also use for other things)."""
 
     start: int
     end: int
@@ -44,6 +45,10 @@ class Mapping:
     @property
     def private(self) -> bool:
         return self.perms[3] == "p"
+
+
+#: the older name of :class:`MapsEntry`
+Mapping = MapsEntry
 
 
 def _parse(line: str) -> Mapping:
