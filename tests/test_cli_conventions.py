@@ -56,6 +56,8 @@ def test_help_and_version_import_neither_numpy_nor_the_c_extension(argv: list[st
                 if line.startswith("import time:")}
     assert "pagewatch.cli" in imported
     assert not {"numpy", "pagewatch._native", "pagewatch.process"} & imported
+    if "--version" not in argv:  # the metadata costs more than the rest: only when asked
+        assert "importlib.metadata" not in imported
 
 
 @pytest.mark.kernel_independent

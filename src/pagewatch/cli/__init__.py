@@ -9,7 +9,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import PagewatchError
 
@@ -83,10 +83,18 @@ exit status: 0 done; 1 a failure (the message says which and what to do); 2 wron
 run: the command's own exit status.  "pagewatch COMMAND --help" for each command."""
 
 
-def _version() -> str:
-    from .. import __version__
+class _Version(argparse.Action):
+    """``--version``: reads the package metadata only when asked (importlib.metadata costs
+    more than the rest of the start-up)."""
 
-    return f"pagewatch {__version__}"
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kw: Any) -> None:
+        from .. import __version__
+
+        print(f"pagewatch {__version__}")
+        parser.exit(0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,8 +125,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Which pages of memory were written since a point in time: in a command "
         "you start, in a running process, or in your own (the Python API).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-V", "--version", action="version", version=_version(),
-                        help="print the version and exit")
+    parser.add_argument("-V", "--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     chosen = _chosen(argv) if argv is not None else None
