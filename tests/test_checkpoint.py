@@ -487,8 +487,8 @@ def test_cli_verify_names_the_damage_and_exits_1(tmp_path: Path) -> None:
     assert "generation 1, array" in v.stdout and "builds on damaged generation 0" in v.stdout
     assert "2 of 2 generations cannot be loaded" in v.stdout
     r = run_cli("restore", str(path), "-o", str(tmp_path / "x.npz"))
-    assert r.returncode == 2 and "checkpoint damaged: generation 0" in r.stderr
-    assert run_cli("ls", str(tmp_path / "nothing")).returncode == 2
+    assert r.returncode == 1 and "checkpoint damaged: generation 0" in r.stderr
+    assert run_cli("ls", str(tmp_path / "nothing")).returncode == 1
 
 
 def test_bench_section_measures_saves_and_loads_and_counts_the_bytes_written() -> None:

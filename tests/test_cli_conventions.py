@@ -70,6 +70,15 @@ def test_import_pagewatch_loads_names_when_first_used() -> None:
 
 
 @pytest.mark.kernel_independent
+def test_submodules_are_attributes_of_the_package_when_asked_for() -> None:
+    code = ("import pagewatch as pw; print(pw.checkpoint.LocalStore.__name__, "
+            "pw.process.ProcessTracker.__name__, hasattr(pw, 'no_such_name'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.split() == ["LocalStore", "ProcessTracker", "False"], r.stderr
+
+
+@pytest.mark.kernel_independent
 def test_top_level_help_shows_the_workflow_with_examples_and_every_command() -> None:
     r = pw("--help")
     assert r.returncode == 0

@@ -15,6 +15,7 @@ neither numpy nor the C extension, so ``pagewatch --help`` starts at once.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
@@ -58,6 +59,10 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(".backends", __name__)
     where = _LAZY.get(name)
     if where is None:
+        # A subpackage or module (pw.checkpoint.load, pw.process...): eager imports made them
+        # attributes of the package before; they still are, once asked for.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'pagewatch' has no attribute {name!r}")
     value = getattr(importlib.import_module(where, __name__), name)
     globals()[name] = value  # the next look-up is a plain attribute
