@@ -333,3 +333,21 @@ def test_top_on_a_terminal_draws_the_table_and_quits_on_q() -> None:
         p.kill()
         p.wait()
 
+
+
+@pytest.mark.kernel_independent
+def test_plot_panels_share_one_time_axis_of_the_same_width(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")
+    import matplotlib.pyplot as plt
+
+    f = tmp_path / "s.jsonl"
+    synthetic(f)
+    figs: list[Any] = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    assert cli.main(["plot", str(f)]) == 0
+    heat, rate = figs[0].axes[:2]
+    figs[0].canvas.draw()
+    a, b = heat.get_position(), rate.get_position()
+    assert (round(a.x0, 3), round(a.x1, 3)) == (round(b.x0, 3), round(b.x1, 3))
+    assert heat.get_xlim() == rate.get_xlim()

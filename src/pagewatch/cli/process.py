@@ -999,12 +999,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     dt = np.array([obj.get("dt", 1.0) or 1.0 for obj in lines], float)
     rate = np.array([obj["pages"] for obj in lines], float) * PAGE_SIZE / MiB / dt
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
+                                  gridspec_kw={"height_ratios": [3, 1]}, layout="constrained")
     t0 = t - dt
     extent = (float(t0[0]), float(t[-1]), float(grid.shape[0]), 0.0)
     im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma",
                    extent=extent, vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, label="fraction of pages written")
+    # Both panels give the colour bar the same width: their time axes stay aligned.
+    fig.colorbar(im, ax=[ax, ax2], label="fraction of pages written")
     ax.set_yticks([b for b, _ in labels], [name for _, name in labels], fontsize=7)
     ax.set_ylabel(f"written mappings, end to end ({total} pages, low address on top)")
     pid = lines[0].get("pid", "?")
@@ -1013,7 +1014,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ax2.set_ylabel("MiB/s written")
     ax2.set_xlabel("seconds")
     ax2.set_ylim(bottom=0)
-    fig.tight_layout()
     fig.savefig(args.output, dpi=100)
     plt.close(fig)
     print(f"pagewatch: wrote {args.output} ({len(lines)} intervals, {total} pages on the "
