@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import mmap
 import os
 import random
@@ -380,6 +381,35 @@ def test_uffd_sync_and_uffd_async_cannot_share_a_page_and_the_error_names_the_ot
     with pytest.raises(pw.PagewatchError, match=r"registered with a uffd-sync tracker of "
                        rf"\[{second.region.start:#x}, {second.region.end:#x}\)"):
         pw.Tracker(b[PAGE_SIZE:2 * PAGE_SIZE], backend="uffd-async")
+    touch(b, 3)
+    assert pages(second.collect()) == [3]
+
+
+@only("uffd-sync")
+def test_a_refused_uffd_async_tracker_unregisters_nothing_of_the_uffd_sync_one(
+        backend: str, track: Callable[..., pw.Tracker], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uffd-async tracker refused (EBUSY) over a uffd-sync tracker's pages must not
+    unregister them when it is collected: the 6.12 kernel lets one userfaultfd unregister
+    another's pages, and the uffd-sync tracker then lost them (CI's 6.12 guest)."""
+    if not _availability("uffd-async")[0]:
+        pytest.skip("uffd-async unavailable here")
+    from pagewatch.kernel.uffd import Userfaultfd
+
+    calls: list[tuple[int, int]] = []
+    real = Userfaultfd.unregister
+
+    def recording(self: Userfaultfd, start: int, length: int) -> None:
+        calls.append((start, length))
+        real(self, start, length)
+
+    monkeypatch.setattr(Userfaultfd, "unregister", recording)
+    b = aligned(8)
+    second = track(b, backend)
+    with pytest.raises(pw.PagewatchError) as info:
+        pw.Tracker(b[PAGE_SIZE:2 * PAGE_SIZE], backend="uffd-async")
+    del info
+    gc.collect()  # the half-built tracker's finaliser runs here
+    assert calls == []
     touch(b, 3)
     assert pages(second.collect()) == [3]
 

@@ -174,8 +174,12 @@ class UffdAsync(HubBackend):
     def _release(self) -> None:
         hub = self.hub
         with hub.lock:
+            joined = self in hub.members
             self._leave()
-            if os.getpid() != self.pid:
+            # A tracker whose __init__ failed (EBUSY: the pages belong to a uffd-sync tracker)
+            # undid what it registered itself.  Unregistering its range again would, on some
+            # kernels (6.12: not 6.18), unregister the other userfaultfd's pages.
+            if not joined or os.getpid() != self.pid:
                 return
             for s, e in hub.uncovered(self, self.region.start, self.region.end):
                 try:
