@@ -27,7 +27,7 @@ def state(pid: int) -> str:
         return f.read().rpartition(")")[2].split()[0]
 
 
-@pytest.mark.parametrize("backend", ["auto", "soft-dirty", "uffd-async"])
+@pytest.mark.parametrize("backend", ["auto", "soft-dirty", pytest.param("uffd-async", marks=uffd)])
 def test_a_zombie_target_is_named_a_zombie_with_the_parent_that_has_not_reaped_it(
         backend: str) -> None:
     proc = subprocess.Popen(["true"])

@@ -5,7 +5,7 @@ Environment (each overrides the default; command-line options override the envir
 - ``PAGEWATCH_VM_KERNELS=6.1,6.12``  kernels to boot (labels, or paths of a vmlinuz)
 - ``PAGEWATCH_VM_HOST=0``            leave out the host column
 - ``PAGEWATCH_VM_KVM=auto|0|1``      hardware acceleration (auto: try once, remember)
-- ``PAGEWATCH_VM_MEMORY=2G``, ``PAGEWATCH_VM_CPUS=<host CPUs>``, ``PAGEWATCH_VM_TIMEOUT=1200``
+- ``PAGEWATCH_VM_MEMORY=2G``, ``PAGEWATCH_VM_CPUS=<host CPUs>``, ``PAGEWATCH_VM_TIMEOUT=3600``
   (seconds per VM)
 - ``PAGEWATCH_VM_JOBS=2``            VMs booted at once (after the host's run)
 - ``PAGEWATCH_VM_CACHE=DIR``         tools, kernels and per-run logs (``~/.cache/pagewatch-vm``)
@@ -285,7 +285,7 @@ def parse(argv: list[str]) -> Options:
     ap.add_argument("--kvm", default=env("PAGEWATCH_VM_KVM", "auto"))
     ap.add_argument("--memory", default=env("PAGEWATCH_VM_MEMORY", "2G"))
     ap.add_argument("--cpus", type=int, default=int(env("PAGEWATCH_VM_CPUS", "0")))
-    ap.add_argument("--timeout", type=float, default=float(env("PAGEWATCH_VM_TIMEOUT", "1200")))
+    ap.add_argument("--timeout", type=float, default=float(env("PAGEWATCH_VM_TIMEOUT", "3600")))
     ap.add_argument("--jobs", "-j", type=int, default=int(env("PAGEWATCH_VM_JOBS", "2")),
                     help="VMs at once (default 2: most of a TCG guest's time is one busy vCPU)")
     ap.add_argument("--refresh", action="store_true", help="fetch the kernels again")
