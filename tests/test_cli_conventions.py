@@ -139,6 +139,7 @@ def test_runtime_failures_exit_1_with_the_one_prefix(tmp_path: Path) -> None:
 
 # ---- record, top: --pid PID or -- CMD ------------------------------------------------------
 
+@pytest.mark.kernel_independent
 @needs_tracking
 def test_run_writes_a_recording_named_after_the_command_and_says_what_to_run_next(
         tmp_path: Path) -> None:
@@ -154,6 +155,7 @@ def test_run_writes_a_recording_named_after_the_command_and_says_what_to_run_nex
     assert "phase 4" in r.stdout
 
 
+@pytest.mark.kernel_independent
 @needs_tracking
 def test_record_of_a_command_starts_it_tracked_and_keeps_its_exit_code(tmp_path: Path) -> None:
     r = pw("record", "--interval", "0.05", "--",
@@ -164,6 +166,7 @@ def test_record_of_a_command_starts_it_tracked_and_keeps_its_exit_code(tmp_path:
     assert sum(o.get("pages", 0) for o in objs) >= 1024  # the 4 MiB, written after the attach
 
 
+@pytest.mark.kernel_independent
 @needs_tracking
 @pytest.mark.parametrize("form", [["--pid"], []])
 def test_record_takes_pid_as_an_option_or_positionally_into_a_default_file(
@@ -275,6 +278,7 @@ def test_top_shows_bracketed_names_and_the_base_name_of_long_paths() -> None:
         "[heap]", "[x]]", "libexample.so.1.2"]
 
 
+@pytest.mark.kernel_independent
 @needs_tracking
 def test_top_into_a_pipe_prints_rows_every_interval_and_ends_on_sigterm() -> None:
     p = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE, text=True)
@@ -302,6 +306,7 @@ def test_top_into_a_pipe_prints_rows_every_interval_and_ends_on_sigterm() -> Non
         p.wait()
 
 
+@pytest.mark.kernel_independent
 @needs_tracking
 def test_top_on_a_terminal_draws_the_table_and_quits_on_q() -> None:
     pytest.importorskip("rich")

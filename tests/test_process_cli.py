@@ -423,6 +423,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(
     assert "pip install 'pagewatch[plot]'" in capfd.readouterr().err
 
 
+@pytest.mark.kernel_independent
 def test_plot_of_a_file_without_intervals_is_a_clear_error(
         tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "empty.jsonl"

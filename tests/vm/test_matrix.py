@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,28 @@ def test_kvm_is_tried_only_when_the_cpu_flags_name_vmx_or_svm() -> None:
     assert cpu_has_virtualization("processor\t: 0\n" + flags.format("vmx"))
     assert cpu_has_virtualization(flags.format("svm"))
     assert not cpu_has_virtualization("")
+
+
+def collected(label: str, *args: str) -> set[str]:
+    env = {**os.environ, "PAGEWATCH_KERNEL_MATRIX": label}
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return {line.strip() for line in out.stdout.splitlines() if "::" in line}
+
+
+@pytest.mark.kernel_independent
+def test_a_one_guest_stress_test_runs_in_its_guest_and_on_the_host_only() -> None:
+    kill = ("tests/test_process_kill.py::test_the_monitor_killed_at_each_ptrace_call_of_an_"
+            "attach_leaves_the_target_unharmed[tracker-soft-dirty]")
+    race = "tests/test_snapshot.py::test_a_write_racing_restore_is_undone_or_reported"
+    files = ["tests/test_process_kill.py", "tests/test_snapshot.py"]
+    host, old, new = (collected(label, *files) for label in ("host", "6.1", "6.12"))
+    assert kill in host and kill in old and kill not in new
+    # backends=...: only the named backends' runs are limited to the guest
+    for backend in ("mprotect", "compare"):
+        node = f"{race}[{backend}-anonymous]"
+        assert node in host and node in new and node not in old
+    assert f"{race}[uffd-sync-anonymous]" in old and f"{race}[uffd-sync-anonymous]" in new
+    # kernel_independent: the host only
+    walk = "tests/test_process_kill.py::test_the_fault_walk_covers_every_ptrace_call_strace_sees"
+    assert walk in host and walk not in old and walk not in new
