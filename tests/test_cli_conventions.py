@@ -60,6 +60,34 @@ def test_help_and_version_import_neither_numpy_nor_the_c_extension(argv: list[st
         assert "importlib.metadata" not in imported
 
 
+#: what start-up must not pay for before a command runs: numpy, the C extension, the tracker
+#: and the kernel bindings (which load both), and every optional extra
+HEAVY = ("numpy", "pagewatch._native", "pagewatch.process", "pagewatch.kernel",
+         "matplotlib", "rich", "prometheus_client")
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]] + [
+    [command, "--help"] for commands in cli.COMMANDS.values() for command in commands],
+    ids=" ".join)
+def test_every_help_and_the_version_load_no_heavy_module(argv: list[str]) -> None:
+    code = ("import contextlib, io, sys\n"
+            "from pagewatch import cli\n"
+            "out = io.StringIO()\n"
+            "try:\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            f"        cli.main({argv!r})\n"
+            "except SystemExit as exc:\n"
+            "    assert exc.code == 0, exc.code\n"
+            "assert out.getvalue(), 'no help printed'\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} "
+            f"or m in {HEAVY!r} or m.startswith({HEAVY!r})))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"{argv} imported {r.stdout.strip()}"
+
+
 @pytest.mark.kernel_independent
 def test_import_pagewatch_loads_names_when_first_used() -> None:
     code = ("import sys, pagewatch as pw; a = 'numpy' in sys.modules; t = pw.Tracker; "

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..backends.base import backends
-from ..kernel.probe import Capability, probe
+if TYPE_CHECKING:
+    from ..backends.base import BackendInfo
+    from ..kernel.probe import Capabilities, Capability
+
+
+def probe() -> Capabilities:
+    """:func:`pagewatch.kernel.probe.probe`, imported when a command runs (not for --help)."""
+    from ..kernel.probe import probe
+
+    return probe()
+
+
+def backends() -> list[BackendInfo]:
+    """:func:`pagewatch.backends.base.backends`, imported when a command runs."""
+    from ..backends.base import backends
+
+    return backends()
 
 
 def register(sub: Any) -> None:
@@ -46,6 +61,7 @@ def other_processes() -> dict[str, Capability]:
     import os
 
     from .. import _native
+    from ..kernel.probe import Capability
 
     status = _status()
     cap = bool(int(status.get("CapEff", "0"), 16) >> 19 & 1)

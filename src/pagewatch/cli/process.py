@@ -23,17 +23,25 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
-
-from .. import _native
 from ..errors import PagewatchError, TargetGone, Unsupported
-from ..kernel.constants import PAGE_SIZE
-from ..process import ProcessDirty, ProcessTracker, TargetExec, _read_text
 from . import check_writable, positive_float, positive_int
 
+if TYPE_CHECKING:  # numpy, the C extension and the tracker load when a command runs, not
+    import numpy as np  # for --help (issue 14: start-up)
+
+    from ..process import ProcessDirty, ProcessTracker
+
 MiB = 1 << 20
+#: bytes per page (kernel.constants.PAGE_SIZE, without importing the kernel bindings)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _read_text(path: str) -> str | None:
+    from ..process import _read_text
+
+    return _read_text(path)
 
 
 def _interval(parser: argparse.ArgumentParser, default: float) -> None:
@@ -165,11 +173,15 @@ class Stats:
             entry[2].append(addrs)
 
     def working_set(self) -> int:
+        import numpy as np
+
         if not self._sets:
             return 0
         return len(np.unique(np.concatenate(self._sets)))
 
     def top(self, n: int) -> list[tuple[Any, int, int]]:
+        import numpy as np
+
         rows = [(m, total, len(np.unique(np.concatenate(parts))))
                 for m, total, parts in self.by_mapping.values()]
         rows.sort(key=lambda r: -r[1])
@@ -248,6 +260,8 @@ class Session:
         self.execs = 0
 
     def _attach(self, after_exec: bool = False) -> ProcessTracker:
+        from ..process import ProcessTracker
+
         # After an exec, the new program's memory is all new: report what it holds.
         p = ProcessTracker(self.pid, backend=self.args.backend, mappings=self.args.mappings,
                            report_existing=after_exec)
@@ -267,6 +281,8 @@ class Session:
         """Collect every interval until the process exits, ``deadline`` passes, ``count``
         intervals are written or ``self.stop`` (a signal handler) fires: then one last
         collect, so the writes since the previous one are in the output too."""
+        from ..process import TargetExec
+
         next_t = time.monotonic() + self.interval
         while True:
             wait = next_t - time.monotonic()
@@ -363,6 +379,8 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
     ``(pid, release_fd, error_fd)``.  error_fd yields the errno of a failed exec.
     ``dispositions`` are the signal handlers pagewatch had before it ignored them: the
     command gets the default action unless they were ignored already."""
+    from .. import _native
+
     release_r, release_w = os.pipe()
     err_r, err_w = os.pipe()  # close-on-exec: EOF means the exec worked
     pid = os.fork()
@@ -407,6 +425,8 @@ class Run:
         self.exec_errno: int | None = None
 
     def start(self, dispositions: dict[signal.Signals, Any]) -> None:
+        from .. import _native
+
         self.pid, release_w, self.err_fd = _fork_held(self.cmd, dispositions)
         self.pidfd = os.pidfd_open(self.pid)
         self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd)
@@ -425,6 +445,9 @@ class Run:
             self.out.write(_interval_line(d, self.stats.t0))
 
     def _event(self, kind: int, a: int, b: int, c: float) -> None:
+        from .. import _native
+        from ..process import ProcessTracker
+
         if kind == EV_ERROR:
             self.error = (f"cannot trace {self.cmd[0]}: ptrace refused it "
                           f"({os.strerror(a)}); it runs untracked")
@@ -472,6 +495,8 @@ class Run:
             self.status = self._reap(a)
 
     def loop(self) -> None:
+        from .. import _native
+
         next_t = time.monotonic() + self.interval
         while self.status is None:
             timeout = next_t - time.monotonic() if self.tracker is not None else None
@@ -494,6 +519,8 @@ class Run:
             return max(seen, 0)
 
     def close(self) -> None:
+        from .. import _native
+
         unread = _native.tracer_stop(self.handle)
         if self.status is None:  # detached early (an error): let it finish, as the shell would
             self.status = self._reap(unread if unread is not None else -2)
@@ -804,6 +831,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise Unsupported("pagewatch top", "the 'rich' package is not installed",
                               "Install it: pip install 'pagewatch[cli]'") from exc
+    from ..process import ProcessTracker
+
     child: Any = None
     if cmd is not None:
         import subprocess
@@ -933,6 +962,8 @@ def heatmap(lines: list[dict[str, Any]], rows: int
     """Fraction of each address bin written in each interval: ``(rows, intervals)``, the
     label positions (bin, name) of the larger mappings, and the pages on the address axis.
     Only mappings written at least once are on the axis, end to end, in address order."""
+    import numpy as np
+
     spans: dict[tuple[int, int], str] = {}
     for obj in lines:
         for m in obj["mappings"]:
@@ -978,6 +1009,8 @@ def heatmap(lines: list[dict[str, Any]], rows: int
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    import numpy as np
+
     try:
         import matplotlib
 
