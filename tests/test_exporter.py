@@ -546,6 +546,7 @@ def test_the_command_serves_metrics_never_of_itself_and_stops_on_sigterm(
     assert "process_cpu_seconds_total" in got  # the exporter's own CPU, for its cost
     assert any(f"tracking pid {a.pid}" in line for line in e.lines)
     assert e.stop() == 0
+    assert all(line.startswith("pagewatch: ") for line in e.lines), e.lines  # one prefix
     a.proc.poll()
     assert a.proc.returncode is None  # the target goes on
     with ProcessTracker(a.pid) as again:  # and it can be tracked again
@@ -554,13 +555,29 @@ def test_the_command_serves_metrics_never_of_itself_and_stops_on_sigterm(
 
 @pytest.mark.kernel_independent
 def test_bad_selections_are_one_line_errors() -> None:
-    for args, phrase in ((["--name", "("], "pagewatch exporter:"),
-                         (["--user", "no-such-user-pagewatch"], "no user"),
-                         (["--pid", "0"], "not above zero"),
+    for args, phrase in ((["--name", "("], "pagewatch: exporter: missing )"),
+                         (["--user", "no-such-user-pagewatch"], "pagewatch: exporter: no user"),
+                         (["--pid", "0"], "pagewatch: exporter: argument --pid: 0 is not"),
                          (["--pid", "1", "--name", "x"], "not allowed with")):
         r = subprocess.run([*PAGEWATCH, "exporter", "--port", "0", *args],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr
+        assert r.stderr.splitlines()[-1].startswith("pagewatch: exporter: "), r.stderr
+
+
+@pytest.mark.kernel_independent
+def test_a_port_in_use_is_a_runtime_failure_with_the_one_prefix() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([*PAGEWATCH, "exporter", "--address", "127.0.0.1", "--port",
+                            str(port), "--name", "^no-such-process-pagewatch$"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"pagewatch: exporter: cannot listen on 127.0.0.1:{port}: "
+                           "Address already in use"), line
 
 
 # ---- contrib/ -------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ from ..errors import PagewatchError
 COMMAND_MODULES = ["probe", "process", "report", "exporter", "bench", "checkpoint"]
 
 
+class UsageError(PagewatchError):
+    """Wrong arguments found by a command itself (not by argparse): ``pagewatch: COMMAND:
+    ...`` and exit status 2, as argparse's own usage errors."""
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number above zero (pids, counts, rows)."""
     try:
@@ -79,8 +84,9 @@ the workflow:
   pagewatch top --pid 1234                live view per mapping
   pagewatch probe                         what this kernel offers, and why not
 
-exit status: 0 done; 1 a failure (the message says which and what to do); 2 wrong usage;
-run: the command's own exit status.  "pagewatch COMMAND --help" for each command."""
+exit status, every command: 0 done; 1 a failure (the message says which and what to do);
+2 wrong usage; run, record -- CMD and top -- CMD: the command's own exit status.  Every
+message starts with "pagewatch: ".  "pagewatch COMMAND --help" for each command."""
 
 
 class _Version(argparse.Action):
@@ -158,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         args.cmd = tail
     try:
         rc: int = args.func(args)
+    except UsageError as exc:
+        print(f"pagewatch: {exc}", file=sys.stderr)
+        return 2
     except PagewatchError as exc:
         print(f"pagewatch: {exc}", file=sys.stderr)
         return 1

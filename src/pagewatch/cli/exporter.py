@@ -9,7 +9,8 @@ import sys
 import threading
 from typing import Any
 
-from . import positive_float, positive_int
+from ..errors import PagewatchError
+from . import UsageError, positive_float, positive_int
 
 
 def _port(text: str) -> int:
@@ -41,7 +42,11 @@ def register(sub: Any) -> None:
         "retried.  Needs prometheus-client (pip install 'pagewatch[exporter]') and ptrace "
         "permission on the targets (root, or CAP_SYS_PTRACE).  SIGTERM or Ctrl-C stops it and "
         "leaves the targets as they were.",
-        epilog="example: pagewatch exporter --name '^postgres$'  (then scrape :9464/metrics)")
+        epilog="example: pagewatch exporter --name '^postgres$'  (then scrape :9464/metrics)\n\n"
+        "exit status: 0 stopped by SIGTERM or Ctrl-C; 1 a failure (the port cannot be\n"
+        "listened on, prometheus-client is missing); 2 wrong usage (a bad selection: an\n"
+        "invalid REGEX, an unknown USER).  Every message starts with \"pagewatch: \".",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument("--pid", type=positive_int, nargs="+", metavar="PID",
                        help="these processes")
@@ -78,10 +83,9 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         selector = Selector(pids=tuple(args.pid or ()), name=args.name, user=args.user,
                             cgroup=args.cgroup, children_of=args.children_of)
     except Exception as exc:  # a bad regular expression or an unknown user
-        print(f"pagewatch exporter: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"exporter: {exc}") from exc
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="pagewatch exporter: %(message)s", stream=sys.stderr)
+                        format="pagewatch: %(message)s", stream=sys.stderr)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -95,10 +99,9 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         try:
             host, port = exporter.serve(args.port, args.address)
         except OSError as exc:
-            print(f"pagewatch exporter: cannot listen on {args.address}:{args.port}: "
-                  f"{exc.strerror}", file=sys.stderr)
-            return 1
-        print(f"pagewatch exporter: serving http://{host}:{port}/metrics ({selector}, every "
+            raise PagewatchError(f"exporter: cannot listen on {args.address}:{args.port}: "
+                                 f"{exc.strerror}", exc.errno) from exc
+        print(f"pagewatch: exporter serving http://{host}:{port}/metrics ({selector}, every "
               f"{args.interval:g} s)", file=sys.stderr, flush=True)
         while not stop.wait(3600):
             pass

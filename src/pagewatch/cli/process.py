@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import PagewatchError, TargetGone, Unsupported
-from . import check_writable, positive_float, positive_int
+from . import UsageError, check_writable, positive_float, positive_int
 
 if TYPE_CHECKING:  # numpy, the C extension and the tracker load when a command runs, not
     import numpy as np  # for --help (issue 14: start-up)
@@ -643,10 +643,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---- record -------------------------------------------------------------------------------
 
 
-class UsageError(PagewatchError):
-    """Wrong arguments: exit status 2."""
-
-
 def _target(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
     """``(pid, None)`` or ``(None, command)``, from ``--pid PID``, ``PID`` or ``-- CMD``."""
     pid = args.pid_option or args.pid
@@ -664,11 +660,7 @@ def _target(args: argparse.Namespace) -> tuple[int | None, list[str] | None]:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    try:
-        pid, cmd = _target(args)
-    except UsageError as exc:
-        print(f"pagewatch: {exc}", file=sys.stderr)
-        return 2
+    pid, cmd = _target(args)  # UsageError: exit status 2
     if cmd is not None:  # started now and tracked from its first instruction: as run does
         args.cmd, args.no_output, args.top = cmd, False, 5
         return cmd_run(args)
@@ -818,11 +810,7 @@ def _keys() -> Iterator[int | None]:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    try:
-        pid, cmd = _target(args)
-    except UsageError as exc:
-        print(f"pagewatch: {exc}", file=sys.stderr)
-        return 2
+    pid, cmd = _target(args)  # UsageError: exit status 2
     live_view = sys.stdout.isatty()
     if live_view:
         try:
