@@ -1200,6 +1200,11 @@ def test_hugetlb_partial_page_wp_makes_no_progress(pm: Pagemap, area: Callable[.
     assert (ret, walk_end) == (0, a.addr)
     with pytest.raises(PagewatchError, match="hugetlb"):
         reset(pm, a, 0, 1)
+    # The tracker's one-call collect raises it as OSError(EAGAIN) with the walk_end.
+    with pytest.raises(OSError) as info:
+        _native.collect_runs(pm.fileno(), a.addr, a.page(1), WP | CHECK, WRITTEN)
+    assert (info.value.errno, info.value.filename, info.value.filename2) == (
+        errno.EAGAIN, "PAGEMAP_SCAN", a.addr)
     assert runs(get(pm, a), a) == [(0, a.npages)]  # nothing was protected
     assert runs(reset(pm, a), a) == [(0, a.npages)]  # the whole page can be
     assert runs(get(pm, a), a) == []

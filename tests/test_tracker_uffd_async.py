@@ -167,3 +167,67 @@ def test_collect_in_a_forked_child_is_refused() -> None:
         assert os.waitstatus_to_exitcode(status) == 0
         m[0] = 1
         assert pages_of(t.collect()) == {0}
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_tracker_made_during_a_lone_trackers_collect_hides_no_write_from_it(
+        monkeypatch: pytest.MonkeyPatch, reset: bool) -> None:
+    # A lone tracker collects without the hub's lock.  Another thread may meanwhile create
+    # a tracker over the same pages, which resets them (their written state goes into the
+    # log for the first): the collect must still report them.  The other thread's work is
+    # run inside the collect's scan, deterministically.
+    from pagewatch.backends import uffd_async
+
+    m = mmap.mmap(-1, 8 * PAGE_SIZE)
+    base, _, _ = _native.buffer_info(m)
+    a = pw.Tracker(m, backend="uffd-async")
+    others: list[pw.Tracker] = []
+    real = uffd_async._collect_runs
+
+    def racing(*args: int) -> np.ndarray:
+        if not others:
+            others.append(pw.Tracker(m, backend="uffd-async"))  # resets pages 3 and 5
+        return real(*args)
+
+    try:
+        m[3 * PAGE_SIZE] = 1
+        m[5 * PAGE_SIZE] = 1
+        monkeypatch.setattr(uffd_async, "_collect_runs", racing)
+        assert pages_of(a.collect(reset=reset)) == {3, 5}
+        monkeypatch.undo()
+        assert pages_of(a.collect()) == (set() if reset else {3, 5})
+        assert pages_of(others[0].collect()) == set()  # it started after the writes
+        m[4 * PAGE_SIZE] = 1
+        assert pages_of(a.collect()) == {4}
+        assert pages_of(others[0].collect()) == {4}
+    finally:
+        for t in others:
+            t.close()
+        a.close()
+        m.close()
+
+
+def test_a_collect_whose_scan_makes_no_progress_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The native collect raises OSError(EAGAIN, ..., walk_end as filename2) when the kernel
+    # stops short of the end (a partial hugetlb page under write-protect): the collect names
+    # the address, as the general path does.
+    import errno
+
+    from pagewatch.backends import uffd_async
+
+    m = mmap.mmap(-1, 4 * PAGE_SIZE)
+    base, _, _ = _native.buffer_info(m)
+
+    def stuck(*args: int) -> np.ndarray:
+        raise OSError(errno.EAGAIN, "PAGEMAP_SCAN made no progress", "PAGEMAP_SCAN", None,
+                      base + PAGE_SIZE)
+
+    with pw.Tracker(m, backend="uffd-async") as t:
+        monkeypatch.setattr(uffd_async, "_collect_runs", stuck)
+        for reset in (True, False):
+            with pytest.raises(pw.PagewatchError, match=f"no progress at {base + PAGE_SIZE:#x}"):
+                t.collect(reset=reset)
+        monkeypatch.undo()
+        m[0] = 1
+        assert pages_of(t.collect()) == {0}
+    m.close()

@@ -457,6 +457,57 @@ static PyObject *py_scan_runs(PyObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 /*
+ * collect_runs(fd, start, end, flags, mask) -> int64 (n, 2) [first, end) page indices from
+ * `start`: a tracker's whole collect in one call, the fixed cost a small region pays kept to
+ * the two system calls.  msync(MS_ASYNC) first checks that all of [start, end) is still
+ * mapped (a scan passes over holes without a word): OSError(ENOMEM, ..., "msync(2)") when
+ * not.  Then the PAGEMAP_SCAN loop (category_mask = return_mask = mask), no max_pages: a
+ * walk that stops short of `end` made no progress, raised as OSError(EAGAIN, ...,
+ * "PAGEMAP_SCAN", None, walk_end): filename "PAGEMAP_SCAN", filename2 the walk_end.  Other failures: OSError(errno, ..., "ioctl(PAGEMAP_SCAN)").
+ * No tuple, no page count: the array is the answer.
+ */
+static PyObject *py_collect_runs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "collect_runs(fd, start, end, flags, mask)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    uint64_t start = PyLong_AsUnsignedLongLong(args[1]);
+    uint64_t end = PyLong_AsUnsignedLongLong(args[2]);
+    uint64_t flags = PyLong_AsUnsignedLongLong(args[3]);
+    uint64_t mask = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (end < start)
+        end = start;
+    if (end > start && msync((void *)(uintptr_t)start, end - start, MS_ASYNC) < 0)
+        return pw_raise_errno(errno, "msync(2)");
+    const struct pw_pm_scan_arg tmpl = {.flags = flags, .category_mask = mask,
+                                        .return_mask = mask};
+    struct pw_scan res = {0};
+    int err = scan_maybe_nogil(fd, start, end, &tmpl, 1, &res);
+    PyObject *out = NULL;
+    if (err) {
+        pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
+    } else if (res.walk_end < end) {
+        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "issOK", EAGAIN,
+                                              "PAGEMAP_SCAN made no progress", "PAGEMAP_SCAN",
+                                              Py_None, (unsigned long long)res.walk_end);
+        if (exc) {
+            PyErr_SetObject(PyExc_OSError, exc);
+            Py_DECREF(exc);
+        }
+    } else {
+        res.counted = 1; /* no page count wanted */
+        out = runs_from(&res, start);
+    }
+    if (res.owned)
+        free(res.buf);
+    return out;
+}
+
+/*
  * The tracking loop over many ranges in one call: pagemap_scan_ranges(fd, ranges, flags,
  * category_mask, category_inverted, category_anyof_mask, return_mask) with ranges a
  * contiguous int64 (k, 2) array of [start, end).  Returns (regions (n, 3) uint64, owner
@@ -680,6 +731,9 @@ PyMethodDef pw_core_methods[] = {
     {"scan_runs", (PyCFunction)(void (*)(void))py_scan_runs, METH_FASTCALL,
      "scan_runs(fd, start, end, base, flags, mask, max_pages, check=0) -> (int64 (n, 2) "
      "page runs from base, walk_end, pages): the PAGEMAP_SCAN loop for a tracker's collect."},
+    {"collect_runs", (PyCFunction)(void (*)(void))py_collect_runs, METH_FASTCALL,
+     "collect_runs(fd, start, end, flags, mask) -> int64 (n, 2) page runs from start: a\n"
+     "tracker's collect (mapped check + PAGEMAP_SCAN loop) in one call."},
     {"pidfd_getfd", py_pidfd_getfd, METH_VARARGS, "pidfd_getfd(pidfd, targetfd, flags=0) -> fd."},
     {"madvise", py_madvise, METH_VARARGS, "madvise(addr, len, advice)."},
     {"msync", py_msync, METH_VARARGS, "msync(addr, len, flags): ENOMEM if not all mapped."},

@@ -38,7 +38,7 @@ from ..rangeset import RangeSet
 from ._memory import HugePageAdvice
 
 __all__ = [
-    "Region", "Backend", "Hub", "HubBackend", "BACKENDS", "backend_class", "backends",
+    "Region", "Backend", "Hub", "HubLock", "HubBackend", "BACKENDS", "backend_class", "backends",
     "choose", "BackendInfo",
 ]
 
@@ -191,6 +191,35 @@ class Backend(Closeable, abc.ABC):
         return dirty_pages_of(runs, self.region.start, self.region.npages)
 
 
+class HubLock:
+    """The hub's reentrant lock, which also says when someone holds it (``busy``: the
+    holds not yet released) and how often it was taken (``gen``).
+
+    Every reset of tracked pages (get-and-reset of a collect, a tracker's set-up taking over
+    pages another one covers) happens while holding it, and ``gen`` moves *before* the
+    holder resets anything.  So a lock-free reader (the lone tracker's collect) that saw
+    ``busy == 0`` before its own scan and the same ``gen`` after it knows that nobody reset
+    pages under it meanwhile, and that the log held everything reset before.
+    """
+
+    __slots__ = ("_lock", "busy", "gen")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.busy = 0
+        self.gen = 0
+
+    def __enter__(self) -> HubLock:
+        self._lock.acquire()
+        self.busy += 1
+        self.gen += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy -= 1
+        self._lock.release()
+
+
 class Hub:
     """State shared by every tracker of one backend in this process.
 
@@ -211,10 +240,14 @@ class Hub:
     COMPACT_EVERY = 16
 
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = HubLock()
         #: the live trackers (HubBackends, but for uffd-sync's hub, which shares only the
         #: lock, the members and what they cover)
         self.members: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: ``len(members)`` as of the last join or leave: never below it (a member that dies
+        #: without leaving only leaves it high), so ``shared <= 1`` means no other member.
+        #: The collect path reads it instead of the WeakSet's ``len`` (a Python call).
+        self.shared = 0
         self.pid = os.getpid()
         self._clear_log()
 
@@ -319,9 +352,11 @@ class HubBackend(Backend):
         if self._cursor < 0:
             self._cursor = self.hub.seq
         self.hub.members.add(self)
+        self.hub.shared = len(self.hub.members)
 
     def _leave(self) -> None:
         self.hub.members.discard(self)
+        self.hub.shared = len(self.hub.members)
 
     def _take_log(self) -> None:
         """Move the log entries past this member's cursor into ``_pending``."""
@@ -373,7 +408,7 @@ class HubBackend(Backend):
             with hub.lock:
                 got = self._get(reset)
                 if self._cursor == hub.seq and not len(self._pending):
-                    if reset and len(got) and len(hub.members) > 1:
+                    if reset and len(got) and hub.shared > 1:
                         hub.harvest(self, got)
                     return dirty_pages_of(got, self._base, self._npages)
                 pending = self._pending_runs()

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import weakref
 
 import numpy as np
@@ -48,7 +47,7 @@ from .. import _intervals, _native
 from ..dirty import DirtyPages
 from ..errors import PagewatchError
 from ._memory import check_identity, check_mapped, mapping_identity
-from .base import Hub, HubBackend, Region
+from .base import Hub, HubBackend, HubLock, Region
 
 __all__ = ["SoftDirty", "BACKEND"]
 
@@ -92,11 +91,12 @@ class _SoftDirtyHub(Hub):
         # The /proc/self files were opened by the parent: they still describe it.  The
         # trackers' copies refuse to work (their pid is the parent's).
         self.members = weakref.WeakSet()
+        self.shared = 0
         for fd in (self._pagemap, self._clear_refs):
             if fd >= 0:
                 os.close(fd)
         self._pagemap = self._clear_refs = -1
-        self.lock = threading.RLock()
+        self.lock = HubLock()
         self.pid = os.getpid()
         self._clear_log()
 

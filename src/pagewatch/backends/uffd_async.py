@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from typing import NoReturn
 
 import numpy as np
 
-from .. import _native
+from .. import _intervals, _native
+from ..dirty import DirtyPages
 from ..errors import InvalidRange, PagewatchError, TargetGone
 from ..kernel._errors import scan_error
 from ..kernel.constants import PAGE_SIZE, PageCategory, ScanFlag, UffdFeature
 from ..kernel.pagemap import Pagemap, no_progress, scan_written
 from ..kernel.uffd import Userfaultfd
 from ._memory import busy_error, check_mapped, forget_replaced, replaced_error
-from .base import Hub, HubBackend, Region
+from .base import Hub, HubBackend, HubLock, Region, _forks
 
 _WRITTEN = int(PageCategory.WRITTEN)
 _RESET = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
 _GET = int(ScanFlag.CHECK_WPASYNC)
 _FEATURES = int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED)
+_collect_runs = _native.collect_runs
+_new = object.__new__
 
 
 class _UffdHub(Hub):
@@ -63,9 +65,10 @@ class _UffdHub(Hub):
         # The uffd and /proc/self/pagemap fd still point at the parent's memory; the
         # trackers' copies refuse to work (their pid is the parent's).
         self.members.clear()
+        self.shared = 0
         self.uffd = None
         self.pagemap = None
-        self.lock = threading.RLock()
+        self.lock = HubLock()
         self.pid = os.getpid()
         self._clear_log()
 
@@ -138,18 +141,81 @@ class UffdAsync(HubBackend):
                                  "userfaultfd any more", exc.errno) from exc
         raise exc
 
+    def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
+        """The pages written since the last reset (see :meth:`.base.Backend.collect`)."""
+        # The usual case in one frame (its fixed cost is what a small region pays): a whole
+        # collect by an open tracker of this process with nothing pending.  A lone tracker
+        # takes no lock: it checks instead that nobody held the hub's lock before its scan
+        # and nobody took it since (every reset by another tracker happens under it, see
+        # HubLock); when someone did, it takes the lock and adds what the log holds for it.
+        # Everything else (and every failure) takes the template's general path.
+        if (max_pages is None and (reset is True or reset is False) and not self.closed
+                and self.gone is None and _forks.count == self._forks):
+            hub = self.hub
+            lock = hub.lock
+            gen = lock.gen
+            if (not lock.busy and hub.shared <= 1 and self._cursor == hub.seq
+                    and not len(self._pending)):
+                try:
+                    runs = _collect_runs(self._fd, self._base, self._end,
+                                         _RESET if reset else _GET, _WRITTEN)
+                except OSError as exc:
+                    self._fast_failed(exc, reset)
+                if lock.gen != gen:
+                    return self._raced(runs, reset)
+            else:
+                with lock:
+                    if self._cursor != hub.seq or len(self._pending):
+                        return super().collect(reset, max_pages)
+                    try:
+                        runs = _collect_runs(self._fd, self._base, self._end,
+                                             _RESET if reset else _GET, _WRITTEN)
+                    except OSError as exc:
+                        self._fast_failed(exc, reset)
+                    if reset and len(runs) and hub.shared > 1:
+                        hub.harvest(self, runs)
+            d: DirtyPages = _new(DirtyPages)
+            d._runs = runs
+            d.base = self._base
+            d.npages = self._npages
+            d.page_size = PAGE_SIZE
+            return d
+        return super().collect(reset, max_pages)
+
+    def _raced(self, runs: np.ndarray, reset: bool) -> DirtyPages:
+        """The lock-free collect's scan ran while another tracker held the hub's lock: what
+        that one reset of our pages is in the log once it lets go; add it."""
+        hub = self.hub
+        with hub.lock:
+            pending = self._pending_runs()
+            if reset:
+                hub.harvest(self, runs)  # what we reset is pending for whoever joined
+                self._clear_pending()
+        if len(pending):
+            runs = _intervals.normalise(np.concatenate([runs, pending]))
+        return self._result(runs)
+
+    def _fast_failed(self, exc: OSError, reset: bool) -> NoReturn:
+        """What the fast path's failed native call means, raised as the template would."""
+        try:
+            self._get_failed(exc, _RESET if reset else _GET)
+        except TargetGone as gone:
+            self._went(gone)
+            raise
+
+    def _get_failed(self, exc: OSError, flags: int) -> NoReturn:
+        if exc.filename == "msync(2)":
+            check_mapped(self.region)  # the TargetGone that says what went
+        if exc.filename == "PAGEMAP_SCAN" and exc.errno == errno.EAGAIN:
+            raise no_progress(exc.filename2, self._base, self._end) from None
+        self._scan_failed(scan_error(exc, self._base, self._end, flags))
+
     def _get(self, reset: bool) -> np.ndarray:
         flags = _RESET if reset else _GET
-        try:  # checked mapped and scanned in one native call (scan_written, inlined)
-            runs, walk_end, _ = _native.scan_runs(self._fd, self._base, self._end, self._base,
-                                                  flags, _WRITTEN, 0, True)
+        try:  # checked mapped and scanned in one native call
+            return _collect_runs(self._fd, self._base, self._end, flags, _WRITTEN)
         except OSError as exc:
-            if exc.filename == "msync(2)":
-                check_mapped(self.region)  # the TargetGone that says what went
-            self._scan_failed(scan_error(exc, self._base, self._end, flags))
-        if walk_end < self._end:
-            raise no_progress(walk_end, self._base, self._end)
-        return runs
+            self._get_failed(exc, flags)
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
         base, ps = self.region.start, PAGE_SIZE

@@ -66,7 +66,7 @@ from ._memory import (
     kernel_answer,
     replaced_error,
 )
-from .base import Backend, Hub, Region
+from .base import Backend, Hub, HubLock, Region
 from .mprotect import writable
 
 __all__ = ["UffdSync", "writable", "BACKEND"]
@@ -166,7 +166,7 @@ class _Hub(Hub):
         if self._pagemap >= 0:
             os.close(self._pagemap)  # /proc/self of the parent
             self._pagemap = -1
-        self.lock = threading.RLock()
+        self.lock = HubLock()
         self.pid = os.getpid()
 
 
