@@ -740,6 +740,47 @@ def test_stop_the_world_refuses_a_thread_that_blocks_its_signal() -> None:
     assert _native.sd_selftest(addr_of(page), 8, 0)[0] == 0
 
 
+def signal_pending_in(tid: int, sig: int) -> bool:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    return bool((int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) >> (sig - 1) & 1)
+
+
+def test_stop_the_world_waits_for_a_thread_that_blocks_its_signal_for_a_moment() -> None:
+    """A thread that starts or exits blocks every signal for a moment (glibc); under emulation
+    and load the moment outlasted the first check, and a collect failed with EDEADLK (CI's
+    6.1 guest: a racing writer thread that had just ended).  It is waited for."""
+    sig = _native.sd_signal()
+    blocked, written = threading.Event(), threading.Event()
+    tid: list[int] = []
+    page = aligned(1)
+
+    def moment() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+        tid.append(threading.get_native_id())
+        blocked.set()
+        # Hold the block until the stop has signalled this thread and well past the check
+        # that used to refuse it (0.2 s), then write and unblock: the stop must wait for it.
+        for _ in range(3000):
+            if signal_pending_in(tid[0], sig):
+                break
+            time.sleep(0.01)
+        time.sleep(0.5)
+        _native.poke(addr_of(page), 8, 1, 7)
+        written.set()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+
+    th = threading.Thread(target=moment)
+    th.start()
+    blocked.wait()
+    try:
+        err, culprit, stopped, _ = _native.sd_selftest(addr_of(page), 8, 0)
+    finally:
+        th.join()
+    assert (err, culprit) == (0, 0)
+    assert stopped >= 1 and written.is_set()
+
+
 @only("soft-dirty")
 def test_soft_dirty_reports_a_grown_mapping_whole_as_the_kernel_documents(
         backend: str, track: Callable[..., pw.Tracker]) -> None:

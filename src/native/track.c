@@ -1165,7 +1165,8 @@ static void sd_release(void)
     syscall(SYS_futex, &sd_gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
-static char sd_done[SD_MAXT];      /* per signalled thread: answered or gone */
+static char sd_done[SD_MAXT];
+#define SD_BLOCK_GRACE 3.0          /* s a signalled thread may keep our signal blocked */      /* per signalled thread: answered or gone */
 
 /* Stop every thread but this one and `exclude`; returns with them parked, or an error with
  * all released.  Called with sd_mu held and the GIL released. */
@@ -1212,7 +1213,12 @@ static struct sd_result sd_stop(pid_t exclude)
         }
         if (!fresh)
             break;
-        /* Wait for every signalled thread: answered, gone, or refusing (an error). */
+        /* Wait for every signalled thread: answered, gone, or refusing (an error).  A thread
+         * that starts or exits blocks every signal for a moment (glibc); under emulation and
+         * load that moment can last long: only a block that lasts SD_BLOCK_GRACE refuses. */
+        static double blocked_since[SD_MAXT];
+        for (int j = 0; j < nsig; j++)
+            blocked_since[j] = 0;
         double start = now_s(), checked = start;
         for (;;) {
             int waiting = 0;
@@ -1240,7 +1246,11 @@ static struct sd_result sd_stop(pid_t exclude)
                     int why = sd_check_thread(sd_tids[j]);
                     if (why == 1) {
                         sd_done[j] = 1;
-                    } else if (why == 2) {
+                    } else if (why != 2) {
+                        blocked_since[j] = 0;
+                    } else if (blocked_since[j] == 0) {
+                        blocked_since[j] = t;
+                    } else if (t - blocked_since[j] >= SD_BLOCK_GRACE) {
                         res.err = EDEADLK;
                         res.culprit = sd_tids[j];
                         goto fail;

@@ -20,7 +20,9 @@ Limits
 * Writes made during the stop by something that is not one of this process's threads
   stopped by the signal are not covered: other processes writing shared memory,
   ``process_vm_writev``, io_uring and AIO kernel workers.  A thread that blocks the signal
-  cannot be stopped: the collect then fails (``EDEADLK``) instead of risking a lost write.
+  cannot be stopped: the collect then fails (``EDEADLK``) instead of risking a lost write,
+  once the block has lasted 3 s (a thread that starts or exits blocks every signal for a
+  moment: it is waited for).
 * Each collect signals every other thread: a blocking system call is restarted
   (``SA_RESTART``) or, for the few the kernel never restarts (``poll``, ``select``,
   ``epoll_wait``, ``nanosleep``...), returns ``EINTR``, which Python retries (PEP 475) but
