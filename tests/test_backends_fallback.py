@@ -598,7 +598,7 @@ def test_a_fault_outside_every_tracker_still_kills_with_sigsegv(backend: str,
 
 
 @only("mprotect")
-@pytest.mark.one_guest("6.12")  # the VMA limit is the same on every kernel
+@pytest.mark.one_guest("6.1")  # the VMA limit is the same on every kernel
 def test_mprotect_survives_more_written_pages_than_the_vma_limit_allows(
         backend: str, track: Callable[..., pw.Tracker]) -> None:
     with open("/proc/sys/vm/max_map_count") as f:

@@ -432,6 +432,7 @@ def test_plot_of_a_file_without_intervals_is_a_clear_error(
     assert "no interval lines" in capfd.readouterr().err
 
 
+@pytest.mark.kernel_independent
 def test_plot_of_a_line_missing_a_field_names_the_line_and_the_field(
         tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib is an optional extra")

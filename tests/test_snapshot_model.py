@@ -302,6 +302,8 @@ def _make_machine(backend: str) -> type[RuleBasedStateMachine]:
     return SnapshotModel
 
 
+# mprotect and compare use nothing that differs between kernels: one guest suffices
+@pytest.mark.one_guest("6.1", backends=("mprotect", "compare"))
 @pytest.mark.parametrize("backend", _backend_params())
 def test_snapshots_follow_a_numpy_model_through_random_sequences(backend: str) -> None:
     machine: Any = _make_machine(backend)
