@@ -577,6 +577,20 @@ static PyObject *py_mp_collect(PyObject *self, PyObject *args)
     return do_collect(&mp, args, "lp|L:mp_collect");
 }
 
+/* mp_reinstall(): if any watch exists and something replaced the handler, install it again
+ * (chaining to the newcomer).  Called right after Python code installs a SIGSEGV handler. */
+static PyObject *py_mp_reinstall(PyObject *self, PyObject *noargs)
+{
+    int err = 0;
+    mp_lock();
+    if (mp.head)
+        err = mp_install();
+    mp_unlock();
+    if (err)
+        return pw_raise_errno(err, "sigaction(SIGSEGV)");
+    Py_RETURN_NONE;
+}
+
 /* mp_mark(start, length): the pages of [start, start + length) lost their protection
  * behind our back (the program's own mprotect): mark them written in every watch, so the
  * next collect reports them and protects them again. */
@@ -1410,6 +1424,8 @@ PyMethodDef pw_track_methods[] = {
     {"mp_collect", py_mp_collect, METH_VARARGS,
      "mp_collect(id, reset, max_pages=-1) -> (runs int64 (n,2), errno)."},
     {"mp_unwatch", py_mp_unwatch, METH_VARARGS, "mp_unwatch(id): stop, un-protect."},
+    {"mp_reinstall", py_mp_reinstall, METH_NOARGS,
+     "mp_reinstall(): put the SIGSEGV handler back on top (while watches exist)."},
     {"mp_mark", py_mp_mark, METH_VARARGS,
      "mp_mark(start, length): mark the pages written in every watch (protection lost)."},
     {"us_verify", py_us_verify, METH_VARARGS,

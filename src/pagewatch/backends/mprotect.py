@@ -34,13 +34,14 @@ Limits
   fall back to un-protecting whole trackers (every page reported once).
 * A first write to a page costs a signal and two system calls (microseconds).
 * **Other users of ``SIGSEGV``.**  The handler is installed when the first tracker starts
-  and checked at every start, collect and reset: if something replaced it
-  (``faulthandler.enable()``, ``signal.signal(SIGSEGV, ...)``) it is installed again and
-  chains to the newcomer for faults that are not ours.  Between the replacement and that
-  next call, a write to a tracked page goes to the newcomer: ``faulthandler`` prints a
-  traceback and the process dies of ``SIGSEGV``; a Python-level handler can never run
-  (the faulting instruction repeats) and the thread hangs.  Enable ``faulthandler`` and
-  set handlers *before* tracking, or collect right after.  A thread that blocks
+  and put back on top whenever something replaces it, chaining to the newcomer for faults
+  that are not ours: at once after ``faulthandler.enable()`` and
+  ``signal.signal(SIGSEGV, ...)`` (the first tracker wraps these two functions), and
+  at the next start, collect or reset after a handler installed by C code calling
+  ``sigaction`` itself.  Between such a C call and that next call, a write to a tracked
+  page goes to the newcomer (a C ``faulthandler``-like handler kills the process).  A
+  Python-level handler still cannot handle a real crash (the faulting instruction repeats
+  and the thread hangs), as without pagewatch.  A thread that blocks
   ``SIGSEGV`` is killed by the kernel on its first write to a tracked page (a blocked
   synchronous fault cannot be delivered): a tracker refuses to start while such a thread
   exists.
@@ -114,6 +115,39 @@ def _threads_blocking_sigsegv() -> list[int]:
     return out
 
 
+_hooked = False
+
+
+def _hook_sigsegv_installers() -> None:
+    """Once, at the first tracker: ``signal.signal`` and ``faulthandler.enable`` put the
+    tracker's handler back on top right after they install theirs for ``SIGSEGV`` (it then
+    chains to theirs for faults that are not ours).  Without
+    this, a write to a tracked page between such a call and the next collect went to the
+    newcomer: ``faulthandler`` killed the process, a Python handler hung the thread.  A
+    handler installed by C code calling ``sigaction`` is taken back at the next collect."""
+    global _hooked
+    if _hooked:
+        return
+    import faulthandler
+    import functools
+
+    def after(install: Any, is_sigsegv: Any) -> Any:
+        @functools.wraps(install)
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            result = install(*args, **kwargs)
+            if is_sigsegv(*args, **kwargs):
+                _native.mp_reinstall()
+            return result
+        return hooked
+
+    def signal_arg(signalnum: int, *args: Any, **kwargs: Any) -> bool:
+        return signalnum == signal.SIGSEGV
+
+    signal.signal = after(signal.signal, signal_arg)
+    faulthandler.enable = after(faulthandler.enable, lambda *a, **k: True)
+    _hooked = True
+
+
 class MprotectBackend(Backend):
     name = "mprotect"
     rank = 3
@@ -134,6 +168,7 @@ class MprotectBackend(Backend):
                 "one to a tracked page would kill the process (the kernel cannot deliver a "
                 "blocked fault). Unblock SIGSEGV there, or use another backend")
         extra = _exec_bit(region)
+        _hook_sigsegv_installers()
         self._identity = mapping_identity(region)
         self._split_huge_pages()
         try:
