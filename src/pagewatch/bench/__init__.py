@@ -325,6 +325,17 @@ def plan(cfg: Config, result: dict[str, Any]) -> list[Step]:
 
     steps.append(step("checkpoint: save and load against np.save and np.load", result,
                       "checkpoint", functools.partial(checkpoint_bench.measure, cfg.mode)))
+    from . import checkpoint_icechunk as icechunk_bench  # to a local S3 server, vs a full write
+
+    why = icechunk_bench.available()
+    if cfg.mode == "smoke":  # a server of its own and full writes: seconds the smoke run lacks
+        why = "in smoke mode (quick and full measure it)"
+    if why:
+        result["notes"].append(f"not measured: checkpoint to Icechunk: {why}")
+    else:
+        steps.append(step("checkpoint: Icechunk on a local S3 server, 1 % written against a "
+                          "full write", result, "checkpoint_icechunk",
+                          functools.partial(icechunk_bench.measure, cfg.mode)))
     if cfg.alternative_bytes != cfg.collect_bytes:
         result["notes"].append(f"the alternatives are measured on {_size(cfg.alternative_bytes)}"
                                f" ({cfg.mode} mode); they read every byte, so their cost "

@@ -309,6 +309,11 @@ def tables(result: dict[str, Any]) -> list[Table]:
         from .checkpoint import table_rows
 
         out.append(Table(*table_rows(ck)))
+    ice = result.get("checkpoint_icechunk")
+    if isinstance(ice, dict) and "random" in ice:
+        from .checkpoint_icechunk import table_rows as icechunk_rows
+
+        out.append(Table(*icechunk_rows(ice)))
     return out
 
 

@@ -35,13 +35,19 @@ import numpy as np
 
 from ..kernel.constants import PAGE_SIZE
 from ..tracker import Tracker
-from . import _format
-from ._errors import CheckpointDamaged, CheckpointError
+from . import _format, _icechunk
+from ._errors import CheckpointConflict, CheckpointDamaged, CheckpointError
 from ._format import ArrayPart, array_meta, flat_bytes, make_array, same_layout
+from ._icechunk import IcechunkStore
 from ._store import GenerationReader, LocalStore, Store
 
 __all__ = ["Checkpoint", "Generation", "load", "generations", "verify", "compact",
-           "CheckpointError", "CheckpointDamaged", "Store", "LocalStore"]
+           "CheckpointError", "CheckpointDamaged", "CheckpointConflict", "Store", "LocalStore",
+           "IcechunkStore"]
+
+#: what a checkpoint may be given as: a path (or URL), a :class:`Store`, an
+#: :class:`IcechunkStore`
+Where = str | os.PathLike[str] | Store | IcechunkStore
 
 #: the name a lone array (not a dict) is saved under, as ``np.savez`` names it
 SINGLE = "arr_0"
@@ -58,8 +64,33 @@ class Generation(NamedTuple):
     """pages it holds: written since the previous generation, or all of them for a base"""
 
 
-def _store_of(path: str | os.PathLike[str] | Store) -> Store:
-    return path if isinstance(path, Store) else LocalStore(path)
+def _store_of(path: Where, store: str = "auto",
+              storage_options: Mapping[str, Any] | None = None,
+              chunk_bytes: int | None = None) -> Store | IcechunkStore:
+    """The store ``path`` names: ``store="local"`` (a folder of generation files),
+    ``"icechunk"`` (an Icechunk repository: ``s3://`` URL or folder) or ``"auto"`` (an
+    ``s3://`` URL or a folder holding an Icechunk repository is Icechunk, anything else
+    local)."""
+    if isinstance(path, (Store, IcechunkStore)):
+        if storage_options or chunk_bytes is not None:
+            raise ValueError("storage_options and chunk_bytes go to the store's constructor "
+                             "when a store object is given")
+        return path
+    if store not in ("auto", "local", "icechunk"):
+        raise ValueError(f"store must be 'auto', 'local' or 'icechunk', not {store!r}")
+    if store == "icechunk" or (store == "auto" and _icechunk.is_icechunk(path)):
+        return IcechunkStore(path, storage_options=storage_options, chunk_bytes=chunk_bytes)
+    if storage_options or chunk_bytes is not None:
+        raise ValueError("storage_options and chunk_bytes are options of store='icechunk'")
+    if "://" in os.fspath(path):
+        raise CheckpointError(f"{os.fspath(path)}: a URL needs store='icechunk' (s3://...)")
+    return LocalStore(path)
+
+
+def _local(store: Store | IcechunkStore, what: str) -> Store:
+    if isinstance(store, IcechunkStore):
+        raise CheckpointError(f"{store}: {NO_COMPACTION}")
+    return store
 
 
 def _gen(idx: dict[str, Any]) -> Generation:
@@ -170,19 +201,23 @@ def _materialise(store: Store, n: int, verify: bool = True) -> dict[str, np.ndar
     return out
 
 
-def load(path: str | os.PathLike[str] | Store, generation: int = -1, *,
-         verify: bool = True) -> dict[str, np.ndarray]:
+def load(path: Where, generation: int = -1, *, verify: bool = True, store: str = "auto",
+         storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The arrays of one generation.
 
     Parameters
     ----------
     path
-        The checkpoint (its directory), or a :class:`Store`.
+        The checkpoint (its directory, an ``s3://`` URL), or a :class:`Store` or
+        :class:`IcechunkStore`.
     generation
         Its number, or a negative index among the generations held (``-1``: the newest).
     verify
         Check every checksum on the way (the default).  ``False`` still checks the framing
-        and the index, not the data.
+        and the index, not the data.  An Icechunk generation is checked out as one
+        snapshot; its layouts are checked, its chunks' checksums only by :func:`verify`.
+    store, storage_options
+        See :class:`Checkpoint`.
 
     Returns
     -------
@@ -198,23 +233,34 @@ def load(path: str | os.PathLike[str] | Store, generation: int = -1, *,
         The generation, or one it builds on, is damaged or missing: the message names the
         generation, the array and the part.  No array is returned then.
     """
-    store = _store_of(path)
-    return _materialise(store, _resolve(store, generation), verify)
+    st = _store_of(path, store, storage_options)
+    if isinstance(st, IcechunkStore):
+        return st.load(generation)
+    return _materialise(st, _resolve(st, generation), verify)
 
 
-def generations(path: str | os.PathLike[str] | Store) -> list[Generation]:
+def generations(path: Where, *, store: str = "auto",
+                storage_options: Mapping[str, Any] | None = None) -> list[Generation]:
     """Every generation of a checkpoint, oldest first (a damaged one raises)."""
-    store = _store_of(path)
-    return [_gen(_index(store, n)) for n in store.generations()]
+    st = _store_of(path, store, storage_options)
+    if isinstance(st, IcechunkStore):
+        return [_gen(r) for r in st.records()]
+    return [_gen(_index(st, n)) for n in st.generations()]
 
 
-def describe(path: str | os.PathLike[str] | Store) -> Iterator[dict[str, Any] | CheckpointDamaged]:
+def describe(path: Where, *, store: str = "auto",
+             storage_options: Mapping[str, Any] | None = None
+             ) -> Iterator[dict[str, Any] | CheckpointDamaged]:
     """Each generation's index (``kind``: ``"base"`` or ``"delta"``), or the damage that
-    keeps it from being read; for ``pagewatch checkpoint ls``."""
-    store = _store_of(path)
-    for n in store.generations():
+    keeps it from being read; for ``pagewatch checkpoint ls``.  An Icechunk generation's
+    also has ``snapshot`` (its Icechunk snapshot id)."""
+    st = _store_of(path, store, storage_options)
+    if isinstance(st, IcechunkStore):
+        yield from _icechunk.iter_records(st)
+        return
+    for n in st.generations():
         try:
-            idx = _index(store, n)
+            idx = _index(st, n)
         except CheckpointDamaged as exc:
             yield exc
             continue
@@ -222,8 +268,14 @@ def describe(path: str | os.PathLike[str] | Store) -> Iterator[dict[str, Any] | 
         yield idx
 
 
-def verify(path: str | os.PathLike[str] | Store) -> list[CheckpointDamaged]:
+def verify(path: Where, *, store: str = "auto",
+           storage_options: Mapping[str, Any] | None = None) -> list[CheckpointDamaged]:
     """Re-check every checksum of every generation and that each one's chain is whole.
+
+    An Icechunk checkpoint: every chunk each generation wrote is read once and checked
+    against that generation's checksum, and each array's Zarr metadata against the
+    generation's layout; a generation that may hold chunks of a damaged one is named with
+    part ``"chain"``.
 
     Returns
     -------
@@ -231,13 +283,15 @@ def verify(path: str | os.PathLike[str] | Store) -> list[CheckpointDamaged]:
         One per damaged generation (empty: all is well).  A generation that is sound but
         builds on a damaged one is listed too (part ``"chain"``).
     """
-    store = _store_of(path)
+    st = _store_of(path, store, storage_options)
+    if isinstance(st, IcechunkStore):
+        return st.verify()
     problems: list[CheckpointDamaged] = []
     bad: set[int] = set()
     indices: dict[int, dict[str, Any]] = {}
-    for n in store.generations():
+    for n in st.generations():
         try:
-            with store.open(n) as r:
+            with st.open(n) as r:
                 idx = _read_index(r, n)
                 for e in idx["arrays"]:
                     try:
@@ -250,7 +304,7 @@ def verify(path: str | os.PathLike[str] | Store) -> list[CheckpointDamaged]:
             bad.add(n)
     for n in indices:
         try:
-            plan = _chain(store, n)
+            plan = _chain(st, n)
         except CheckpointDamaged as exc:
             if exc.generation == n or exc.generation not in bad:
                 problems.append(exc)
@@ -268,8 +322,8 @@ def verify(path: str | os.PathLike[str] | Store) -> list[CheckpointDamaged]:
     return problems
 
 
-def compact(path: str | os.PathLike[str] | Store, generation: int = -1, *,
-            prune: bool = True) -> Generation:
+def compact(path: Where, generation: int = -1, *, prune: bool = True, store: str = "auto",
+            storage_options: Mapping[str, Any] | None = None) -> Generation:
     """Fold a generation's chain into a base: rewrite it whole, in place (same number).
 
     Parameters
@@ -285,13 +339,26 @@ def compact(path: str | os.PathLike[str] | Store, generation: int = -1, *,
     Takes the writer's lock: fails while a :class:`Checkpoint` writes to ``path``.  The
     rewrite is one atomic replace: a crash leaves the old delta or the new base, each the
     same state.
+
+    Raises
+    ------
+    CheckpointError
+        For an Icechunk checkpoint, always (it has no chains; the message says how to drop
+        old generations with Icechunk).
     """
-    store = _store_of(path)
-    store.lock()
+    st = _local(_store_of(path, store, storage_options), "compact")
+    st.lock()
     try:
-        return _compact(store, generation, prune)
+        return _compact(st, generation, prune)
     finally:
-        store.unlock()
+        st.unlock()
+
+
+NO_COMPACTION = ("an Icechunk checkpoint has no chains to compact: every generation is a "
+                 "whole Icechunk snapshot (a commit keeps the chunks it did not write from "
+                 "its parent), so loading any generation reads one state.  To give back the "
+                 "space of old generations, use Icechunk's own Repository.expire_snapshots() "
+                 "then garbage_collect()")
 
 
 def _compact(store: Store, generation: int, prune: bool) -> Generation:
@@ -375,9 +442,10 @@ class Checkpoint:
     Parameters
     ----------
     path
-        A directory (made if missing) or a :class:`Store`.  An existing checkpoint is
-        continued: new generations are numbered after the ones it holds, and this
-        object's first save is a base.
+        A directory (made if missing), an ``s3://bucket/prefix`` URL (with
+        ``store="icechunk"``), a :class:`Store` or an :class:`IcechunkStore`.  An existing
+        checkpoint is continued: new generations are numbered after the ones it holds, and
+        this object's first save is a base.
     state
         One array, or a dict of name -> array.  The dict is read again at every save: an
         array added, replaced or resized gets a full entry, a name removed is dropped.
@@ -395,11 +463,27 @@ class Checkpoint:
         generation reads: one full state, plus at most this fraction, plus one delta.
     backend
         The :class:`~pagewatch.Tracker` backend.
+    store
+        ``"local"``: a folder of generation files (this module's format).  ``"icechunk"``:
+        an Icechunk repository of Zarr v3 arrays, in object storage (``s3://``) or a folder;
+        each save is one commit writing the chunks that hold a written page
+        (``pip install 'pagewatch[icechunk]'``).  ``"auto"`` (default): Icechunk for an
+        ``s3://`` URL or a folder holding an Icechunk repository, else local.
+    storage_options
+        Icechunk only: how to reach the object store (``endpoint_url``, ``region``,
+        credentials, retries, ...: see :class:`IcechunkStore`).
+    chunk_bytes
+        Icechunk only: the target chunk size of the Zarr arrays (default
+        ``DEFAULT_CHUNK_BYTES``, 16 KiB, chosen by measurement: see the README).
 
     Notes
     -----
-    One writer at a time: the checkpoint's lock is held until :meth:`close`.  See the
-    module's Limits for writes that race a save.
+    One writer at a time: the checkpoint's lock is held until :meth:`close`.  An Icechunk
+    checkpoint has no lock: a save fails with :class:`CheckpointConflict`, having written
+    and reset nothing, when another writer committed to the branch since this object's
+    previous save.  ``max_chain``, ``max_chain_ratio`` and ``compression`` do not apply
+    to it (every commit is a whole state; chunks are stored raw).  See the module's Limits
+    for writes that race a save.
 
     Examples
     --------
@@ -411,10 +495,11 @@ class Checkpoint:
     1
     """
 
-    def __init__(self, path: str | os.PathLike[str] | Store,
-                 state: np.ndarray | Mapping[str, np.ndarray], *, compression: str = "none",
-                 checksum: str | None = None, max_chain: int = 10,
-                 max_chain_ratio: float = 0.25, backend: str = "auto") -> None:
+    def __init__(self, path: Where, state: np.ndarray | Mapping[str, np.ndarray], *,
+                 compression: str = "none", checksum: str | None = None,
+                 max_chain: int = 10, max_chain_ratio: float = 0.25, backend: str = "auto",
+                 store: str = "auto", storage_options: Mapping[str, Any] | None = None,
+                 chunk_bytes: int | None = None) -> None:
         self.checksum = checksum or _format.default_checksum()
         _format.check_options(self.checksum, compression)
         if max_chain < 0 or not max_chain_ratio >= 0:
@@ -425,7 +510,16 @@ class Checkpoint:
         self.backend = backend
         self._state = state
         self._tracked: dict[str, _Tracked] = {}
-        self._store = _store_of(path)
+        self._store: Store | IcechunkStore = _store_of(path, store, storage_options,
+                                                       chunk_bytes)
+        if isinstance(self._store, IcechunkStore) and compression != "none":
+            raise CheckpointError("an Icechunk checkpoint stores its chunks raw: "
+                                  "compression must be 'none'")
+        self._writer = _icechunk.new_writer()
+        self._snapshot: str | None = None  # Icechunk: this writer's last commit
+        self._saved: dict[str, dict[str, Any]] | None = None  # Icechunk: its arrays
+        self._next = 0  # Icechunk: the next generation number
+        self._conflict: CheckpointConflict | None = None  # Icechunk: refuse from now on
         self._store.lock()
         self._last: int | None = None  # the generation the next delta builds on
         self._chain = 0  # deltas since the last base
@@ -476,6 +570,8 @@ class Checkpoint:
         """
         if self._store is None:
             raise ValueError("this checkpoint is closed")
+        if isinstance(self._store, IcechunkStore):
+            return self._save_icechunk(self._store)
         arrays = self._arrays()
         for name in [n for n in self._tracked if n not in arrays]:
             self._tracked.pop(name).close()
@@ -511,6 +607,62 @@ class Checkpoint:
         self._last = n
         return _gen(idx)
 
+    def _parts(self, arrays: dict[str, np.ndarray], base: bool) -> list[ArrayPart]:
+        """Each array's part: whole (new, replaced, or ``base``) or the pages written since
+        the last call (its tracker collected and reset in one step, before any copy)."""
+        parts: list[ArrayPart] = []
+        for name, a in arrays.items():
+            tr = self._tracked.get(name)
+            if tr is None or tr.key != _key(a):
+                if tr is not None:
+                    self._tracked.pop(name).close()
+                tr = self._tracked[name] = _Tracked(a, self.backend)
+                parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)))
+                continue
+            part = tr.written(name)
+            parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)) if base else part)
+        return parts
+
+    def _save_icechunk(self, store: IcechunkStore) -> Generation:
+        arrays = self._arrays()
+        for name in arrays:
+            if "/" in name or name.startswith("__") or not name.strip("."):
+                raise CheckpointError(f"{name!r} cannot name a Zarr array (no '/', no "
+                                      "leading '__', not only dots)")
+        if self._conflict is not None:
+            raise CheckpointConflict(self._conflict.message, theirs=self._conflict.theirs,
+                                     ours=self._conflict.ours)
+        for name in [n for n in self._tracked if n not in arrays]:
+            self._tracked.pop(name).close()
+        base = self._last is None
+        # The branch is checked before any tracker is reset: a refused save loses nothing.
+        try:
+            txn = store.begin(None if base else self._snapshot, self._writer)
+        except CheckpointConflict as exc:
+            self._conflict = exc
+            raise
+        if base:
+            self._next = max(store.generations(), default=-1) + 1
+        n = self._next
+        try:
+            parts = self._parts(arrays, base)
+            sid, rec = txn.commit(generation=n, parent=None if base else self._last,
+                                  time=_time.time(), writer=self._writer, parts=parts,
+                                  checksum=self.checksum, page_size=PAGE_SIZE,
+                                  previous=None if base else self._saved)
+        except CheckpointConflict as exc:
+            self._conflict = exc
+            self._last = None
+            raise
+        except BaseException:
+            self._last = None  # trackers may have been reset: only a base is right now
+            raise
+        self._snapshot = sid
+        self._saved = {e["name"]: e for e in rec["arrays"]}
+        self._last = n
+        self._next = n + 1
+        return _gen(rec)
+
     def generations(self) -> list[Generation]:
         """Every generation of the checkpoint, oldest first."""
         return generations(self._store)
@@ -523,7 +675,7 @@ class Checkpoint:
         """:func:`compact` of this checkpoint (this object holds the lock it needs)."""
         if self._store is None:
             raise ValueError("this checkpoint is closed")
-        g = _compact(self._store, generation, prune)
+        g = _compact(_local(self._store, "compact"), generation, prune)
         if g.number == self._last:
             self._chain, self._chain_bytes = 0, 0
         return g

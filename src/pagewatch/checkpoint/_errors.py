@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import PagewatchError
 
-__all__ = ["CheckpointError", "CheckpointDamaged"]
+__all__ = ["CheckpointError", "CheckpointDamaged", "CheckpointConflict"]
 
 
 class CheckpointError(PagewatchError):
@@ -46,3 +48,32 @@ class CheckpointDamaged(CheckpointError):
 
     def __reduce__(self) -> tuple[type, tuple[int, str | None, str, str]]:  # type: ignore[override]
         return type(self), (self.generation, self.array, self.part, self.reason)
+
+
+class CheckpointConflict(CheckpointError):
+    """Another writer committed to the checkpoint's branch since this writer's previous
+    save (an Icechunk checkpoint: commits are optimistic, not locked).  The save committed
+    nothing and reset no tracker; every generation already committed is intact.
+
+    Attributes
+    ----------
+    theirs : str or None
+        The snapshot the branch points to now (Icechunk's snapshot id), when known.
+    ours : str or None
+        The snapshot this writer's save was based on.
+    """
+
+    __module__ = "pagewatch.checkpoint"
+
+    def __init__(self, message: str, *, theirs: str | None = None,
+                 ours: str | None = None) -> None:
+        self.theirs = theirs
+        self.ours = ours
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _conflict, (self.message, self.theirs, self.ours)
+
+
+def _conflict(message: str, theirs: str | None, ours: str | None) -> CheckpointConflict:
+    return CheckpointConflict(message, theirs=theirs, ours=ours)

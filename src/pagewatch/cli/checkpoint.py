@@ -1,4 +1,5 @@
-"""``pagewatch checkpoint ls|verify|compact|restore PATH``: look after a checkpoint on disk."""
+"""``pagewatch checkpoint ls|verify|compact|restore PATH``: look after a checkpoint, on disk
+or in an Icechunk repository (``s3://bucket/prefix`` or a folder)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 from typing import Any
 
 EPILOG = """\
@@ -14,7 +16,39 @@ examples:
   pagewatch checkpoint verify run.pwck              re-check every checksum (exit 1 if damaged)
   pagewatch checkpoint compact run.pwck             fold the newest chain into a base, drop older
   pagewatch checkpoint restore run.pwck -g 3 -o state.npz   generation 3 as .npz (or a folder of .npy)
+  pagewatch checkpoint ls s3://bucket/run --endpoint-url http://127.0.0.1:9000
+                                                    an Icechunk checkpoint (credentials: AWS_* env)
+
+An Icechunk checkpoint (s3:// URL, or a folder holding an Icechunk repository) has no
+chains: every generation is a whole snapshot, so 'compact' refuses and says what to use.
 """
+
+
+def _where(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder or s3://bucket/prefix")
+    p.add_argument("--store", choices=("auto", "local", "icechunk"), default="auto",
+                   help="the checkpoint's kind (default: auto, Icechunk for s3:// URLs and "
+                        "Icechunk folders)")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="an S3-compatible service (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--region", help="the S3 region (default: $AWS_REGION)")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """``store`` and ``storage_options`` for the checkpoint functions."""
+    opts: dict[str, Any] = {}
+    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if args.path.startswith("s3://") or args.store == "icechunk":
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        if region:
+            opts["region"] = region
+    elif args.endpoint_url or args.region:
+        print("pagewatch checkpoint: --endpoint-url and --region are for s3:// URLs",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return {"store": args.store, "storage_options": opts or None}
 
 
 def register(sub: Any) -> None:
@@ -24,21 +58,21 @@ def register(sub: Any) -> None:
     cmds = p.add_subparsers(dest="action", metavar="ACTION", help="what to do")
     cmds.required = True
     ls = cmds.add_parser("ls", help="list the generations")
-    ls.add_argument("path", metavar="PATH")
+    _where(ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per generation")
     ls.set_defaults(func=run_ls)
     v = cmds.add_parser("verify", help="re-check every checksum; exit 1 when damaged")
-    v.add_argument("path", metavar="PATH")
+    _where(v)
     v.set_defaults(func=run_verify)
     c = cmds.add_parser("compact", help="rewrite a generation as a base (and drop older ones)")
-    c.add_argument("path", metavar="PATH")
+    _where(c)
     c.add_argument("-g", "--generation", type=int, default=-1,
                    help="which generation (default: the newest; negative counts back)")
     c.add_argument("--keep-history", action="store_true",
                    help="keep the generations before it (default: remove them)")
     c.set_defaults(func=run_compact)
     r = cmds.add_parser("restore", help="write a generation's arrays to .npz or .npy files")
-    r.add_argument("path", metavar="PATH")
+    _where(r)
     r.add_argument("-g", "--generation", type=int, default=-1,
                    help="which generation (default: the newest; negative counts back)")
     r.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -61,7 +95,7 @@ def _when(t: float) -> str:
 def run_ls(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointDamaged, describe
 
-    rows = list(describe(args.path))
+    rows = list(describe(args.path, **_options(args)))
     if args.json:
         for r in rows:
             if isinstance(r, CheckpointDamaged):
@@ -92,10 +126,12 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from ..checkpoint import LocalStore, verify
+    from ..checkpoint import _store_of, verify
 
-    have = LocalStore(args.path).generations()
-    problems = verify(args.path)
+    opts = _options(args)
+    store = _store_of(args.path, opts["store"], opts["storage_options"])
+    have = store.generations()
+    problems = verify(store)
     for p in problems:
         print(p)
     bad = sorted({p.generation for p in problems})
@@ -108,10 +144,13 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_compact(args: argparse.Namespace) -> int:
-    from ..checkpoint import compact
+    from ..checkpoint import _local, _store_of, compact
 
+    opts = _options(args)
+    # An Icechunk checkpoint is refused here, with what to use instead.
+    store = _local(_store_of(args.path, opts["store"], opts["storage_options"]), "compact")
     before = _disk(args.path)
-    g = compact(args.path, args.generation, prune=not args.keep_history)
+    g = compact(store, args.generation, prune=not args.keep_history)
     print(f"generation {g.number} is a base now ({_size(g.nbytes)}, {g.pages} pages); "
           f"{_size(before)} -> {_size(_disk(args.path))} on disk")
     return 0
@@ -134,11 +173,11 @@ def run_restore(args: argparse.Namespace) -> int:
         return 1
     if out.endswith(".npz"):
         check_writable(out)
-        state = load(args.path, args.generation)
+        state = load(args.path, args.generation, **_options(args))
         np.savez(out, **state)  # type: ignore[arg-type]
         names = [f"{out}[{k}]" for k in state]
     else:
-        state = load(args.path, args.generation)
+        state = load(args.path, args.generation, **_options(args))
         os.makedirs(out, exist_ok=True)
         names = []
         for name, a in state.items():
