@@ -743,12 +743,29 @@ static PyObject *session_error(struct session *s)
 #define PW_PTRACE_O_TRACEEXIT 0x40
 #define PW_PTRACE_EVENT_EXEC 4
 #define PW_PTRACE_EVENT_EXIT 6
-enum { EV_ATTACHED = 1, EV_EXEC = 2, EV_EXIT = 3, EV_GONE = 4, EV_ERROR = 5 };
+#define PW_PTRACE_O_TRACEFORK 0x2
+#define PW_PTRACE_O_TRACEVFORK 0x4
+#define PW_PTRACE_O_TRACECLONE 0x8
+#define PW_PTRACE_EVENT_FORK 1
+#define PW_PTRACE_EVENT_VFORK 2
+#define PW_PTRACE_EVENT_CLONE 3
+enum { EV_ATTACHED = 1, EV_EXEC = 2, EV_EXIT = 3, EV_GONE = 4, EV_ERROR = 5, EV_FORK = 6,
+       EV_END = 7 };
 
+/* One event or command on the helper's socket; `pid` is the process it is about (the
+ * child of `pagewatch run`, or with follow one of its descendants). */
 struct pw_event {
     int32_t kind, a;
     int64_t b;
     double c;
+    int32_t pid, pad;
+};
+
+/* A thread the follow tracer holds seized: its process (tgid) and whether it leads it. */
+struct tracee {
+    pid_t tid, tgid;
+    int fresh; /* announced by its parent's fork event, its first stop not seen yet */
+    int vfork; /* announced by a vfork event */
 };
 
 #define MAX_TRACERS 16
@@ -761,7 +778,7 @@ struct pw_event {
  *   - in the monitor, a proxy thread forwards the helper's events to the event pipe (with the
  *     userfaultfd of an exec passed over the socket) and notes its freeze acknowledgements. */
 struct tracer {
-    int used, done;
+    int used, done, follow;
     pid_t pid, helper;
     int pidfd, release_fd, ev_r, ev_w, sock;
     pthread_t proxy;
@@ -773,6 +790,10 @@ struct tracer {
      * once the child sits in a ptrace-stop it keeps until the thaw: frozen (a stop taken for
      * the freeze) or held (at an exec or exit stop). */
     int freeze_req, freeze_gen, ack_gen, frozen, held, interrupted;
+    /* follow (helper side): every thread seized, and the pid the events are about */
+    struct tracee *tracees;
+    int ntracees, cap, end_posted;
+    pid_t cur;
 };
 static struct tracer tracers[MAX_TRACERS];
 static pthread_mutex_t tracers_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -785,7 +806,7 @@ enum { M_ACK = 10, C_RELEASE = 20, C_FREEZE = 21, C_STOP = 22 };
 
 static void helper_send(struct tracer *t, int kind, int a, long long b, double c, int fd)
 {
-    struct pw_event e = {kind, a, b, c};
+    struct pw_event e = {kind, a, b, c, t->cur ? t->cur : t->pid, 0};
     if (t->orphan || send_with_fd(t->sock, &e, sizeof e, fd) < 0) {
         t->orphan = 1; /* the monitor is gone: let the child go */
         t->stop = 1;
@@ -794,7 +815,7 @@ static void helper_send(struct tracer *t, int kind, int a, long long b, double c
 
 static void post(struct tracer *t, int kind, int a, long long b, double c)
 {
-    int fd = kind == EV_EXEC && a >= 0 ? a : -1;
+    int fd = (kind == EV_EXEC || kind == EV_FORK) && a >= 0 ? a : -1;
     helper_send(t, kind, a, b, c, fd);
     if (fd >= 0)
         close(fd); /* the monitor has its copy (or is gone) */
@@ -895,15 +916,18 @@ static int seccomp_filtered(pid_t pid)
     return filtered;
 }
 
-/* At an exec stop: step to an interrupt stop before the first instruction, inject, restore,
- * report, hold.  Returns -1 if the child died (its status then in *status). */
-static int on_exec(struct tracer *t, int *status)
+/* At an exec stop (`step`: step to an interrupt stop before the first instruction first) or
+ * at a new child's first stop (already such a stop): inject, restore, report `kind` about
+ * `tid` (a = the userfaultfd or -errno, b = `b`, or the flags for an exec), and return 0; -1
+ * if the child died (its status then in *status).  The caller holds it. */
+static int inject_at(struct tracer *t, pid_t tid, int pidfd, int step, int kind, long long b,
+                     int *status)
 {
     struct uffd_job j;
     memset(&j, 0, sizeof j);
-    j.s.tid = t->pid;
+    j.s.tid = tid;
     j.s.seized = 1;
-    j.pidfd = t->pidfd;
+    j.pidfd = pidfd;
     j.local_fd = -1;
     j.nflags = 2;
     j.flags[0] = O_CLOEXEC | O_NONBLOCK | 1; /* UFFD_USER_MODE_ONLY */
@@ -911,13 +935,13 @@ static int on_exec(struct tracer *t, int *status)
     j.results[0] = j.results[1] = -ENOEXEC;
     double t0 = now_ns();
     int err = 0;
-    if (pt(PW_PTRACE_INTERRUPT, t->pid, NULL, NULL) < 0 ||
-        resume_until(&j.s, PW_PTRACE_CONT, 1) < 0) {
+    if (step && (pt(PW_PTRACE_INTERRUPT, tid, NULL, NULL) < 0 ||
+                        resume_until(&j.s, PW_PTRACE_CONT, 1) < 0)) {
         err = j.s.err ? j.s.err : errno;
     } else {
-        j.s.gadget = seccomp_filtered(t->pid) ? 0 : find_gadget(t->pid);
+        j.s.gadget = seccomp_filtered(tid) ? 0 : find_gadget(tid);
         if (!j.s.gadget)
-            err = seccomp_filtered(t->pid) ? ECANCELED : ENOENT;
+            err = seccomp_filtered(tid) ? ECANCELED : ENOENT;
         else if (prepare(&j.s) == 0)
             take_uffd(&j);
         if (restore(&j.s) < 0 || !j.s.seized) {
@@ -939,8 +963,16 @@ static int on_exec(struct tracer *t, int *status)
             flags = j.flags[i];
     if (j.local_fd < 0 && !err)
         err = (int)-(j.results[1] != -ENOEXEC ? j.results[1] : j.results[0]);
-    post(t, EV_EXEC, j.local_fd >= 0 ? j.local_fd : -err, flags, now_ns() - t0);
+    t->cur = tid;
+    post(t, kind, j.local_fd >= 0 ? j.local_fd : -err, kind == EV_EXEC ? flags : b,
+         now_ns() - t0);
+    t->cur = 0;
     return 0;
+}
+
+static int on_exec(struct tracer *t, int *status)
+{
+    return inject_at(t, t->pid, t->pidfd, 1, EV_EXEC, 0, status);
 }
 
 static void *tracer_main(void *arg)
@@ -1041,6 +1073,283 @@ static void *tracer_main(void *arg)
     }
     t->done = 1;
     return NULL;
+}
+
+/* ---- follow: the whole process tree ----------------------------------------------------
+ *
+ * With `follow`, the tracer seizes the child with PTRACE_O_TRACEFORK, _VFORK and _CLONE too:
+ * the kernel seizes every thread and process it creates, and each new one starts in a
+ * ptrace-stop before its first instruction.  Every thread is kept seized (a fork or exec in any
+ * thread is seen), one waitpid(-1) loop drives them all:
+ *   - a new thread (Tgid != its tid) goes on at once;
+ *   - a new process that shares its parent's memory (vfork, CLONE_VM: kcmp says so) is
+ *     reported (EV_FORK, a = -EEXIST) and held: its writes are its parent's until it executes;
+ *   - any other new process gets a userfaultfd injected at that first stop, is reported
+ *     (EV_FORK, a = the userfaultfd or -errno, b = its parent) and held until the monitor has
+ *     registered its mappings (tracer_release);
+ *   - an exec in any process: as for the child (EV_EXEC, held); the exit of a thread-group
+ *     leader: EV_EXIT, held for the last collect; a process gone: EV_GONE (a = wait status);
+ *     when no thread is left: EV_END.
+ * A stop (or the monitor's death) detaches every thread, each at the first stop it reports,
+ * and every process created meanwhile as well.  The policy (what to track, how to report) is
+ * the monitor's; this loop only says what the kernel said. */
+#define PW_KCMP_VM 1
+
+static struct tracee *tracee_find(struct tracer *t, pid_t tid)
+{
+    for (int i = 0; i < t->ntracees; i++)
+        if (t->tracees[i].tid == tid)
+            return &t->tracees[i];
+    return NULL;
+}
+
+static struct tracee *tracee_add(struct tracer *t, pid_t tid, pid_t tgid)
+{
+    struct tracee *tr = tracee_find(t, tid);
+    if (tr) {
+        tr->tgid = tgid;
+        tr->fresh = 0;
+        return tr;
+    }
+    if (t->ntracees == t->cap) {
+        int cap = t->cap ? t->cap * 2 : 64;
+        struct tracee *n = realloc(t->tracees, (size_t)cap * sizeof *n);
+        if (!n)
+            return NULL;
+        t->tracees = n;
+        t->cap = cap;
+    }
+    tr = &t->tracees[t->ntracees++];
+    tr->tid = tid;
+    tr->tgid = tgid;
+    tr->fresh = 0;
+    tr->vfork = 0;
+    return tr;
+}
+
+/* A child announced by its parent's fork event: seized by the kernel, its first stop to come. */
+static void fresh(struct tracer *t, pid_t tid, int vfork)
+{
+    struct tracee *tr = tracee_add(t, tid, tid);
+    if (tr) {
+        tr->fresh = 1;
+        tr->vfork = vfork;
+    }
+}
+
+static void tracee_remove(struct tracer *t, pid_t tid)
+{
+    struct tracee *tr = tracee_find(t, tid);
+    if (tr)
+        *tr = t->tracees[--t->ntracees];
+}
+
+/* A numeric field of /proc/TID/status ("Tgid", "PPid"), or -1. */
+static long status_field(pid_t tid, const char *name)
+{
+    char path[64], line[256];
+    long v = -1;
+    size_t n = strlen(name);
+    snprintf(path, sizeof path, "/proc/%d/status", (int)tid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, name, n) && line[n] == ':') {
+            v = atol(line + n + 1);
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+static void follow_post(struct tracer *t, pid_t pid, int kind, int a, long long b, double c)
+{
+    t->cur = pid;
+    post(t, kind, a, b, c);
+    t->cur = 0;
+}
+
+/* A thread or process seen for the first time, in its first stop.  Returns 0 (it is held or
+ * went on), -1 if it died meanwhile (then *status). */
+static int follow_new(struct tracer *t, pid_t tid, int *status)
+{
+    long tgid = status_field(tid, "Tgid");
+    if (tgid > 0 && tgid != tid) { /* a thread */
+        tracee_add(t, tid, (pid_t)tgid);
+        pt(PW_PTRACE_CONT, tid, NULL, NULL);
+        return 0;
+    }
+    struct tracee *tr = tracee_find(t, tid);
+    int vfork = tr && tr->fresh && tr->vfork;
+    tracee_add(t, tid, tid);
+    long ppid = status_field(tid, "PPid");
+    /* kcmp(2) says whether it shares its parent's memory (vfork, CLONE_VM); a kernel
+     * without it (CONFIG_KCMP off): a vfork event said so, when it came first. */
+    long same = ppid > 0 ? syscall(__NR_kcmp, tid, (pid_t)ppid, PW_KCMP_VM, 0, 0) : 1;
+    if (same == 0 || (same < 0 && vfork)) {
+        follow_post(t, tid, EV_FORK, -EEXIST, ppid, 0);
+    } else {
+        int pidfd = (int)syscall(__NR_pidfd_open, tid, 0);
+        int r = inject_at(t, tid, pidfd, 0, EV_FORK, ppid, status);
+        if (pidfd >= 0)
+            close(pidfd);
+        if (r < 0)
+            return -1;
+    }
+    t->cur = tid;
+    hold(t);
+    t->cur = 0;
+    pt(PW_PTRACE_CONT, tid, NULL, NULL);
+    return 0;
+}
+
+/* Let every thread go: each at the first stop it reports (delivering the signal it stopped
+ * with), and each process it created before that stop as well. */
+static void follow_detach_all(struct tracer *t)
+{
+    for (int i = 0; i < t->ntracees; i++)
+        pt(PW_PTRACE_INTERRUPT, t->tracees[i].tid, NULL, NULL);
+    while (t->ntracees > 0) {
+        int st;
+        pid_t r = waitpid(-1, &st, __WALL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            break;
+        struct tracee *tr = tracee_find(t, r);
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            if (tr && tr->tgid == r)
+                follow_post(t, r, EV_GONE, st, 0, 0);
+            tracee_remove(t, r);
+            continue;
+        }
+        int ev = (unsigned)st >> 16, sig = WSTOPSIG(st);
+        if (ev == PW_PTRACE_EVENT_FORK || ev == PW_PTRACE_EVENT_VFORK ||
+            ev == PW_PTRACE_EVENT_CLONE) {
+            unsigned long child = 0;
+            if (pt(PW_PTRACE_GETEVENTMSG, r, NULL, &child) == 0 && child &&
+                !tracee_find(t, (pid_t)child))
+                fresh(t, (pid_t)child, 0); /* its first stop comes */
+        }
+        int deliver = ev == 0 && sig != (SIGTRAP | 0x80) ? sig : 0;
+        pt(PW_PTRACE_DETACH, r, NULL, (void *)(long)deliver);
+        if (tr && tr->tgid == r)
+            follow_post(t, r, EV_GONE, -2, 0, 0);
+        tracee_remove(t, r);
+    }
+}
+
+static void follow_main(struct tracer *t)
+{
+    long opts = PW_PTRACE_O_TRACESYSGOOD | PW_PTRACE_O_TRACEEXEC | PW_PTRACE_O_TRACEEXIT |
+                PW_PTRACE_O_TRACEFORK | PW_PTRACE_O_TRACEVFORK | PW_PTRACE_O_TRACECLONE;
+    if (pt(PW_PTRACE_SEIZE, t->pid, NULL, (void *)opts) < 0) {
+        post(t, EV_ERROR, errno, 0, 0);
+        close(t->release_fd);
+        return;
+    }
+    tracee_add(t, t->pid, t->pid);
+    post(t, EV_ATTACHED, 0, 0, 0);
+    char go = 1;
+    if (t->release_fd >= 0) {
+        if (write(t->release_fd, &go, 1) < 0) { /* the child is gone: the wait tells */
+        }
+        close(t->release_fd);
+    }
+    fault_point(); /* a test's kill here: the helper lets go of a child still before its exec */
+    long delay = 20000;
+    while (t->ntracees > 0) {
+        int st, status = 0;
+        pid_t r = waitpid(-1, &st, __WALL | WNOHANG);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            break; /* ECHILD: none left */
+        if (r == 0) {
+            if (stop_wanted(t)) {
+                follow_detach_all(t);
+                break;
+            }
+            struct timespec ts = {0, delay};
+            nanosleep(&ts, NULL);
+            if (delay < 1000000)
+                delay *= 2;
+            continue;
+        }
+        delay = 20000;
+        struct tracee *tr = tracee_find(t, r);
+        if (WIFEXITED(st) || WIFSIGNALED(st)) {
+            if (tr && tr->tgid == r)
+                follow_post(t, r, EV_GONE, st, 0, 0);
+            tracee_remove(t, r);
+            continue;
+        }
+        if (!tr || tr->fresh) { /* a new thread or process in its first stop */
+            if (follow_new(t, r, &status) < 0) {
+                follow_post(t, r, EV_GONE, status, 0, 0);
+                tracee_remove(t, r);
+            }
+            continue;
+        }
+        int event = (unsigned)st >> 16, sig = WSTOPSIG(st), cont_sig = 0;
+        if (event == PW_PTRACE_EVENT_FORK || event == PW_PTRACE_EVENT_VFORK ||
+            event == PW_PTRACE_EVENT_CLONE) {
+            unsigned long child = 0; /* known from now on: a stop detaches it too */
+            if (pt(PW_PTRACE_GETEVENTMSG, r, NULL, &child) == 0 && child &&
+                !tracee_find(t, (pid_t)child))
+                fresh(t, (pid_t)child, event == PW_PTRACE_EVENT_VFORK);
+        } else if (event == PW_PTRACE_EVENT_EXEC) {
+            /* A thread other than the leader that executes takes the leader's pid: its old
+             * tid is gone without a word (ptrace(2), "execve(2) under ptrace"). */
+            unsigned long former = 0;
+            pt(PW_PTRACE_GETEVENTMSG, r, NULL, &former);
+            if ((pid_t)former != r)
+                tracee_remove(t, (pid_t)former);
+            tr = tracee_add(t, r, r);
+            int pidfd = (int)syscall(__NR_pidfd_open, r, 0);
+            int rc = inject_at(t, r, pidfd, 1, EV_EXEC, 0, &status);
+            if (pidfd >= 0)
+                close(pidfd);
+            if (rc < 0) {
+                follow_post(t, r, EV_GONE, status, 0, 0);
+                tracee_remove(t, r);
+                continue;
+            }
+            t->cur = r;
+            hold(t);
+            t->cur = 0;
+        } else if (event == PW_PTRACE_EVENT_EXIT) {
+            if (tr->tgid == r) { /* the leader: the memory is still there, for a last collect */
+                unsigned long msg = 0;
+                pt(PW_PTRACE_GETEVENTMSG, r, NULL, &msg);
+                follow_post(t, r, EV_EXIT, (int)msg, 0, 0);
+                t->cur = r;
+                hold(t);
+                t->cur = 0;
+            }
+        } else if (event == PW_PTRACE_EVENT_STOP) {
+            if (sig == SIGSTOP || sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU) {
+                pt(PW_PTRACE_LISTEN, r, NULL, NULL); /* stay stopped, as untraced */
+                continue;
+            }
+        } else if (event == 0 && sig != (SIGTRAP | 0x80)) {
+            cont_sig = sig; /* a signal for it: deliver it at once */
+        }
+        if (t->stop) { /* asked while it was held: it is stopped, let it go now */
+            pt(PW_PTRACE_DETACH, r, NULL, (void *)(long)cont_sig);
+            if (tr && tr->tgid == r)
+                follow_post(t, r, EV_GONE, -2, 0, 0);
+            tracee_remove(t, r);
+            follow_detach_all(t);
+            break;
+        }
+        pt(PW_PTRACE_CONT, r, NULL, (void *)(long)cont_sig);
+    }
+    if (t->stop && t->ntracees > 0)
+        follow_detach_all(t);
+    follow_post(t, t->pid, EV_END, 0, 0, 0);
+    t->end_posted = 1;
 }
 
 /* ---- freeze: every thread of a process stopped for an instant ---------------------------
@@ -1165,7 +1474,7 @@ static void tracer_freeze(struct tracer *tr, int on)
     tr->freeze_req = on;
     if (on)
         tr->freeze_gen++;
-    struct pw_event e = {C_FREEZE, on, tr->freeze_gen, 0};
+    struct pw_event e = {C_FREEZE, on, tr->freeze_gen, 0, 0, 0};
     send_with_fd(tr->sock, &e, sizeof e, -1); /* if the helper is gone, `done` tells */
     pthread_mutex_unlock(&tr->mu);
 }
@@ -1627,12 +1936,14 @@ static void *tracer_proxy(void *arg)
             pthread_mutex_unlock(&t->mu);
             continue;
         }
-        if (e.kind == EV_EXEC && e.a >= 0)
+        if ((e.kind == EV_EXEC || e.kind == EV_FORK) && e.a >= 0)
             e.a = fd >= 0 ? fd : -EPROTO;
         else if (fd >= 0)
             close(fd);
-        if (e.kind == EV_GONE)
+        if (e.kind == EV_GONE && e.pid == t->pid)
             t->gone_posted = 1;
+        if (e.kind == EV_END)
+            t->end_posted = 1;
         ssize_t w;
         do
             w = write(t->ev_w, &e, sizeof e);
@@ -1640,7 +1951,14 @@ static void *tracer_proxy(void *arg)
     }
     if (!t->gone_posted) {
         /* The helper died without a word (killed): the kernel detached the child. */
-        struct pw_event e = {EV_GONE, -2, 0, 0};
+        struct pw_event e = {EV_GONE, -2, 0, 0, t->pid, 0};
+        ssize_t w;
+        do
+            w = write(t->ev_w, &e, sizeof e);
+        while (w < 0 && errno == EINTR);
+    }
+    if (t->follow && !t->end_posted) { /* the same: every thread of the tree was detached */
+        struct pw_event e = {EV_END, 0, 0, 0, t->pid, 0};
         ssize_t w;
         do
             w = write(t->ev_w, &e, sizeof e);
@@ -1654,8 +1972,8 @@ static void *tracer_proxy(void *arg)
 static PyObject *py_tracer_start(PyObject *self, PyObject *args)
 {
 #if PW_CAN_INJECT
-    int pid, release_fd, pidfd;
-    if (!PyArg_ParseTuple(args, "iii:tracer_start", &pid, &release_fd, &pidfd))
+    int pid, release_fd, pidfd, follow = 0;
+    if (!PyArg_ParseTuple(args, "iii|p:tracer_start", &pid, &release_fd, &pidfd, &follow))
         return NULL;
     pthread_mutex_lock(&tracers_mu);
     int h = -1;
@@ -1677,6 +1995,7 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
     }
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
     t->pid = pid;
+    t->follow = follow;
     t->ev_r = fds[0];
     t->ev_w = fds[1];
     int sock = -1;
@@ -1686,7 +2005,10 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
         t->release_fd = release_fd >= 0 ? HELPER_KEEP : -1;
         t->pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
         prefault(t, sizeof *t);
-        tracer_main(t);
+        if (follow)
+            follow_main(t);
+        else
+            tracer_main(t);
         _exit(0);
     }
     int err = helper < 0 ? errno : 0;
@@ -1700,7 +2022,7 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
         pthread_cond_init(&t->cv, NULL);
         err = pthread_create(&t->proxy, NULL, tracer_proxy, t);
         if (err) { /* the helper goes on alone: stopping it detaches the child */
-            struct pw_event e = {C_STOP, 0, 0, 0};
+            struct pw_event e = {C_STOP, 0, 0, 0, 0, 0};
             send_with_fd(sock, &e, sizeof e, -1);
             close(sock);
             reap(helper);
@@ -1738,7 +2060,7 @@ static PyObject *py_tracer_event(PyObject *self, PyObject *args)
         return pw_raise_errno(errno, "read(tracer events)");
     if (n != (ssize_t)sizeof e)
         Py_RETURN_NONE;
-    return Py_BuildValue("(iiLd)", e.kind, e.a, (long long)e.b, e.c);
+    return Py_BuildValue("(iiLdi)", e.kind, e.a, (long long)e.b, e.c, e.pid);
 #else
     return no_inject();
 #endif
@@ -1753,7 +2075,7 @@ static PyObject *py_tracer_release(PyObject *self, PyObject *args)
     struct tracer *t = tracer_of(h);
     if (!t)
         return NULL;
-    struct pw_event e = {C_RELEASE, 0, 0, 0};
+    struct pw_event e = {C_RELEASE, 0, 0, 0, 0, 0};
     send_with_fd(t->sock, &e, sizeof e, -1); /* a helper that is gone has let it go */
     Py_RETURN_NONE;
 #else
@@ -1770,7 +2092,7 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
     struct tracer *t = tracer_of(h);
     if (!t)
         return NULL;
-    struct pw_event e = {C_STOP, 0, 0, 0};
+    struct pw_event e = {C_STOP, 0, 0, 0, 0, 0};
     send_with_fd(t->sock, &e, sizeof e, -1);
     Py_BEGIN_ALLOW_THREADS
     pthread_join(t->proxy, NULL);
@@ -1781,7 +2103,7 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
     struct pw_event ev;
     int gone = 0, status = 0;
     while (read(t->ev_r, &ev, sizeof ev) == (ssize_t)sizeof ev)
-        if (ev.kind == EV_GONE) {
+        if (ev.kind == EV_GONE && ev.pid == t->pid) {
             gone = 1;
             status = ev.a;
         }
@@ -1922,15 +2244,18 @@ PyMethodDef pw_inject_methods[] = {
     {"ptrace_detach", py_ptrace_detach, METH_VARARGS,
      "ptrace_detach(pid, sig=0): PTRACE_DETACH, delivering `sig`."},
     {"tracer_start", py_tracer_start, METH_VARARGS,
-     "tracer_start(pid, release_fd, pidfd) -> (handle, event_fd)\n"
-     "Seize child `pid` (exec and exit events) from a new thread, then write a byte to "
-     "release_fd and close it.  Events (kind, a, b, c) are read with tracer_event: "
+     "tracer_start(pid, release_fd, pidfd, follow=False) -> (handle, event_fd)\n"
+     "Seize child `pid` (exec and exit events) from a helper process, then write a byte to "
+     "release_fd and close it.  Events (kind, a, b, c, pid) are read with tracer_event: "
      "1 attached, 2 exec (a = taken userfaultfd or -errno, b = flags, c = ns; held), "
-     "3 exit (a = status; held), 4 gone (a = wait status), 5 error (a = errno)."},
+     "3 exit (a = status; held), 4 gone (a = wait status), 5 error (a = errno); with follow "
+     "(every thread and process it creates, seized from its first instruction): "
+     "6 fork (a = taken userfaultfd, -errno, or -EEXIST: shares its parent's memory; "
+     "b = parent pid; held), 7 end (no thread left)."},
     {"allow_ptracer", py_allow_ptracer, METH_VARARGS,
      "allow_ptracer(pid): PR_SET_PTRACER (Yama): let `pid` and its descendants trace us."},
     {"tracer_event", py_tracer_event, METH_VARARGS,
-     "tracer_event(handle) -> (kind, a, b, c) or None when none is waiting."},
+     "tracer_event(handle) -> (kind, a, b, c, pid) or None when none is waiting."},
     {"tracer_release", py_tracer_release, METH_VARARGS,
      "tracer_release(handle): let the child held at an exec or exit stop go on."},
     {"tracer_stop", py_tracer_stop, METH_VARARGS,

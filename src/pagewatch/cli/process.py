@@ -7,7 +7,23 @@ Every command writes (with ``--output``) one JSON object per line:
 * ``{"type": "interval", "t", "dt", "pid", "pages", "bytes", "mappings": [{"start", "end",
   "perms", "path", "pages", "new", "runs": [[first page, count], ...]}, ...]}`` per interval,
   with only the mappings written in it (page numbers relative to the mapping's start);
-* ``{"type": "exec"}`` and ``{"type": "exit", "code"}`` for those events.
+* ``{"type": "exec", "t", "pid"}`` and ``{"type": "exit", "t", "pid", "code"}`` for those
+  events (the command's own exit line is the last line).
+
+With ``--follow-forks`` (``run``, ``record -- CMD``, ``top -- CMD``) the recording holds every
+process of the tree: each line above carries the ``pid`` of the process it is about (attach
+lines add ``ppid``), the intervals of every process are interleaved (one interval line per
+process written in it), and two more kinds of line say how the tree grew:
+
+* ``{"type": "fork", "t", "pid", "ppid", "command"}`` when a process starts (plus
+  ``"shares_memory_of": PPID`` for a vfork child, whose writes are its parent's until it
+  executes a program: its attach line follows its exec);
+* ``{"type": "untracked", "t", "pid", "ppid", "command", "reason"}`` for a process that
+  could not be tracked (it is never dropped silently).
+
+Readers written for one process keep working: the command's own process is the first attach
+line's ``pid``, and ``report`` and ``plot`` read its lines (``report`` adds a ``processes``
+table, ``plot --pid`` draws another process).
 """
 
 from __future__ import annotations
@@ -65,6 +81,10 @@ def register(sub: Any) -> None:
                         help="how to track (default: the best that works here)")
     common.add_argument("--mappings", default="writable", choices=["writable", "private"],
                         help="which mappings: every writable one (default) or private only")
+    common.add_argument("-F", "--follow-forks", action="store_true",
+                        help="track every process the command starts too (fork, vfork, "
+                        "clone, exec in any thread), each from its first instruction, as "
+                        "strace -f does (needs uffd-async; -- CMD only)")
 
     r = sub.add_parser(
         "run", parents=[common], help="run a command and report the pages it writes",
@@ -142,6 +162,9 @@ def register(sub: Any) -> None:
     _force(plot)
     plot.add_argument("--rows", type=positive_int, default=400,
                       help="address bins of the heatmap (default 400)")
+    plot.add_argument("--pid", type=positive_int, default=None, metavar="PID",
+                      help="the process to draw, in a recording of several (--follow-forks; "
+                      "default: the command's own)")
     plot.set_defaults(func=cmd_plot)
 
 
@@ -153,24 +176,39 @@ def _name(path: str) -> str:
 
 
 class Stats:
-    """Per-interval counts, the write working set and per-mapping totals."""
+    """Per-interval counts, the write working set and per-mapping totals (``by_process``:
+    of several processes, whose mappings and pages are told apart by their pid)."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_process: bool = False) -> None:
         self.per_interval: list[int] = []
         self.t0 = time.monotonic()
+        self.by_process = by_process
         self._sets: list[np.ndarray] = []
-        self.by_mapping: dict[Any, list[Any]] = {}  # key -> [label, pages, set parts, range]
+        self.by_mapping: dict[Any, list[Any]] = {}  # key -> [label, pages, set parts, pid]
 
-    def add(self, d: ProcessDirty) -> None:
-        self.per_interval.append(d.pages)
+    def add(self, d: ProcessDirty, new_interval: bool = True) -> None:
+        """Count a collect: as an interval of its own, or (``new_interval=False``) into the
+        last one (another process collected in the same interval)."""
+        import numpy as np
+
+        if new_interval or not self.per_interval:
+            self.per_interval.append(d.pages)
+        else:
+            self.per_interval[-1] += d.pages
+        tag = np.uint64(d.pid << 48) if self.by_process else np.uint64(0)
         for m, pages in d.written().items():
             addrs = pages.addresses()
-            self._sets.append(addrs)
-            key = m.path if m.path in ("[heap]", "[stack]") else (m.path, m.start)
-            entry = self.by_mapping.setdefault(key, [m, 0, []])
+            self._sets.append(addrs | tag if self.by_process else addrs)
+            key: Any = m.path if m.path in ("[heap]", "[stack]") else (m.path, m.start)
+            if self.by_process:
+                key = (d.pid, key)
+            entry = self.by_mapping.setdefault(key, [m, 0, [], d.pid])
             entry[0] = m
             entry[1] += len(pages)
             entry[2].append(addrs)
+
+    def pages(self) -> int:
+        return sum(self.per_interval)
 
     def working_set(self) -> int:
         import numpy as np
@@ -179,11 +217,12 @@ class Stats:
             return 0
         return len(np.unique(np.concatenate(self._sets)))
 
-    def top(self, n: int) -> list[tuple[Any, int, int]]:
+    def top(self, n: int) -> list[tuple[Any, int, int, int]]:
+        """The ``n`` mappings written most: ``(mapping, pages, distinct pages, pid)``."""
         import numpy as np
 
-        rows = [(m, total, len(np.unique(np.concatenate(parts))))
-                for m, total, parts in self.by_mapping.values()]
+        rows = [(m, total, len(np.unique(np.concatenate(parts))), pid)
+                for m, total, parts, pid in self.by_mapping.values()]
         rows.sort(key=lambda r: -r[1])
         return rows[:n]
 
@@ -335,8 +374,32 @@ def _output(path: str | None, default: IO[str] | None) -> Iterator[JsonLines]:
         yield JsonLines(f)
 
 
+def _processes(procs: list[Proc]) -> list[str]:
+    """The summary's lines about each process of a followed tree."""
+    lines = [f"  processes: {len(procs)} (the command and {len(procs) - 1} it started; "
+             "each tracked from its first instruction unless said otherwise)",
+             f"  {'':<16}{'pages':>9} {'distinct':>9} {'MiB':>7}  {'pid':<8} {'end':<14} command"]
+    for p in procs:
+        ws = p.stats.working_set()
+        if p.untracked is not None:
+            counts = f"{'-':>9} {'-':>9} {'-':>7}"
+        else:
+            counts = f"{p.stats.pages():>9} {ws:>9} {ws * PAGE_SIZE / MiB:>7.1f}"
+        name = p.name()
+        name = name if len(name) <= 60 else name[:57] + "..."
+        lines.append(f"  {'':<16}{counts}  {p.pid:<8} {p.ended():<14} {name}")
+    for p in procs:
+        if p.untracked is not None:
+            lines.append(f"  not tracked: pid {p.pid} ({p.name()[:60]}): {p.untracked}")
+        elif p.shares is not None:
+            lines.append(f"  pid {p.pid} ({p.name()[:60]}) shared the memory of pid "
+                         f"{p.shares} (vfork): its writes are counted there")
+    return lines
+
+
 def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop_ms: float | None,
-             execs: int, head: str, top: int, file: IO[str], followed: bool = False) -> None:
+             execs: int, head: str, top: int, file: IO[str], followed: bool = False,
+             procs: list[Proc] | None = None) -> None:
     backend = tracker.backend if tracker is not None else "nothing (not tracked)"
     lines = [f"pagewatch: {head}; tracked with {backend}"
              + (f" (target stopped {stop_ms:.2f} ms at attach)" if stop_ms is not None else "")]
@@ -349,9 +412,10 @@ def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop
     rows = stats.top(top)
     if rows:
         lines.append(f"  {'top mappings:':<16}{'pages':>9} {'distinct':>9} {'MiB':>7}  mapping")
-        for m, total, distinct in rows:
+        for m, total, distinct, pid in rows:
+            who = f"pid {pid}: " if stats.by_process else ""
             lines.append(f"  {'':<16}{total:>9} {distinct:>9} {distinct * PAGE_SIZE / MiB:>7.1f}"
-                         f"  {_name(m.path)} {m.start:#x}-{m.end:#x} {m.perms}")
+                         f"  {who}{_name(m.path)} {m.start:#x}-{m.end:#x} {m.perms}")
     if tracker is not None and tracker.skipped:
         lines.append(f"  not tracked: {len(tracker.skipped)} mapping(s); first: "
                      f"{tracker.skipped[0]}")
@@ -360,12 +424,14 @@ def _summary(stats: Stats, interval: float, tracker: ProcessTracker | None, stop
                      "its first instruction (unless said otherwise above)" if followed else
                      f"  the process executed {execs} new program(s): tracked again after "
                      "each exec (its first writes are reported as pages holding data)")
+    if procs is not None:
+        lines += _processes(procs)
     print("\n".join(lines), file=file)
 
 
 # ---- run ----------------------------------------------------------------------------------
 
-EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR = 1, 2, 3, 4, 5
+EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR, EV_FORK, EV_END = 1, 2, 3, 4, 5, 6, 7
 
 
 def _exit_code(status: int) -> int:
@@ -409,105 +475,251 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
     return pid, release_w, err_r
 
 
-class Run:
-    """``pagewatch run``: the child, its tracer thread, the tracker of its current program."""
+def _cmdline(pid: int) -> list[str] | None:
+    """The command line of a process (``/proc/PID/cmdline``), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] or None
 
-    def __init__(self, cmd: list[str], args: argparse.Namespace, out: JsonLines) -> None:
-        self.cmd, self.args, self.out = cmd, args, out
-        self.interval = args.interval or 0.5
-        self.stats = Stats()
+
+class Proc:
+    """One process of a ``pagewatch run``: the tracker of its current program, what it wrote,
+    how it ended.  Without ``--follow-forks`` there is one, the command."""
+
+    def __init__(self, pid: int, ppid: int | None, command: list[str] | None) -> None:
+        self.pid, self.ppid, self.command = pid, ppid, command
         self.tracker: ProcessTracker | None = None
         self.first: ProcessTracker | None = None
+        self.stats = Stats()
         self.stop_ms: float | None = None
-        self.execs = -1  # the first exec is the command itself
+        self.execs = 0
+        #: why it is not tracked (said in the summary and the recording), or None
+        self.untracked: str | None = None
+        #: the process whose memory it shares (vfork, CLONE_VM) until it executes a program
+        self.shares: int | None = None
+        #: its wait status once it is gone (-2: let go while still running)
         self.status: int | None = None
+
+    def name(self) -> str:
+        return " ".join(self.command) if self.command else f"pid {self.pid}"
+
+    def ended(self) -> str:
+        st = self.status
+        if st is None:
+            return "running"
+        if st < 0:
+            return "still running (let go)"
+        return (f"exited {os.WEXITSTATUS(st)}" if os.WIFEXITED(st) else
+                f"killed by signal {os.WTERMSIG(st)}")
+
+
+class Run:
+    """``pagewatch run``: the child, its tracer (a helper process), the tracker of each
+    process's current program (one process, or with ``follow`` every process of the tree)."""
+
+    def __init__(self, cmd: list[str], args: argparse.Namespace, out: JsonLines,
+                 follow: bool = False) -> None:
+        self.cmd, self.args, self.out, self.follow = cmd, args, out, follow
+        self.interval = args.interval or 0.5
+        self.stats = Stats(by_process=follow)
+        #: following: no collect has counted in the interval in progress yet
+        self._open_interval = True
+        self.procs: dict[int, Proc] = {}
+        self.status: int | None = None
+        self.ended = False
         self.error: str | None = None
         self.exec_errno: int | None = None
+
+    # the command's own process, as the summary shows it
+    @property
+    def main(self) -> Proc:
+        return self.procs[self.pid]
+
+    @property
+    def first(self) -> ProcessTracker | None:
+        return self.main.first
+
+    @property
+    def stop_ms(self) -> float | None:
+        return self.main.stop_ms
+
+    @property
+    def execs(self) -> int:
+        return self.main.execs - 1  # the first exec is the command itself
 
     def start(self, dispositions: dict[signal.Signals, Any]) -> None:
         from .. import _native
 
         self.pid, release_w, self.err_fd = _fork_held(self.cmd, dispositions)
+        self.procs[self.pid] = Proc(self.pid, None, self.cmd)
         self.pidfd = os.pidfd_open(self.pid)
-        self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd)
+        self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd,
+                                                      self.follow)
 
-    def _collect(self) -> None:
-        if self.tracker is None:
-            return
+    def _t(self) -> float:
+        return round(time.monotonic() - self.stats.t0, 6)
+
+    def _collect(self, proc: Proc, new_interval: bool = True) -> int:
+        """Collect ``proc`` (its last collect when its memory is gone: the tracker closes);
+        returns the pages reported.  Following a tree, what a process's exec or exit collects
+        counts in the interval in progress (with the next interval's collects)."""
+        if proc.tracker is None:
+            return 0
+        if self.follow and new_interval:  # an event's collect, between two intervals
+            new_interval = self._open_interval
+            self._open_interval = False
         try:
-            d: ProcessDirty | None = self.tracker.collect()
+            d: ProcessDirty | None = proc.tracker.collect()
         except TargetGone as exc:  # exec or exit seen first by the collect: events follow
             d = exc.collected  # type: ignore[assignment]
-            self.tracker.close()
-            self.tracker = None
-        if d is not None:
-            self.stats.add(d)
-            self.out.write(_interval_line(d, self.stats.t0))
+            proc.tracker.close()
+            proc.tracker = None
+        if d is None:
+            return 0
+        proc.stats.add(d)
+        self.stats.add(d, new_interval=new_interval)
+        self.out.write(_interval_line(d, self.stats.t0))
+        return d.pages
 
-    def _event(self, kind: int, a: int, b: int, c: float) -> None:
-        from .. import _native
+    def _collect_all(self) -> None:
+        """The end of an interval: every tracked process, counted as one interval."""
+        first = self._open_interval
+        for proc in list(self.procs.values()):
+            if proc.tracker is not None:
+                self._collect(proc, new_interval=first)
+                first = False
+        self._open_interval = True
+
+    def _untracked(self, proc: Proc, why: str) -> None:
+        proc.untracked = why
+        proc.tracker = None
+        self.out.write({"type": "untracked", "t": self._t(), "pid": proc.pid,
+                        "ppid": proc.ppid, "command": proc.command, "reason": why})
+
+    def _track(self, proc: Proc, fd: int, c: float) -> None:
+        """Track ``proc``'s program with the userfaultfd ``fd`` its tracer made (-errno when
+        it could not), while the tracer holds it before its first instruction."""
         from ..process import ProcessTracker
 
+        name = (_read_text(f"/proc/{proc.pid}/comm") or (proc.command or ["?"])[0]).strip()
+        held = time.monotonic()
+        try:
+            if fd < 0:
+                why = ("it runs under a seccomp filter, which could kill it for the "
+                       "injected userfaultfd(2) call" if fd == -errno.ECANCELED else
+                       f"the injected userfaultfd(2) call failed ({os.strerror(-fd)})")
+                if self.args.backend == "uffd-async" or self.follow:
+                    raise Unsupported(f"tracking {name} with uffd-async", why)
+                try:  # soft-dirty needs no injection
+                    proc.tracker = ProcessTracker(proc.pid, backend="soft-dirty",
+                                                  mappings=self.args.mappings)
+                except Unsupported as exc:
+                    raise Unsupported(f"tracking {name}", f"uffd-async: {why}; "
+                                      f"soft-dirty: {exc.reason}") from exc
+            else:
+                # Following, soft-dirty cannot work (its freeze needs every thread, which
+                # the tracer holds): the start said so if the kernel has no uffd-async.
+                backend = "uffd-async" if self.follow else self.args.backend
+                proc.tracker = ProcessTracker(proc.pid, backend=backend,
+                                              mappings=self.args.mappings, userfaultfd=fd)
+            proc.first = proc.first or proc.tracker
+            # Stopped for the injection (c) and while its mappings were registered.
+            stop_ms = c / 1e6 + (time.monotonic() - held) * 1e3
+            proc.tracker.attach_info.update(stop_ms=stop_ms, inject_ms=c / 1e6)
+            if proc.stop_ms is None:
+                proc.stop_ms = stop_ms
+            line = _attach_line(proc.tracker, self.interval, proc.command)
+            if self.follow:
+                line["ppid"] = proc.ppid
+            self.out.write(line)
+            proc.untracked = None
+        except PagewatchError as exc:
+            if proc.pid == self.pid and not self.follow:
+                self.error = f"cannot track {name}: {exc}; it runs untracked"
+                proc.tracker = None
+            else:
+                self._untracked(proc, str(exc))
+
+    def _event(self, kind: int, a: int, b: int, c: float, pid: int) -> None:
+        from .. import _native
+
+        proc = self.procs.get(pid)
         if kind == EV_ERROR:
             self.error = (f"cannot trace {self.cmd[0]}: ptrace refused it "
                           f"({os.strerror(a)}); it runs untracked")
-        elif kind == EV_EXEC:
-            self.execs += 1
-            name = (_read_text(f"/proc/{self.pid}/comm") or self.cmd[0]).strip()
-            if self.tracker is not None:
-                self._collect()  # raises nothing: the old program's memory is gone
-            if self.execs:
-                self.out.write({"type": "exec", "t": round(time.monotonic() - self.stats.t0,
-                                                            6)})
+        elif kind == EV_FORK:
+            ppid = b if b > 0 else None
+            proc = self.procs[pid] = Proc(pid, ppid, _cmdline(pid))
+            line = {"type": "fork", "t": self._t(), "pid": pid, "ppid": ppid,
+                    "command": proc.command}
+            if a == -errno.EEXIST:  # vfork: its parent's memory, until it executes
+                line["shares_memory_of"] = ppid
+            self.out.write(line)
             try:
-                held = time.monotonic()
-                if a < 0:
-                    why = ("it runs under a seccomp filter, which could kill it for the "
-                           "injected userfaultfd(2) call" if a == -errno.ECANCELED else
-                           f"the injected userfaultfd(2) call failed ({os.strerror(-a)})")
-                    if self.args.backend == "uffd-async":
-                        raise Unsupported(f"tracking {name} with uffd-async", why)
-                    try:  # soft-dirty needs no injection
-                        self.tracker = ProcessTracker(self.pid, backend="soft-dirty",
-                                                      mappings=self.args.mappings)
-                    except Unsupported as exc:
-                        raise Unsupported(f"tracking {name}", f"uffd-async: {why}; "
-                                          f"soft-dirty: {exc.reason}") from exc
+                if a == -errno.EEXIST:
+                    proc.shares = ppid
                 else:
-                    self.tracker = ProcessTracker(self.pid, backend=self.args.backend,
-                                                  mappings=self.args.mappings, userfaultfd=a)
-                self.first = self.first or self.tracker
-                # Stopped for the injection (c) and while its mappings were registered.
-                stop_ms = c / 1e6 + (time.monotonic() - held) * 1e3
-                self.tracker.attach_info.update(stop_ms=stop_ms, inject_ms=c / 1e6)
-                if self.stop_ms is None:
-                    self.stop_ms = stop_ms
-                self.out.write(_attach_line(self.tracker, self.interval, self.cmd))
-            except PagewatchError as exc:
-                self.error = f"cannot track {name}: {exc}; it runs untracked"
-                self.tracker = None
+                    self._track(proc, a, c)
+            finally:
+                _native.tracer_release(self.handle)
+        elif kind == EV_EXEC:
+            if proc is None:  # not seen before (cannot happen, but never drop a process)
+                proc = self.procs[pid] = Proc(pid, None, None)
+            proc.execs += 1
+            if proc.tracker is not None:
+                self._collect(proc)  # raises nothing: the old program's memory is gone
+            if proc.execs > 1 or pid != self.pid:
+                self.out.write({"type": "exec", "t": self._t(), "pid": pid})
+            if pid != self.pid:
+                proc.command = _cmdline(pid) or proc.command
+            proc.shares = None
+            try:
+                self._track(proc, a, c)
             finally:
                 _native.tracer_release(self.handle)
         elif kind == EV_EXIT:
-            self._collect()  # the last one: the memory is still there at the exit stop
+            if proc is not None:
+                self._collect(proc)  # the last one: the memory is still there at the exit stop
             _native.tracer_release(self.handle)
         elif kind == EV_GONE:
-            self.status = self._reap(a)
+            if pid == self.pid:
+                self.status = self._reap(a)
+            if proc is not None:
+                if proc.tracker is not None:  # its last collect was at its exit stop
+                    proc.tracker.close()
+                    proc.tracker = None
+                if pid != self.pid:
+                    proc.status = a
+                    self.out.write({"type": "exit", "t": self._t(), "pid": pid,
+                                    "code": _exit_code(a) if a >= 0 else None})
+                else:
+                    proc.status = self.status
+        elif kind == EV_END:
+            self.ended = True
+
+    def done(self) -> bool:
+        return self.ended if self.follow else self.status is not None
+
+    def tracking(self) -> bool:
+        return any(p.tracker is not None for p in self.procs.values())
 
     def loop(self) -> None:
         from .. import _native
 
         next_t = time.monotonic() + self.interval
-        while self.status is None:
-            timeout = next_t - time.monotonic() if self.tracker is not None else None
+        while not self.done():
+            timeout = next_t - time.monotonic() if self.tracking() else None
             select.select([self.evfd], [], [], None if timeout is None else max(0, timeout))
-            while self.status is None:
+            while not self.done():
                 ev = _native.tracer_event(self.handle)
                 if ev is None:
                     break
                 self._event(*ev)
-            if self.tracker is not None and time.monotonic() >= next_t:
-                self._collect()
+            if self.tracking() and time.monotonic() >= next_t:
+                self._collect_all()
                 next_t = max(next_t + self.interval, time.monotonic())
 
     def _reap(self, seen: int) -> int:
@@ -524,8 +736,11 @@ class Run:
         unread = _native.tracer_stop(self.handle)
         if self.status is None:  # detached early (an error): let it finish, as the shell would
             self.status = self._reap(unread if unread is not None else -2)
-        if self.tracker is not None:
-            self.tracker.close()
+            self.main.status = self.status
+        for proc in self.procs.values():
+            if proc.tracker is not None:
+                proc.tracker.close()
+                proc.tracker = None
         os.close(self.pidfd)
         data = os.read(self.err_fd, 32)  # the child is gone: EOF, or the errno of its exec
         os.close(self.err_fd)
@@ -585,6 +800,27 @@ def _usage(command: str, text: str) -> int:
     return 2
 
 
+def _check_follow(args: argparse.Namespace) -> None:
+    """--follow-forks tracks with uffd-async only: say so before anything runs."""
+    if os.uname().machine != "x86_64":
+        raise Unsupported("--follow-forks", "it injects userfaultfd(2) into each new process, "
+                          "which is implemented for x86-64 only")
+    if args.backend == "soft-dirty":
+        raise Unsupported("--follow-forks with the soft-dirty backend", "soft-dirty's reset "
+                          "stops every thread of a process with ptrace, and the tracer that "
+                          "follows the tree holds them already", "Use --backend uffd-async "
+                          "(Linux 6.7+), or leave out --follow-forks")
+    from ..kernel.probe import probe_wp_async
+
+    ok, why = probe_wp_async()
+    if not ok:
+        raise Unsupported("--follow-forks", f"it needs the uffd-async backend, and {why}; "
+                          "the soft-dirty backend cannot follow forks (its reset stops every "
+                          "thread with ptrace, and the tracer that follows the tree holds "
+                          "them already)", "Use Linux 6.7+, or leave out --follow-forks "
+                          "(soft-dirty then tracks the command alone)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -592,6 +828,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         return _usage(args.command, "give the command to run, e.g. "
                       "pagewatch run -- python3 -c \"b = bytearray(50_000_000)\"")
+    follow = getattr(args, "follow_forks", False)
+    if follow:
+        _check_follow(args)
     no_output = getattr(args, "no_output", False)
     path: str | None = None if no_output else args.output
     f: IO[str] | None = None
@@ -602,7 +841,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Like time(1): Ctrl-C and Ctrl-\ are for the command; pagewatch reports when it ends.
     old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
     try:
-        run = Run(cmd, args, JsonLines(f))
+        run = Run(cmd, args, JsonLines(f), follow=follow)
         run.start(old)
         try:
             if f is None and not no_output:
@@ -613,7 +852,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run.close()
         assert run.status is not None
         rc = _exit_code(run.status)
-        run.out.write({"type": "exit", "code": rc,
+        run.out.write({"type": "exit", "code": rc, "pid": run.pid,
                        "t": round(time.monotonic() - run.stats.t0, 6)})
     finally:
         if f is not None and f is not sys.stdout:
@@ -633,7 +872,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - run.stats.t0
     _summary(run.stats, run.interval, run.first, run.stop_ms, max(run.execs, 0),
              f"{cmd[0]} (pid {run.pid}) {how} after {elapsed:.2f} s", args.top, sys.stderr,
-             followed=True)
+             followed=True, procs=list(run.procs.values()) if run.follow else None)
     steps = _next_steps(path)
     if steps:
         print(steps, file=sys.stderr)
@@ -665,6 +904,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         args.cmd, args.no_output, args.top = cmd, False, 5
         return cmd_run(args)
     assert pid is not None
+    if args.follow_forks:
+        return _usage(args.command, "--follow-forks follows a command started now: give "
+                      "-- CMD [ARGS...] (a running process's children are not followed)")
     interval = args.interval
     pidfd = _pidfd(pid)
     deadline = time.monotonic() + args.duration if args.duration else None
@@ -918,7 +1160,8 @@ def _exit_code_of(returncode: int) -> int:
 # ---- plot ---------------------------------------------------------------------------------
 
 
-def _load(path: str) -> list[dict[str, Any]]:
+def _objects(path: str) -> list[dict[str, Any]]:
+    """Every JSON line of a recording (a line that is not JSON is an error naming it)."""
     out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -930,17 +1173,39 @@ def _load(path: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise PagewatchError(f"{path}:{n} is not JSON ({exc.msg}): give a file "
                                      "written by 'pagewatch record' or 'run --output'") from exc
-            if obj.get("type", "interval") == "interval" and "mappings" in obj:
-                missing = [k for k in ("pages",) if k not in obj] + sorted(
-                    {k for m in obj["mappings"] for k in ("start", "end", "path", "runs")
-                     if k not in m})
-                if missing:
-                    raise PagewatchError(f"{path}:{n}: an interval line without "
-                                         f"{', '.join(missing)}: give a file written by "
-                                         "'pagewatch record' or 'run --output'")
+            obj.setdefault("_line", n)
+            out.append(obj)
+    return out
+
+
+def main_pid(objs: list[dict[str, Any]]) -> int | None:
+    """The recorded command's pid: the first attach line's (a followed recording holds
+    several processes; the others came from it)."""
+    for obj in objs:
+        if obj.get("type") == "attach":
+            return obj.get("pid")
+    return next((o.get("pid") for o in objs if o.get("type", "interval") == "interval"), None)
+
+
+def _load(path: str, pid: int | None = None, objs: list[dict[str, Any]] | None = None
+          ) -> list[dict[str, Any]]:
+    """The interval lines of a recording; with ``pid``, of that process only."""
+    out = []
+    for obj in objs if objs is not None else _objects(path):
+        n = obj.pop("_line", "?")
+        if obj.get("type", "interval") == "interval" and "mappings" in obj:
+            missing = [k for k in ("pages",) if k not in obj] + sorted(
+                {k for m in obj["mappings"] for k in ("start", "end", "path", "runs")
+                 if k not in m})
+            if missing:
+                raise PagewatchError(f"{path}:{n}: an interval line without "
+                                     f"{', '.join(missing)}: give a file written by "
+                                     "'pagewatch record' or 'run --output'")
+            if pid is None or obj.get("pid", pid) == pid:
                 out.append(obj)
     if not out:
-        raise PagewatchError(f"{path} has no interval lines: give a file written by "
+        which = f" of pid {pid}" if pid is not None else ""
+        raise PagewatchError(f"{path} has no interval lines{which}: give a file written by "
                              "'pagewatch record' or 'pagewatch run --output'")
     return out
 
@@ -1014,7 +1279,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.force:
         raise PagewatchError(f"{args.output} exists: give -f/--force to overwrite it, or "
                              "another --output")
-    lines = _load(args.file)
+    objs = _objects(args.file)
+    pids = {o.get("pid") for o in objs if o.get("type", "interval") == "interval"}
+    pid = args.pid if args.pid is not None else (main_pid(objs) if len(pids) > 1 else None)
+    lines = _load(args.file, pid, objs)
     grid, labels, total = heatmap(lines, args.rows)
     t = np.array([obj.get("t", i) for i, obj in enumerate(lines)], float)
     dt = np.array([obj.get("dt", 1.0) or 1.0 for obj in lines], float)
@@ -1037,6 +1305,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     ax2.set_ylim(bottom=0)
     fig.savefig(args.output, dpi=100)
     plt.close(fig)
+    others = f"; pid {pid} of {len(pids)} processes (--pid PID for another)" \
+        if len(pids) > 1 else ""
     print(f"pagewatch: wrote {args.output} ({len(lines)} intervals, {total} pages on the "
-          "address axis)", file=sys.stderr)
+          f"address axis{others})", file=sys.stderr)
     return 0

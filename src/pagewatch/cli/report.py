@@ -97,24 +97,95 @@ def render(rep: dict[str, Any], path: str) -> str:
     return "\n".join(out)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .process import _load
+def processes(objs: list[dict[str, Any]], main: int | None) -> list[dict[str, Any]]:
+    """Per process of a followed recording (``run --follow-forks``), in the order they
+    appeared: pid, ppid, command, page writes, write working set, exit code, and why it was
+    not tracked (or whose memory it shared)."""
+    import numpy as np
 
-    lines = _load(args.file)
-    head: dict[str, Any] = {}
-    with open(args.file) as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if obj.get("type") == "attach":
-                head = obj
-                break
+    from ..kernel.constants import PAGE_SIZE
+
+    procs: dict[int, dict[str, Any]] = {}
+    sets: dict[int, list[np.ndarray]] = {}
+
+    def entry(pid: int) -> dict[str, Any]:
+        if pid not in procs:
+            procs[pid] = {"pid": pid, "ppid": None, "command": None, "page_writes": 0,
+                          "write_working_set": {"pages": 0, "mib": 0.0}, "exit_code": None,
+                          "untracked": None, "shares_memory_of": None}
+            sets[pid] = []
+        return procs[pid]
+
+    for o in objs:
+        kind, pid = o.get("type", "interval"), o.get("pid", main)
+        if pid is None:
+            continue
+        e = entry(pid)
+        if kind in ("attach", "fork", "untracked") and o.get("command"):
+            e["command"] = o["command"]
+        if o.get("ppid") is not None:
+            e["ppid"] = o["ppid"]
+        if kind == "fork" and o.get("shares_memory_of") is not None:
+            e["shares_memory_of"] = o["shares_memory_of"]
+        elif kind == "untracked":
+            e["untracked"] = o.get("reason") or "not tracked"
+        elif kind == "attach":
+            e["untracked"] = None
+        elif kind == "exit":
+            e["exit_code"] = o.get("code")
+        elif kind == "interval" and "mappings" in o:
+            e["page_writes"] += o.get("pages", 0)
+            for m in o["mappings"]:
+                r = np.asarray(m["runs"], np.int64).reshape(-1, 2)
+                first, count = m["start"] // PAGE_SIZE + r[:, 0], r[:, 1]
+                within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count,
+                                                                 count)
+                sets[pid].append(np.repeat(first, count) + within)
+    for pid, e in procs.items():
+        n = len(np.unique(np.concatenate(sets[pid]))) if sets[pid] else 0
+        e["write_working_set"] = {"pages": n, "mib": round(n * PAGE_SIZE / (1 << 20), 3)}
+    return list(procs.values())
+
+
+def render_processes(procs: list[dict[str, Any]]) -> list[str]:
+    out = ["", f"{'processes: ' + str(len(procs)):<13}{'page writes':>14} {'distinct':>9} {'MiB':>8}  "
+           f"{'pid':<8} {'exit':<5} command"]
+    for p in procs:
+        cmd = " ".join(p["command"]) if p["command"] else "?"
+        cmd = cmd if len(cmd) <= 60 else cmd[:57] + "..."
+        code = "-" if p["exit_code"] is None else str(p["exit_code"])
+        ws = p["write_working_set"]
+        out.append(f"{'':<13}{p['page_writes']:>14} {ws['pages']:>9} {ws['mib']:>8.1f}  "
+                   f"{p['pid']:<8} {code:<5} {cmd}")
+    for p in procs:
+        if p["untracked"]:
+            out.append(f"not tracked: pid {p['pid']}: {p['untracked']}")
+        elif p["shares_memory_of"] is not None and p["page_writes"] == 0:
+            out.append(f"pid {p['pid']} shared the memory of pid {p['shares_memory_of']} "
+                       "(vfork): its writes are counted there")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .process import _load, _objects, main_pid
+
+    objs = _objects(args.file)
+    main = main_pid(objs)
+    followed = any(o.get("type") == "fork" for o in objs) or len(
+        {o.get("pid") for o in objs if o.get("type", "interval") == "interval"}) > 1
+    procs = processes(objs, main) if followed else None
+    # The command's own process, as a recording of one process reads.
+    lines = _load(args.file, main if followed else None, objs)
+    head = next((o for o in objs if o.get("type") == "attach"), {})
     rep = summarise(lines, head, args.top)
+    if procs is not None:
+        rep["processes"] = procs
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
-        print(render(rep, args.file))
+        text = render(rep, args.file)
+        if procs is not None:
+            text += "\n" + "\n".join(render_processes(procs))
+        print(text)
     sys.stdout.flush()
     return 0

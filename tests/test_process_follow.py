@@ -1,0 +1,272 @@
+"""``pagewatch run --follow-forks``: every process of the tree, each from its first instruction.
+
+The target ``tests/targets/forker.c`` (see its docstring) starts children by fork, vfork + exec
+and fork under a seccomp filter; each writes a known set of pages of a known mapping and says
+which (``ROLE PID ADDR`` on stdout).  The pages reported for each process in that mapping
+must be exactly its own set: a page too many (the parent's writes, the pages a child only
+inherited) or too few (a child tracked late) fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pagewatch.kernel.constants import PAGE_SIZE
+from pagewatch.kernel.probe import probe_wp_async
+from tests.targets.common import build, in_emulated_guest
+
+wp_ok, wp_why = probe_wp_async()
+PAGEWATCH = [sys.executable, "-m", "pagewatch.cli"]
+NPAGES = 64  # forker.c's mapping
+X86_64 = pytest.mark.skipif(os.uname().machine != "x86_64",
+                            reason="syscall injection is implemented for x86-64 only")
+pytestmark = [X86_64]
+needs_uffd_async = [pytest.mark.backend("uffd-async"),
+                    pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")]
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def pages_of(objs: list[dict[str, Any]], pid: int, addr: int) -> set[int]:
+    """Pages (indices in forker's mapping at ``addr``) reported for ``pid``."""
+    lo = addr // PAGE_SIZE
+    out: set[int] = set()
+    for o in objs:
+        if o["type"] != "interval" or o["pid"] != pid:
+            continue
+        for m in o["mappings"]:
+            base = m["start"] // PAGE_SIZE
+            for first, n in m["runs"]:
+                out.update(p - lo for p in range(base + first, base + first + n)
+                           if lo <= p < lo + NPAGES)
+    return out
+
+
+def pattern(mod: int, rem: int) -> set[int]:
+    return {p for p in range(NPAGES) if p % mod == rem}
+
+
+class TreeRun:
+    """One ``pagewatch run -F -- forker tree N``: what each process said and what was
+    recorded."""
+
+    def __init__(self, folder: Path, children: int) -> None:
+        self.out = folder / "tree.jsonl"
+        r = subprocess.run([*PAGEWATCH, "run", "-F", "--interval", "0.05", "-o",
+                            str(self.out), "--", str(build("forker")), "tree", str(children)],
+                           capture_output=True, text=True, timeout=600)
+        self.rc, self.stderr = r.returncode, r.stderr
+        self.said: dict[str, tuple[int, int]] = {}
+        for line in r.stdout.splitlines():
+            role, pid, addr = line.split()
+            self.said[role] = (int(pid), int(addr))
+        self.objs = lines(self.out)
+        self.children = children
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> TreeRun:
+    if not wp_ok:
+        pytest.skip(f"uffd-async unavailable: {wp_why}")
+    return TreeRun(tmp_path_factory.mktemp("tree"), 2 if in_emulated_guest() else 3)
+
+
+@pytest.mark.backend("uffd-async")
+def test_follow_forks_reports_each_forked_childs_writes_exactly(tree: TreeRun) -> None:
+    assert tree.rc == 5, tree.stderr
+    for i in range(tree.children):
+        pid, addr = tree.said[f"child{i}"]
+        assert pages_of(tree.objs, pid, addr) == pattern(i + 2, 0), f"child{i}"
+    # The parent's own writes, after its children's: neither theirs nor the ones it inherited.
+    pid, addr = tree.said["parent"]
+    assert pages_of(tree.objs, pid, addr) == pattern(7, 3)
+
+
+@pytest.mark.backend("uffd-async")
+def test_follow_forks_tracks_a_vforked_child_from_its_exec(tree: TreeRun) -> None:
+    pid, addr = tree.said["exec"]
+    assert pages_of(tree.objs, pid, addr) == pattern(3, 1)
+    fork = [o for o in tree.objs if o["type"] == "fork" and o["pid"] == pid]
+    assert fork and fork[0]["ppid"] == tree.said["parent"][0]
+    assert fork[0]["shares_memory_of"] == tree.said["parent"][0]  # vfork: until its exec
+    attach = [o for o in tree.objs if o["type"] == "attach" and o["pid"] == pid]
+    assert attach and attach[-1]["command"][1:] == ["write", "3"]
+
+
+@pytest.mark.backend("uffd-async")
+def test_a_child_that_cannot_be_tracked_is_named_with_the_reason(tree: TreeRun) -> None:
+    # The sandboxed child was tracked before it set its seccomp filter; its child inherits
+    # the filter, and pagewatch never injects into a process under one.
+    sandboxed, _ = tree.said["sandboxed"]
+    grandchild, _ = tree.said["grandchild"]
+    untracked = [o for o in tree.objs if o["type"] == "untracked"]
+    assert [o["pid"] for o in untracked] == [grandchild]
+    assert untracked[0]["ppid"] == sandboxed and "seccomp filter" in untracked[0]["reason"]
+    assert f"not tracked: pid {grandchild}" in tree.stderr
+    assert "seccomp filter" in tree.stderr
+    assert any(o["type"] == "attach" and o["pid"] == sandboxed for o in tree.objs)
+
+
+@pytest.mark.backend("uffd-async")
+def test_the_recording_has_one_line_per_process_event_and_each_exit(tree: TreeRun) -> None:
+    pids = {pid for pid, _ in tree.said.values()}
+    exits = {o["pid"]: o["code"] for o in tree.objs if o["type"] == "exit"}
+    assert set(exits) == pids  # every process, the command's own last
+    assert exits[tree.said["parent"][0]] == 5 and tree.objs[-1]["type"] == "exit"
+    assert all(code == 0 for pid, code in exits.items() if pid != tree.said["parent"][0])
+    forks = {o["pid"] for o in tree.objs if o["type"] == "fork"}
+    assert forks == pids - {tree.said["parent"][0]}
+    # Every interval line names its process, and is about a process tracked then.
+    assert {o["pid"] for o in tree.objs if o["type"] == "interval"} <= pids
+    # The summary lists every process with its end.
+    for _, (pid, _) in tree.said.items():
+        assert f" {pid} " in tree.stderr
+    assert f"processes: {len(pids)}" in tree.stderr
+
+
+@pytest.mark.backend("uffd-async")
+def test_report_of_a_followed_recording_sums_up_each_process(tree: TreeRun) -> None:
+    r = subprocess.run([*PAGEWATCH, "report", "--json", str(tree.out)], capture_output=True,
+                       text=True, check=True)
+    rep = json.loads(r.stdout)
+    assert rep["pid"] == tree.said["parent"][0]  # the command's own, as before
+    procs = {p["pid"]: p for p in rep["processes"]}
+    assert set(procs) == {pid for pid, _ in tree.said.values()}
+    child0 = procs[tree.said["child0"][0]]
+    assert child0["write_working_set"]["pages"] >= len(pattern(2, 0))
+    assert procs[tree.said["grandchild"][0]]["untracked"]
+    text = subprocess.run([*PAGEWATCH, "report", str(tree.out)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "processes:" in text and str(tree.said["child0"][0]) in text
+
+
+@pytest.mark.backend("uffd-async")
+def test_plot_of_a_followed_recording_draws_one_process(tree: TreeRun, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "x.png"
+    child = tree.said["child1"][0]
+    r = subprocess.run([*PAGEWATCH, "plot", str(tree.out), "-o", str(png), "--pid",
+                        str(child)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert png.stat().st_size > 0 and f"pid {child}" in r.stderr
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+def test_without_follow_forks_only_the_command_is_tracked(tmp_path: Path) -> None:
+    out = tmp_path / "one.jsonl"
+    r = subprocess.run([*PAGEWATCH, "run", "-o", str(out), "--", str(build("forker")), "tree",
+                        "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 5, r.stderr
+    objs = lines(out)
+    parent = int(r.stdout.split("parent ")[1].split()[0])
+    assert {o["pid"] for o in objs if "pid" in o} == {parent}
+    assert not [o for o in objs if o["type"] in ("fork", "untracked")]
+    assert "processes:" not in r.stderr
+
+
+@pytest.mark.kernel_independent
+def test_follow_forks_with_soft_dirty_is_a_clear_error_naming_the_backend() -> None:
+    r = subprocess.run([*PAGEWATCH, "run", "-F", "--backend", "soft-dirty", "--no-output",
+                        "--", "true"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "--follow-forks with the soft-dirty backend is not available" in r.stderr
+
+
+@pytest.mark.skipif(wp_ok, reason="this kernel has uffd-async: --follow-forks works")
+def test_follow_forks_where_the_kernel_lacks_uffd_async_is_a_clear_error() -> None:
+    r = subprocess.run([*PAGEWATCH, "run", "-F", "--no-output", "--", "true"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "needs the uffd-async backend" in r.stderr and "soft-dirty" in r.stderr
+
+
+@pytest.mark.kernel_independent
+def test_follow_forks_of_a_running_process_is_refused_with_what_to_do() -> None:
+    r = subprocess.run([*PAGEWATCH, "record", "-F", "--pid", str(os.getpid())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "give -- CMD" in r.stderr
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+@pytest.mark.skipif(shutil.which("gzip") is None or shutil.which("sort") is None,
+                    reason="needs gzip and sort")
+def test_follow_forks_of_a_shell_pipeline_reports_the_pages_of_its_programs(
+        tmp_path: Path) -> None:
+    n = 20_000 if in_emulated_guest() else 200_000
+    script = (f"seq 1 {n} > numbers; gzip -c numbers > numbers.gz; "
+              "sort -r numbers > sorted; wc -l < sorted")
+    out = tmp_path / "sh.jsonl"
+    r = subprocess.run([*PAGEWATCH, "run", "-F", "-o", str(out), "--", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(n)
+    objs = lines(out)
+    names: dict[int, str] = {}
+    for o in objs:
+        if o["type"] == "attach" and o["command"]:
+            names[o["pid"]] = os.path.basename(o["command"][0])
+    written: dict[str, int] = {}
+    for o in objs:
+        if o["type"] == "interval":
+            name = names.get(o["pid"], "?")
+            written[name] = written.get(name, 0) + o["pages"]
+    for prog in ("seq", "gzip", "sort", "wc"):
+        assert written.get(prog, 0) > 0, (prog, written)
+    assert written["sort"] > written["sh"]  # sort holds all the numbers; sh only forks
+    for prog in ("gzip", "sort"):
+        assert f"{prog} " in r.stderr or f"/{prog} " in r.stderr
+
+
+# ---- the monitor's death harms no process of the tree -------------------------------------
+
+def _run_tree_killed_at(n: int, rounds: int) -> tuple[int, str]:
+    """``run -F`` of ``forker kids 2``, its monitor SIGKILLed by the tracer helper right
+    before the helper's ``n``-th ptrace call; returns the monitor's status and what the tree
+    printed (read to its end: every process of the tree has exited)."""
+    env = dict(os.environ, PAGEWATCH_TEST_FAULT=str(n))
+    p = subprocess.Popen([*PAGEWATCH, "run", "-F", "--interval", "0.05", "-o", os.devnull,
+                          "--", str(build("forker")), "kids", "2", str(rounds)],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert p.stdout is not None
+    out = p.stdout.read()  # EOF: the monitor and every process of the tree are gone
+    return p.wait(timeout=600), out
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+@pytest.mark.one_guest("6.12")
+def test_the_monitor_killed_at_each_ptrace_call_of_a_followed_tree_harms_no_process() -> None:
+    # Each kill lands right before one ptrace call of the helper that follows the tree: the
+    # seize, each injection into the command and into each forked child (at its first stop),
+    # the fork, exit and signal stops.  Every process of the tree then finishes its work
+    # unharmed (its sum right, no signal blocked, none of our descriptors), and the parent
+    # sees both children exit 0.  The walk ends at the first call number past the last call.
+    stride = 12 if in_emulated_guest() else 3
+    rounds = 100 if in_emulated_guest() else 300
+    kills, n = 0, 1
+    while True:
+        status, out = _run_tree_killed_at(n, rounds)
+        said = out.split("\n")
+        assert not [x for x in said if x.startswith("harmed")], (n, out)
+        assert sum(x.startswith("ok ") for x in said) == 3 and "done 2" in said, (n, out)
+        if status != -signal.SIGKILL:
+            assert status == 3, (n, status)
+            break
+        kills += 1
+        n += stride
+        assert n < 2000, "the walk never ended"
+    # The walk went through the tree's injections (the command's, then each child's).
+    assert kills * stride >= 45, (kills, stride)
