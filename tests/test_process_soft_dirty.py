@@ -213,7 +213,7 @@ def test_a_freeze_racing_the_exit_of_a_run_child_finds_it_gone_never_refused() -
                     else:
                         time.sleep(0.001)
                     continue
-                kind, a, _, _ = ev
+                kind, a, *_ = ev
                 if kind == pcli.EV_EXEC:
                     if a >= 0:
                         os.close(a)
@@ -312,7 +312,7 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
                         enough.touch()
                 time.sleep(0.01)
                 continue
-            kind, a, _, _ = ev
+            kind, a, *_ = ev
             if kind == pcli.EV_EXEC:
                 if a >= 0:
                     os.close(a)
