@@ -297,11 +297,11 @@ def test_top_shows_bracketed_names_and_the_base_name_of_long_paths() -> None:
                 Map(0x20000, 0x30000, "rw-p", "[anon:jit [x]]"): _Pages(3),
                 Map(0x40000, 0x50000, "rw-p", long): _Pages(2)})
     console = Console(record=True, width=80)
-    console.print(pcli._top_table(d, 10, collections.Counter(), "pages"))  # type: ignore[arg-type]
+    console.print(pcli._top_table([d], 10, collections.Counter(), "pages"))  # type: ignore[list-item]
     text = console.export_text()
     assert "[heap] 0x1000" in text and "[anon:jit [x]] 0x20000" in text
     assert "libexample.so.1.2 0x40000" in text
-    plain = pcli._top_plain(d, 10, collections.Counter(), "address", 1.0)  # type: ignore[arg-type]
+    plain = pcli._top_plain([d], 10, collections.Counter(), "address", 1.0)  # type: ignore[list-item]
     assert [x.split()[-2] for x in plain.splitlines()[2:]] == [
         "[heap]", "[x]]", "libexample.so.1.2"]
 

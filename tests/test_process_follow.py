@@ -193,10 +193,42 @@ def test_follow_forks_where_the_kernel_lacks_uffd_async_is_a_clear_error() -> No
 
 
 @pytest.mark.kernel_independent
-def test_follow_forks_of_a_running_process_is_refused_with_what_to_do() -> None:
-    r = subprocess.run([*PAGEWATCH, "record", "-F", "--pid", str(os.getpid())],
+@pytest.mark.parametrize("command", ["record", "top"])
+def test_follow_forks_of_a_running_process_is_refused_with_what_to_do(command: str) -> None:
+    r = subprocess.run([*PAGEWATCH, command, "-F", "--pid", str(os.getpid())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "give -- CMD" in r.stderr
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+def test_top_follow_forks_shows_the_pages_of_each_process_of_the_tree() -> None:
+    # Into a pipe: plain rows, each with the pid of its process; forker's own lines are in
+    # the same output ("ROLE PID ADDR").
+    r = subprocess.run([*PAGEWATCH, "top", "-F", "--interval", "0.05", "--rows", "100", "--",
+                        str(build("forker")), "tree", "2"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 5, r.stderr  # the command's exit code, as top -- CMD
+    said = {x.split()[0]: (int(x.split()[1]), int(x.split()[2])) for x in r.stdout.splitlines()
+            if x.split() and x.split()[0] in ("parent", "child0", "child1", "exec",
+                                              "sandboxed", "grandchild")}
+    # pages/s, MiB/s, total, size MiB, perms, pid, name, start
+    totals: dict[tuple[int, int], tuple[int, float]] = {}
+    for x in r.stdout.splitlines():
+        f = x.split()
+        if len(f) >= 8 and f[0].isdigit() and f[-1].startswith("0x"):
+            key = (int(f[-3]), int(f[-1], 16))
+            total = max(totals.get(key, (0, 0.0))[0], int(f[2]))  # total pages so far
+            totals[key] = (total, float(f[3]))
+    assert "pid mapping" in r.stdout
+    for role in ("child0", "child1", "exec"):
+        pid, addr = said[role]
+        # The row of the mapping that holds forker's pages (size shown to 0.1 MiB).
+        rows = [n for (p, start), (n, mib) in totals.items()
+                if p == pid and start <= addr and
+                start + (mib + 0.05) * (1 << 20) >= addr + NPAGES * PAGE_SIZE]
+        assert rows and max(rows) > 0, (role, totals)
+    assert f"not tracked: pid {said['grandchild'][0]}" in r.stderr
 
 
 @pytest.mark.backend("uffd-async")

@@ -527,6 +527,10 @@ class Run:
         self.stats = Stats(by_process=follow)
         #: following: no collect has counted in the interval in progress yet
         self._open_interval = True
+        #: called at the end of each interval with what was collected in it (each process's
+        #: collects, its exec's and exit's included): top's refresh
+        self.on_interval: Callable[[list[ProcessDirty]], None] | None = None
+        self._frame: list[ProcessDirty] = []
         self.procs: dict[int, Proc] = {}
         self.status: int | None = None
         self.ended = False
@@ -582,6 +586,7 @@ class Run:
         proc.stats.add(d)
         self.stats.add(d, new_interval=new_interval)
         self.out.write(_interval_line(d, self.stats.t0))
+        self._frame.append(d)
         return d.pages
 
     def _collect_all(self) -> None:
@@ -592,6 +597,9 @@ class Run:
                 self._collect(proc, new_interval=first)
                 first = False
         self._open_interval = True
+        frame, self._frame = self._frame, []
+        if self.on_interval is not None:
+            self.on_interval(frame)
 
     def _untracked(self, proc: Proc, why: str) -> None:
         proc.untracked = why
@@ -706,13 +714,31 @@ class Run:
     def tracking(self) -> bool:
         return any(p.tracker is not None for p in self.procs.values())
 
-    def loop(self) -> None:
+    def loop(self, stop: StopRequest | None = None, keyfd: int | None = None,
+             on_key: Callable[[int], None] | None = None) -> None:
+        """Handle the tracer's events and collect every interval until the command (or with
+        ``follow``, every process of the tree) has ended, or ``stop`` (a signal handler, or a
+        key: ``on_key`` is called when ``keyfd`` is readable) asks to stop."""
         from .. import _native
 
         next_t = time.monotonic() + self.interval
         while not self.done():
+            if stop is not None and stop.stopping:
+                return
             timeout = next_t - time.monotonic() if self.tracking() else None
-            select.select([self.evfd], [], [], None if timeout is None else max(0, timeout))
+            fds = [self.evfd] + ([keyfd] if keyfd is not None else [])
+            try:
+                if stop is not None:
+                    stop.waiting = True
+                ready, _, _ = select.select(fds, [], [],
+                                            None if timeout is None else max(0, timeout))
+            except _Wake:
+                return
+            finally:
+                if stop is not None:
+                    stop.waiting = False
+            if keyfd is not None and keyfd in ready and on_key is not None:
+                on_key(keyfd)
             while not self.done():
                 ev = _native.tracer_event(self.handle)
                 if ev is None:
@@ -721,6 +747,9 @@ class Run:
             if self.tracking() and time.monotonic() >= next_t:
                 self._collect_all()
                 next_t = max(next_t + self.interval, time.monotonic())
+        if self._frame and self.on_interval is not None:  # the last exits' collects
+            frame, self._frame = self._frame, []
+            self.on_interval(frame)
 
     def _reap(self, seen: int) -> int:
         """The child's wait status: it is ours (the tracer helper only saw it end, ``seen``;
@@ -986,46 +1015,59 @@ def short_name(path: str) -> str:
     return base + (" (deleted)" if deleted else "")
 
 
-def _top_rows(d: ProcessDirty, rows: int, totals: collections.Counter[Any], sort: str
-              ) -> list[tuple[Any, Any, int]]:
+def _top_rows(ds: list[ProcessDirty], rows: int, totals: collections.Counter[Any], sort: str
+              ) -> list[tuple[Any, Any, int, int]]:
+    """The rows of one refresh: ``(mapping, pages, total pages, pid)``, over the collects of
+    one process or (``--follow-forks``) of each process of the tree."""
     key = SORTS[sort]
-    items = [(m, pages, totals[(m.path, m.start)]) for m, pages in d.written().items()]
-    items.sort(key=lambda r: key(*r))
+    items = [(m, pages, totals[(d.pid, m.path, m.start)], d.pid)
+             for d in ds for m, pages in d.written().items()]
+    items.sort(key=lambda r: key(*r[:3]))
     return items[:rows]
 
 
-def _top_title(d: ProcessDirty) -> str:
-    dt = max(d.elapsed, 1e-9)
-    return (f"pid {d.pid}: {d.pages / dt:,.0f} pages/s, {d.nbytes / dt / MiB:,.2f} MiB/s "
-            f"written ({d.backend}, {len(d)} mappings tracked)")
+def _top_title(ds: list[ProcessDirty], tree: bool = False) -> str:
+    dt = max(max((d.elapsed for d in ds), default=0.0), 1e-9)
+    pages, nbytes = sum(d.pages for d in ds), sum(d.nbytes for d in ds)
+    n = len({d.pid for d in ds})
+    who = (f"{n} process{'es' if n != 1 else ''} of the tree" if tree else
+           f"pid {ds[0].pid}")
+    backend = ds[0].backend if ds else "-"
+    return (f"{who}: {pages / dt:,.0f} pages/s, {nbytes / dt / MiB:,.2f} MiB/s "
+            f"written ({backend}, {sum(len(d) for d in ds)} mappings tracked)")
 
 
-def _top_table(d: ProcessDirty, rows: int, totals: collections.Counter[Any],
-               sort: str = "pages", note: str = "") -> Any:
+def _top_where(m: Any, pid: int, tree: bool) -> str:
+    return (f"{pid} " if tree else "") + f"{short_name(m.path)} {m.start:#x}"
+
+
+def _top_table(ds: list[ProcessDirty], rows: int, totals: collections.Counter[Any],
+               sort: str = "pages", note: str = "", tree: bool = False) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    dt = max(d.elapsed, 1e-9)
-    t = Table(title=escape(_top_title(d) + note), title_justify="left")
+    dt = max(max((d.elapsed for d in ds), default=0.0), 1e-9)
+    t = Table(title=escape(_top_title(ds, tree) + note), title_justify="left")
     for col, just in (("pages/s", "right"), ("MiB/s", "right"), ("total pages", "right"),
-                      ("size MiB", "right"), ("perms", "left"), ("mapping", "left")):
+                      ("size MiB", "right"), ("perms", "left"),
+                      ("pid mapping" if tree else "mapping", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for m, pages, total in _top_rows(d, rows, totals, sort):
+    for m, pages, total, pid in _top_rows(ds, rows, totals, sort):
         t.add_row(f"{len(pages) / dt:,.0f}", f"{pages.nbytes / dt / MiB:,.2f}",
                   f"{total:,}", f"{(m.end - m.start) / MiB:,.1f}",
-                  m.perms, escape(f"{short_name(m.path)} {m.start:#x}"))
+                  m.perms, escape(_top_where(m, pid, tree)))
     return t
 
 
-def _top_plain(d: ProcessDirty, rows: int, totals: collections.Counter[Any], sort: str,
-               t: float) -> str:
-    dt = max(d.elapsed, 1e-9)
-    out = [f"t={t:.1f}s {_top_title(d)}",
-           f"{'pages/s':>10} {'MiB/s':>9} {'total':>9} {'size MiB':>9} perms mapping"]
-    for m, pages, total in _top_rows(d, rows, totals, sort):
+def _top_plain(ds: list[ProcessDirty], rows: int, totals: collections.Counter[Any], sort: str,
+               t: float, tree: bool = False) -> str:
+    dt = max(max((d.elapsed for d in ds), default=0.0), 1e-9)
+    out = [f"t={t:.1f}s {_top_title(ds, tree)}",
+           f"{'pages/s':>10} {'MiB/s':>9} {'total':>9} {'size MiB':>9} perms "
+           + ("pid mapping" if tree else "mapping")]
+    for m, pages, total, pid in _top_rows(ds, rows, totals, sort):
         out.append(f"{len(pages) / dt:>10.0f} {pages.nbytes / dt / MiB:>9.2f} {total:>9} "
-                   f"{(m.end - m.start) / MiB:>9.1f} {m.perms:<5} {short_name(m.path)} "
-                   f"{m.start:#x}")
+                   f"{(m.end - m.start) / MiB:>9.1f} {m.perms:<5} {_top_where(m, pid, tree)}")
     return "\n".join(out) + "\n"
 
 
@@ -1053,6 +1095,9 @@ def _keys() -> Iterator[int | None]:
 
 def cmd_top(args: argparse.Namespace) -> int:
     pid, cmd = _target(args)  # UsageError: exit status 2
+    if args.follow_forks and cmd is None:
+        return _usage(args.command, "--follow-forks follows a command started now: give "
+                      "-- CMD [ARGS...] (a running process's children are not followed)")
     live_view = sys.stdout.isatty()
     if live_view:
         try:
@@ -1061,6 +1106,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise Unsupported("pagewatch top", "the 'rich' package is not installed",
                               "Install it: pip install 'pagewatch[cli]'") from exc
+    if args.follow_forks:
+        assert cmd is not None
+        return _top_tree(args, cmd, live_view)
     from ..process import ProcessTracker
 
     child: Any = None
@@ -1120,7 +1168,7 @@ def cmd_top(args: argparse.Namespace) -> int:
                             sort = SORT_KEYS[key]
                         if live is not None and last is not None:
                             note = " - paused (space: go on)" if paused else ""
-                            live.update(_top_table(last, args.rows, totals, sort, note),
+                            live.update(_top_table([last], args.rows, totals, sort, note),
                                         refresh=True)
                 if stop.stopping:
                     break
@@ -1130,13 +1178,13 @@ def cmd_top(args: argparse.Namespace) -> int:
                     print(f"pagewatch: process {pid} has exited", file=sys.stderr)
                     break
                 for m, pages in d.written().items():
-                    totals[(m.path, m.start)] += len(pages)
+                    totals[(d.pid, m.path, m.start)] += len(pages)
                 if live is not None:
                     if not paused:
                         last = d
-                        live.update(_top_table(d, args.rows, totals, sort), refresh=True)
+                        live.update(_top_table([d], args.rows, totals, sort), refresh=True)
                 else:
-                    sys.stdout.write(_top_plain(d, args.rows, totals, sort,
+                    sys.stdout.write(_top_plain([d], args.rows, totals, sort,
                                                 time.monotonic() - t0))
                     sys.stdout.flush()
                 n += 1
@@ -1151,6 +1199,86 @@ def cmd_top(args: argparse.Namespace) -> int:
             child.terminate()
         return _exit_code_of(child.wait())
     return 0
+
+
+def _top_tree(args: argparse.Namespace, cmd: list[str], live_view: bool) -> int:
+    """``top --follow-forks -- CMD``: the command and every process it starts, run and
+    followed as ``run --follow-forks`` does, one refresh per interval over all of them."""
+    _check_follow(args)
+    totals: collections.Counter[Any] = collections.Counter()
+    stop = StopRequest()
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+           if signal.getsignal(sig) != signal.SIG_IGN}
+    state: dict[str, Any] = {"sort": args.sort, "paused": False, "n": 0, "last": None}
+    t0 = time.monotonic()
+    run = Run(cmd, args, JsonLines(None), follow=True)
+    with contextlib.ExitStack() as stack:
+        live = None
+        if live_view:
+            from rich.console import Console
+            from rich.live import Live
+
+            live = stack.enter_context(Live(console=Console(), auto_refresh=False))
+        keyfd = stack.enter_context(_keys()) if live_view else None
+
+        def refresh(ds: list[ProcessDirty], note: str = "") -> None:
+            if live is not None:
+                live.update(_top_table(ds, args.rows, totals, state["sort"], note, tree=True),
+                            refresh=True)
+            else:
+                sys.stdout.write(_top_plain(ds, args.rows, totals, state["sort"],
+                                            time.monotonic() - t0, tree=True))
+                sys.stdout.flush()
+
+        def on_interval(ds: list[ProcessDirty]) -> None:
+            for d in ds:
+                for m, pages in d.written().items():
+                    totals[(d.pid, m.path, m.start)] += len(pages)
+            state["n"] += 1
+            if not state["paused"]:
+                state["last"] = ds
+                refresh(ds)
+            if args.count is not None and state["n"] >= args.count:
+                stop.stopping = True
+
+        def on_key(fd: int) -> None:
+            key = os.read(fd, 1).decode(errors="replace").lower()
+            if key == "q":
+                stop.stopping = True
+            elif key == " ":
+                state["paused"] = not state["paused"]
+            elif key in SORT_KEYS:
+                state["sort"] = SORT_KEYS[key]
+            if state["last"] is not None:
+                refresh(state["last"], " - paused (space: go on)" if state["paused"] else "")
+
+        run.on_interval = on_interval
+        try:
+            try:
+                run.start(old)
+            except OSError as exc:
+                print(f"pagewatch: {cmd[0]}: {exc.strerror}", file=sys.stderr)
+                return 1
+            try:
+                run.loop(stop, keyfd, on_key)
+            finally:
+                if not run.done() and run.status is None:  # quit: as top -- CMD, the
+                    with contextlib.suppress(ProcessLookupError):  # command ends
+                        os.kill(run.pid, signal.SIGTERM)
+                run.close()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+    if run.exec_errno is not None:
+        print(f"pagewatch: {cmd[0]}: {os.strerror(run.exec_errno)}", file=sys.stderr)
+    if run.error:
+        print(f"pagewatch: {run.error}", file=sys.stderr)
+    for p in run.procs.values():
+        if p.untracked is not None:
+            print(f"pagewatch: not tracked: pid {p.pid} ({p.name()[:60]}): {p.untracked}",
+                  file=sys.stderr)
+    assert run.status is not None
+    return _exit_code(run.status)
 
 
 def _exit_code_of(returncode: int) -> int:
