@@ -288,7 +288,7 @@ def test_the_monitor_killed_at_each_ptrace_call_of_a_followed_tree_harms_no_proc
     # the fork, exit and signal stops.  Every process of the tree then finishes its work
     # unharmed (its sum right, no signal blocked, none of our descriptors), and the parent
     # sees both children exit 0.  The walk ends at the first call number past the last call.
-    stride = 12 if in_emulated_guest() else 3
+    stride = 24 if in_emulated_guest() else 3
     rounds = 100 if in_emulated_guest() else 300
     kills, n = 0, 1
     while True:
@@ -302,5 +302,6 @@ def test_the_monitor_killed_at_each_ptrace_call_of_a_followed_tree_harms_no_proc
         kills += 1
         n += stride
         assert n < 2000, "the walk never ended"
-    # The walk went through the tree's injections (the command's, then each child's).
-    assert kills * stride >= 45, (kills, stride)
+    # The walk went through the tree's injections (the command's, then each child's: about
+    # 70 calls in all), not only the start.
+    assert kills >= 1 and 1 + (kills - 1) * stride >= 40, (kills, stride)
