@@ -192,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagewatch-vm[{args.label}]: tests taken from {args.report_from}: "
               f"{len(data['tests'])} tests, pytest exit {rc}", flush=True)
     else:
+        # pytest-timeout guards against hangs: 300 s per test on the host, 1200 s here,
+        # where emulation is 5-10x slower and a loaded 2-core host slows it 2-3x more (a
+        # kill walk took 175 s at load 12, over 300 s at load 20)
         cmd = [sys.executable, "-m", "pytest", "-p", "tests.vm.report",
                f"--pagewatch-report={report}", "-p", "no:cacheprovider", "-q", "-rfE",
-               *pytest_args]
+               "--timeout=1200", *pytest_args]
         print(f"pagewatch-vm[{args.label}]: $ {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
         rc = subprocess.call(cmd)
