@@ -6,7 +6,7 @@ in the ``test`` extra); one array (256 MiB in ``full`` mode, 64 MiB in ``quick``
 
 * ``save_random`` / ``save_runs``: :meth:`pagewatch.Checkpoint.save` after 1 % of the pages
   were written, chosen at random (``random``) or as runs of 16 contiguous pages at random
-  places (``runs``);
+  places, not aligned to chunks (``runs``);
 * ``full``: writing the whole array to the same store (a first save: every chunk), each
   interleaved with the incremental saves;
 * ``sent_per_page``: the bytes a save adds to the bucket (chunks, manifest, snapshot,
@@ -105,7 +105,9 @@ def _pages(rng: np.random.Generator, npages: int, k: int, pattern: str) -> np.nd
     if pattern == "random":
         return rng.choice(npages, k, replace=False)
     runs = max(1, k // RUN_PAGES)
-    starts = rng.choice(npages // RUN_PAGES, runs, replace=False) * RUN_PAGES
+    # anywhere, not aligned to a chunk: each slot of RUN_PAGES * 2 pages holds one run
+    slots = rng.choice(npages // (2 * RUN_PAGES), runs, replace=False) * 2 * RUN_PAGES
+    starts = slots + rng.integers(0, RUN_PAGES, runs)
     return (starts[:, None] + np.arange(RUN_PAGES)).ravel()
 
 
