@@ -134,6 +134,27 @@ def test_restore_by_dropping_maps_the_memfd_page_again_instead_of_copying() -> N
         assert is_file_page()  # read back from the memfd: no copy was made
 
 
+def test_dropping_more_runs_than_one_batch_drops_every_one() -> None:
+    # madvise_runs hands the kernel 1024 runs per process_madvise() (one madvise per run
+    # where the kernel refuses that): a run past a batch's end, and empty runs, count.
+    npages = 2 * 1100 + 2
+    m = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(m, np.uint8)
+    a[:] = 7
+    starts = np.arange(0, 2 * 1100, 2)
+    runs = np.stack([starts, starts + 1], axis=1)
+    runs[5] = (10, 10)  # empty: skipped
+    _native.madvise_runs(_native.buffer_info(m)[0], runs, mmap.MADV_DONTNEED)
+    pages = a.reshape(npages, PAGE_SIZE)[:, 0]
+    dropped = np.zeros(npages, bool)
+    dropped[starts] = True
+    dropped[10] = False
+    assert not pages[dropped].any()
+    assert (pages[~dropped] == 7).all()
+    del pages, a
+    m.close()
+
+
 def test_update_of_a_snapshot_array_writes_the_memfd_so_a_page_dropped_later_reads_it(
         backend: str) -> None:
     a = pw.snapshot_array(8 * PAGE_SIZE, np.uint8)

@@ -162,6 +162,48 @@ def test_max_pages_returns_the_first_pages_and_resets_only_those(backend: str) -
         assert pages_of(t.collect()) == {0}
 
 
+@pytest.mark.parametrize("nruns", [3, 40], ids=["few-runs", "many-runs"])
+def test_reset_of_given_pages_forgets_only_those_and_the_others_stay_reported(
+        backend: str, nruns: int) -> None:
+    # uffd-async resets a few runs one ioctl each and many runs by one walk of their span
+    # (the others inside that span must stay reported): both ways, every backend.
+    npages = 4 * nruns + 8
+    m = aligned(npages)
+    a = np.frombuffer(m, np.uint8)
+    a[:] = 1
+    with pw.Tracker(m, backend=backend) as t:
+        t.reset()
+        written = list(range(1, 4 * nruns, 2))  # every other page: isolated runs
+        for p in written:
+            a[p * PAGE_SIZE] = 2
+        got = t.collect(reset=False)
+        assert pages_of(got) == set(written)
+        chosen = pw.DirtyPages.from_pages(np.array(written[::2]), got.base, got.npages)
+        t.reset(chosen)
+        a[(npages - 1) * PAGE_SIZE] = 3  # a write after the reset, outside the pages
+        assert pages_of(t.collect(max_pages=1)) == {written[1]}
+        assert pages_of(t.collect()) == set(written[3::2]) | {npages - 1}
+        assert pages_of(t.collect()) == set()
+        t.reset(t.collect(reset=False))  # nothing written: nothing to do
+        with pytest.raises(ValueError, match="this tracker's region"):
+            t.reset(pw.DirtyPages.from_pages(np.array([1]), got.base, got.npages + 1))
+
+
+def test_a_reset_of_given_pages_leaves_them_reported_to_an_overlapping_tracker(
+        backend: str) -> None:
+    m = aligned(32)
+    a = np.frombuffer(m, np.uint8)
+    a[:] = 1
+    with pw.Tracker(m, backend=backend) as one, pw.Tracker(m, backend=backend) as two:
+        one.reset()
+        two.reset()
+        for p in (2, 5, 6, 20):
+            a[p * PAGE_SIZE] = 2
+        one.reset(pw.DirtyPages.from_pages(np.array([2, 5, 6]), one.base, 32))
+        assert pages_of(one.collect()) == {20}
+        assert pages_of(two.collect()) == {2, 5, 6, 20}
+
+
 def test_an_unaligned_target_is_tracked_at_the_pages_that_cover_it(backend: str) -> None:
     m = aligned(8)
     a = np.frombuffer(m, np.uint8)

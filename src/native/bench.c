@@ -8,6 +8,9 @@
  *   scan_floor        PAGEMAP_SCAN into a preallocated vector large enough for any answer
  *                     (one ioctl, or more if the kernel stops early): the minimal collect,
  *                     none of the library's code in it
+ *   restore_floor     the minimal restore of a Snapshot: one PAGEMAP_SCAN of the written pages
+ *                     (as scan_floor) and a memcpy of each run from the baseline; with
+ *                     `rearm`, a second PAGEMAP_SCAN that write-protects them again
  *   raw_uffd_async    userfaultfd + WP_ASYNC from open to close, each step timed
  *   raw_uffd_sync     uffd-wp with a handler thread that un-protects each faulting page
  *   raw_mprotect      PROT_READ + a SIGSEGV handler that un-protects each faulting page
@@ -275,6 +278,41 @@ static PyObject *py_scan_floor(PyObject *self, PyObject *args, PyObject *kw)
         return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
     return Py_BuildValue("(KKKK)", (unsigned long long)res.ns, (unsigned long long)res.pages,
                          (unsigned long long)res.regions, (unsigned long long)res.cpu_ns);
+}
+
+/* restore_floor(fd, start, end, dst, src, rearm=False, flags=CHECK_WPASYNC,
+ *               mask=PAGE_IS_WRITTEN) -> (ns, pages, regions, cpu_ns): the least a restore
+ * can do, all in C: one PAGEMAP_SCAN (looped to walk_end, into a preallocated vector) for the
+ * written pages of [start, end), then for each region memcpy(dst + off, src + off) with off
+ * its offset from start.  With `rearm`, then a PAGEMAP_SCAN with WP_MATCHING over the range,
+ * which protects them again (what makes the next restore see only the next writes). */
+static PyObject *py_restore_floor(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "start", "end", "dst", "src", "rearm", "flags", "mask", NULL};
+    int fd, rearm = 0;
+    unsigned long long start, end, dst, src, flags = PW_PM_SCAN_CHECK_WPASYNC, mask = 1ULL << 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iKKKK|pKK:restore_floor", kwlist, &fd, &start,
+                                     &end, &dst, &src, &rearm, &flags, &mask))
+        return NULL;
+    if (end < start) {
+        PyErr_SetString(PyExc_ValueError, "end below start");
+        return NULL;
+    }
+    struct scan_result res = {0}, again = {0};
+    uint64_t c0 = thread_cpu_ns(), t0 = now_ns();
+    int err = scan_until_end(fd, start, end, flags, mask, &res);
+    for (size_t i = 0; !err && i < res.regions; i++) {
+        uint64_t off = floor_vec[i].start - start;
+        memcpy((void *)(uintptr_t)(dst + off), (const void *)(uintptr_t)(src + off),
+               floor_vec[i].end - floor_vec[i].start);
+    }
+    if (!err && rearm)
+        err = scan_until_end(fd, start, end, flags | PW_PM_SCAN_WP_MATCHING, mask, &again);
+    uint64_t ns = now_ns() - t0, cpu = thread_cpu_ns() - c0;
+    if (err)
+        return pw_raise_errno(err, "ioctl(PAGEMAP_SCAN)");
+    return Py_BuildValue("(KKKK)", (unsigned long long)ns, (unsigned long long)res.pages,
+                         (unsigned long long)res.regions, (unsigned long long)cpu);
 }
 
 /* scan_ranges_floor(fd, ranges, flags=WP_MATCHING, mask=PAGE_IS_WRITTEN) with ranges an
@@ -874,6 +912,10 @@ PyMethodDef pw_bench_methods[] = {
     {"scan_ranges_floor", (PyCFunction)(void (*)(void))py_scan_ranges_floor,
      METH_VARARGS | METH_KEYWORDS,
      "scan_ranges_floor(fd, ranges, flags=1, mask=2) -> (ns, pages, regions, cpu_ns)."},
+    {"restore_floor", (PyCFunction)(void (*)(void))py_restore_floor,
+     METH_VARARGS | METH_KEYWORDS,
+     "restore_floor(fd, start, end, dst, src, rearm=False, flags=CHECK_WPASYNC, mask=WRITTEN)\n"
+     "-> (ns, pages, regions, cpu_ns): one PAGEMAP_SCAN + memcpy of the written runs."},
     {"scan_floor", (PyCFunction)(void (*)(void))py_scan_floor, METH_VARARGS | METH_KEYWORDS,
      "scan_floor(fd, start, end, flags=WP_MATCHING, mask=WRITTEN) -> "
      "(ns, pages, regions, cpu_ns): the minimal PAGEMAP_SCAN call, timed in C."},

@@ -168,20 +168,6 @@ def _available_memory() -> int:
 
 # ---- one target ------------------------------------------------------------------------
 
-def _minus(a: DirtyPages, b: DirtyPages) -> DirtyPages:
-    """The pages of ``a`` that are not in ``b``."""
-    if not a or a == b:
-        return DirtyPages.empty(a.base, a.npages, a.page_size)
-    if not b:
-        return a
-    edges = np.zeros(a.npages + 1, np.int32)
-    np.add.at(edges, a.runs[:, 0], 1)
-    np.add.at(edges, a.runs[:, 1], -1)
-    np.add.at(edges, b.runs[:, 0], -2)
-    np.add.at(edges, b.runs[:, 1], 2)
-    return DirtyPages.from_bitmap(np.cumsum(edges[:-1]) == 1, a.base, a.page_size)
-
-
 class _Part:
     """The snapshot of one contiguous target."""
 
@@ -248,8 +234,8 @@ class _Part:
                 # compare sees content: the pages just dropped differ from what it saw.
                 self._settle(written, check=True)
             return written
-        # copy: copy back first (the pages are writable: no fault), reset second.  Pages
-        # written meanwhile outside the restored ones stay pending, never lost.
+        # copy: copy back first (the pages are writable: no fault), then reset the pages
+        # copied, only those: pages written meanwhile elsewhere stay reported, never lost.
         written = t.collect(reset=False) | self.pending
         if written:
             _native.copy_runs(t.base, self._baseline_addr, written.runs, self.lo, self.hi)
@@ -257,11 +243,13 @@ class _Part:
         return written
 
     def _settle(self, rewritten: DirtyPages, check: bool) -> None:
-        """Reset what rewriting ``rewritten`` made the tracker see, keeping what others
-        wrote meanwhile pending; with ``check``, also the rewritten pages that differ from
-        the baseline after the reset (written again since the rewrite)."""
+        """Reset the pages rewritten (only those: a page written elsewhere meanwhile stays
+        reported by the tracker); with ``check``, keep pending the rewritten pages that
+        differ from the baseline after the reset (written again since the rewrite)."""
         t = self.t
-        self.pending = _minus(t.collect(reset=True), rewritten)
+        self.pending = rewritten.empty(rewritten.base, rewritten.npages)
+        if rewritten:
+            t.reset(rewritten)
         if check and rewritten:
             # After the reset a new write is tracked; one that landed before it is in the
             # page's bytes now.  (compare needs this always: it resets by content.)

@@ -9,6 +9,7 @@ from ._region import Region, region_of
 from .backends._memory import check_writable_mapping
 from .backends.base import Backend, choose
 from .dirty import DirtyPages
+from .kernel.constants import PAGE_SIZE
 
 __all__ = ["Tracker", "track", "Region", "region_of"]
 
@@ -70,9 +71,44 @@ class Tracker(Closeable):
         """Where the target starts inside page 0 (its address minus ``base``)."""
         return self.region.address - self.region.start
 
-    def reset(self) -> None:
-        """Forget everything written so far."""
-        self._b.reset()
+    def reset(self, pages: DirtyPages | None = None) -> None:
+        """Forget everything written so far, or only what was written to ``pages``.
+
+        Parameters
+        ----------
+        pages
+            Pages of this tracker's region (a :class:`DirtyPages` from its ``collect``):
+            only writes to those are forgotten, writes to any other page stay to be
+            reported by the next ``collect``.  ``None`` (default): every page.
+
+        Notes
+        -----
+        A write to one of ``pages`` that lands while this runs is forgotten or reported;
+        a write that landed before is forgotten (it is what is being reset).  ``uffd-async``
+        resets only those pages in the kernel (an ioctl per run, or one walk of their span
+        for many runs); the other backends reset the whole region and keep the rest to
+        report.
+
+        Examples
+        --------
+        >>> import mmap, numpy as np, pagewatch as pw
+        >>> a = np.frombuffer(mmap.mmap(-1, 4 * 4096), np.uint8)   # page-aligned
+        >>> with pw.Tracker(a) as t:
+        ...     a[0] = a[3 * 4096] = 1
+        ...     t.reset(t.collect(reset=False, max_pages=1))
+        ...     t.collect().pages().tolist()
+        [3]
+        """
+        if pages is None:
+            self._b.reset()
+            return
+        r = self.region
+        if not isinstance(pages, DirtyPages):
+            raise TypeError(f"pages must be DirtyPages, not {type(pages).__name__}")
+        if (pages.base, pages.npages, pages.page_size) != (r.start, r.npages, PAGE_SIZE):
+            raise ValueError("pages must be pages of this tracker's region (its base, page "
+                             "count and page size)")
+        self._b.reset(pages.runs)
 
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         """The pages written since the last reset.

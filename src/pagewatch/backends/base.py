@@ -7,6 +7,8 @@ A backend tracks writes to one :class:`Region` of this process's memory.  Every 
   during a collect shows up in that collect or the next, never in neither;
 * with ``max_pages=N`` returns the first N written pages (address order) and resets only
   those;
+* ``reset(runs)`` forgets the writes to those pages only: writes elsewhere stay reported
+  (a backend whose kernel state resets the whole region at once keeps the others itself);
 * never disturbs another tracker of the same process, whatever its range (invariant 2).
 
 Backends that share one kernel bit per page (``uffd-async``: the uffd-wp bit;
@@ -84,6 +86,9 @@ class Backend(Closeable, abc.ABC):
         #: the TargetGone this tracker met: raised again by every later collect
         self.gone: TargetGone | None = None
         self._advice: HugePageAdvice | None = None
+        #: written pages a ``reset(runs)`` reset beyond ``runs`` (page runs, normalised):
+        #: reported by the next collect (see ``_reset_pages``)
+        self._kept: np.ndarray | None = None
 
     def _split_huge_pages(self) -> None:
         """``huge_pages="split"``: keep transparent huge pages off the region until close."""
@@ -129,19 +134,46 @@ class Backend(Closeable, abc.ABC):
         if self.closed or _forks.count != self._forks or self.gone is not None:
             self.check_usable()
         try:
-            return self._collect(reset is True or bool(reset), limit)
+            if self._kept is None:
+                return self._collect(reset is True or bool(reset), limit)
+            return self._collect_kept(bool(reset), limit)
         except TargetGone as exc:
             self._went(exc)
             raise
 
-    def reset(self) -> None:
-        """Forget everything written so far."""
+    def reset(self, runs: np.ndarray | None = None) -> None:
+        """Forget everything written so far; with ``runs`` (normalised page runs of the
+        region), only what was written to those pages."""
         self.check_usable()
         try:
-            self._reset()
+            if runs is None:
+                self._reset()
+                self._kept = None
+            elif len(runs):
+                self._reset_pages(runs)
         except TargetGone as exc:
             self._went(exc)
             raise
+
+    def _reset_pages(self, runs: np.ndarray) -> None:
+        """``reset(runs)``.  Here for backends whose state resets the whole region at once:
+        reset it all and keep what was written outside ``runs`` for the next collect."""
+        got = self._collect(True, None).runs
+        if self._kept is not None:
+            got = _intervals.normalise(np.concatenate([got, self._kept]))
+        rest = _intervals.subtract(got, runs)
+        self._kept = rest if len(rest) else None
+
+    def _collect_kept(self, reset: bool, max_pages: int | None) -> DirtyPages:
+        """``collect`` when a ``reset(runs)`` left pages to report."""
+        assert self._kept is not None
+        got = self._collect(reset, None).runs
+        everything = self._result(_intervals.normalise(np.concatenate([got, self._kept])))
+        chosen = everything if max_pages is None else _first_pages(everything, max_pages)
+        if reset:
+            rest = _intervals.subtract(everything.runs, chosen.runs)
+            self._kept = rest if len(rest) else None
+        return chosen
 
     def _went(self, exc: TargetGone) -> None:
         """The memory went away: remember it, and stop watching its addresses, which a new
@@ -328,8 +360,9 @@ class HubBackend(Backend):
     """A backend over a per-page kernel bit shared by the whole process.
 
     Subclasses provide ``_get(reset)`` (written runs of the own region, atomically reset
-    when asked) and ``_reset_runs(runs)`` (reset exactly those runs, returning what was
-    written in them), both in ``int64 (n, 2)`` runs of ``[first, end)`` page indices of the
+    when asked) and ``_reset_runs(runs)`` (reset those runs, returning what it reset: the
+    written pages in them, and any written page beyond them that it reset too, which it
+    makes pending for itself), both in ``int64 (n, 2)`` runs of ``[first, end)`` page indices of the
     own region, sorted and disjoint.
 
     Pending pages (reset by another tracker before this one saw them) are the hub's log
@@ -399,6 +432,11 @@ class HubBackend(Backend):
         with self.hub.lock:
             self.hub.harvest(self, self._get(reset=True))
             self._clear_pending()
+
+    def _reset_pages(self, runs: np.ndarray) -> None:
+        with self.hub.lock:
+            self.hub.harvest(self, self._reset_runs(runs))
+            self._pending = _intervals.subtract(self._pending_runs(), runs)
 
     def _collect(self, reset: bool, max_pages: int | None) -> DirtyPages:
         hub = self.hub

@@ -33,6 +33,11 @@ _GET = int(ScanFlag.CHECK_WPASYNC)
 _FEATURES = int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED)
 _collect_runs = _native.collect_runs
 _new = object.__new__
+# Resetting given runs: one PAGEMAP_SCAN per run (about 2.4 us each, with its TLB flush)
+# while there are at most _FEW_RUNS + one per _PAGES_PER_RUN pages of the region, else one
+# walk of their span (about 1.2 ns a page; measured on 1 GiB, Linux 6.18).
+_FEW_RUNS = 8
+_PAGES_PER_RUN = 2048
 
 
 class _UffdHub(Hub):
@@ -218,9 +223,29 @@ class UffdAsync(HubBackend):
             self._get_failed(exc, flags)
 
     def _reset_runs(self, runs: np.ndarray) -> np.ndarray:
-        base, ps = self.region.start, PAGE_SIZE
-        out = [self._scan(base + s * ps, base + e * ps, reset=True) for s, e in runs.tolist()]
-        return np.concatenate(out) if out else np.empty((0, 2), np.int64)
+        if not len(runs):
+            return _intervals.EMPTY
+        base, ps = self._base, PAGE_SIZE
+        if len(runs) > _FEW_RUNS + self._npages // _PAGES_PER_RUN:
+            # Many runs: one walk over their span costs less than an ioctl (and a TLB flush)
+            # per run.  What it resets beyond them was written too: it stays pending.
+            got = self._scan(base + int(runs[0, 0]) * ps, base + int(runs[-1, 1]) * ps,
+                             reset=True)
+            self._add_pending(_intervals.subtract(got, runs))
+            return got
+        # Few: one ioctl per run, in one native loop; nothing else is touched.
+        ranges = np.ascontiguousarray(runs * ps + base, dtype=np.int64)
+        regions, owner, errors = _native.pagemap_scan_ranges(self._fd, ranges, _RESET,
+                                                             _WRITTEN, 0, 0, _WRITTEN)
+        got = (regions[:, :2].astype(np.int64) - base) // ps
+        if errors.any():
+            # The others were scanned (and reset); a failed one again alone, which raises
+            # what went wrong (or, if it passes now, gives its pages).
+            failed = np.flatnonzero(errors)
+            again = [self._scan(base + int(runs[i, 0]) * ps, base + int(runs[i, 1]) * ps,
+                                reset=True) for i in failed]
+            got = np.concatenate([got[~np.isin(owner, failed)], *again])
+        return _intervals.normalise(got)
 
     def _collect_some(self, max_pages: int):  # type: ignore[no-untyped-def]
         if not self.has_pending:

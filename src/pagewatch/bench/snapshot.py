@@ -9,7 +9,15 @@ structure and the same process:
     ``np.copyto(a, saved)`` of the whole array: what people do today.
 ``floor``
     a C loop copying exactly the written pages back (``copy_runs`` with the runs known in
-    advance): the least any copy-back can cost.
+    advance): the copy alone, no finding out which pages.
+``floor_scan``
+    the least a restore can do, all in C (``_native.restore_floor``) on a mapping of its
+    own with raw async uffd-wp: one ``PAGEMAP_SCAN`` for the written pages and a
+    ``memcpy`` of each run from the baseline (then, untimed, a scan that protects them
+    again for the next round).
+``floor_rearm``
+    the same with that second scan timed: the whole work of a restore that leaves the
+    memory tracked, in C.
 ``copy[<backend>]`` / ``dontneed[<backend>]``
     :meth:`Snapshot.restore` with each method (``dontneed`` on :func:`snapshot_array`
     memory) and ``update`` after the same writes.
@@ -17,8 +25,10 @@ structure and the same process:
     a fork()-based snapshot (Redis BGSAVE's trick): the parent stays as the baseline, a child
     runs the round's writes in its copy-on-write memory and exits; timed from fork to reap.
 
-Each figure is timed from Python with ``time.perf_counter_ns``.  ``restore`` times the reset
-alone; ``cycle`` times writes + reset, since ``dontneed`` moves the copy into the next
+Each figure is timed from Python with ``time.perf_counter_ns`` (the C floors inside C).
+The restores are interleaved: every repeat runs each way once, in a rotated order, so a
+change in the machine's load hits them alike; figures are medians.  ``restore`` times the
+reset alone; ``cycle`` times writes + reset, since ``dontneed`` moves the copy into the next
 round's first writes (each re-faults a page from the memfd) and ``fork`` has no separate
 reset.  Ratios (``ratios``) are taken from medians of this one run.
 """
@@ -36,9 +46,9 @@ import numpy as np
 
 from .. import _native
 from ..backends.base import backend_class
-from ..kernel.constants import PAGE_SIZE
+from ..kernel.constants import PAGE_SIZE, PageCategory, ScanFlag
 from ..snapshot import Snapshot, snapshot_array
-from .measures import GiB, MiB, fraction_key, stat
+from .measures import GiB, Mapping, MiB, RawAsync, fraction_key, stat
 
 __all__ = ["run", "render_text", "FRACTIONS", "PATTERNS", "RUN_PAGES"]
 
@@ -126,8 +136,64 @@ def _fork_cycle(a: np.ndarray, r: _Round) -> None:
     os.waitpid(pid, 0)
 
 
+class _Floor:
+    """The C floors with a scan: a mapping of its own under raw async uffd-wp."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.m = Mapping(nbytes)
+        try:
+            self.a = self.m.array()
+            self.a[::PAGE_SIZE] = 1  # every page present, as the targets'
+            self.raw = RawAsync(self.m)
+        except BaseException:
+            self.m.close()
+            raise
+        self.raw.scan(reset=True)
+
+    def restore(self, saved: np.ndarray, rearm: bool) -> float:
+        ns, _, _, _ = _native.restore_floor(
+            self.raw.pm, self.m.addr, self.m.addr + self.m.nbytes, self.m.addr,
+            saved.ctypes.data, rearm, _GET, _WRITTEN)
+        if not rearm:
+            self.raw.scan(reset=True)  # untimed: protect them again for the next round
+        return float(ns) / 1e6
+
+    def close(self) -> None:
+        self.raw.close()
+        self.m.close()
+
+
+_GET = int(ScanFlag.CHECK_WPASYNC)
+_WRITTEN = int(PageCategory.WRITTEN)
+
+
+def _floor_for(nbytes: int) -> _Floor | None:
+    """The scan floors' mapping, or None where raw async uffd-wp does not work."""
+    try:
+        return _Floor(nbytes)
+    except OSError:
+        return None
+
+
+def _rounds(reps: int, ways: dict[str, tuple[Callable[[], Any], Callable[[], float]]]
+            ) -> dict[str, list[float]]:
+    """``reps`` rounds; in each, every way once (its writes, then its timed restore), the
+    order rotated by one each round.  One warm-up round first, not kept."""
+    names = list(ways)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps + 1):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            before, timed = ways[n]
+            before()
+            ms = timed()
+            if i:
+                out[n].append(ms)
+    return out
+
+
 def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, np.ndarray],
-          pages: np.ndarray, backends: Sequence[str], reps: int,
+          floor_map: _Floor | None, pages: np.ndarray, backends: Sequence[str], reps: int,
           tick: Callable[[str], None], label: str) -> dict[str, Any]:
     """Every way of putting the memory back after writing ``pages``."""
     runs = _runs(pages)
@@ -141,28 +207,52 @@ def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, n
     def floor() -> None:
         _native.copy_runs(dst, src, runs, 0, nbytes)
 
-    tick(f"{label}: copyto, floor, fork")
     def write_plain() -> None:
         r.write(plain)
 
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        return lambda: _timed(fn)
+
+    shared: dict[str, tuple[Callable[[], Any], Callable[[], float]]] = {
+        "copyto": (write_plain, timed(copyto)), "floor": (write_plain, timed(floor))}
+    if floor_map is not None:
+        fm = floor_map
+        shared["floor_scan"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, False))
+        shared["floor_rearm"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, True))
+    samples: dict[str, list[float]] = {n: [] for n in shared}
+    tick(f"{label}: copyto, floor, fork")
     for name, fn in (("copyto", copyto), ("floor", floor)):
-        row[name] = {"restore": stat(_measure(reps, write_plain, fn), "ms"),
-                     "cycle": stat(_measure(reps, _nothing, _then(write_plain, fn)), "ms")}
+        row[name] = {"cycle": stat(_measure(reps, _nothing, _then(write_plain, fn)), "ms")}
     row["fork"] = {"cycle": stat(_measure(reps, _nothing, lambda: _fork_cycle(plain, r)),
                                  "ms")}
     for backend in backends:
-        for method, a in arrays.items():
-            tick(f"{label}: {method} [{backend}]")
-            write = functools.partial(r.write, a)
-            with Snapshot(a, backend=backend) as snap:
-                assert snap.method == method, snap.method_reason
-                restore = _measure(reps, write, snap.restore)
+        snaps: dict[str, Snapshot] = {}
+        try:
+            for method, a in arrays.items():
+                snaps[method] = Snapshot(a, backend=backend)
+                assert snaps[method].method == method, snaps[method].method_reason
+            tick(f"{label}: restores [{backend}], interleaved")
+            ways = dict(shared)
+            for method, snap in snaps.items():
+                ways[f"{method}[{backend}]"] = (functools.partial(r.write, arrays[method]),
+                                                timed(snap.restore))
+            got = _rounds(reps, ways)
+            for n in shared:
+                samples[n] += got[n]
+            for method, snap in snaps.items():
+                tick(f"{label}: {method} [{backend}] cycle, update")
+                write = functools.partial(r.write, arrays[method])
                 cycle = _measure(reps, _nothing, _then(write, snap.restore))
                 update = _measure(reps, write, snap.update)
                 snap.restore()
-            row[f"{method}[{backend}]"] = {"restore": stat(restore, "ms"),
-                                           "cycle": stat(cycle, "ms"),
-                                           "update": stat(update, "ms")}
+                row[f"{method}[{backend}]"] = {"restore": stat(got[f"{method}[{backend}]"], "ms"),
+                                               "cycle": stat(cycle, "ms"),
+                                               "update": stat(update, "ms")}
+        finally:
+            for snap in snaps.values():
+                snap.close()
+    for n, xs in samples.items():
+        row.setdefault(n, {})["restore"] = stat(xs, "ms")
     return row
 
 
@@ -173,14 +263,21 @@ def _one_size(nbytes: int, backends: Sequence[str], fractions: Sequence[float],
     plain = _anonymous(nbytes)
     plain[::PAGE_SIZE] = 1  # every page present, as in a running program
     saved = plain.copy()
-    arrays = {"copy": plain, "dontneed": snapshot_array(nbytes, np.uint8)}
-    arrays["dontneed"][::PAGE_SIZE] = 1
+    arrays = {"copy": _anonymous(nbytes), "dontneed": snapshot_array(nbytes, np.uint8)}
+    for a in arrays.values():
+        a[::PAGE_SIZE] = 1
+    floor_map = _floor_for(nbytes)
     out: dict[str, Any] = {}
-    for pattern in patterns:
-        for f in fractions:
-            key = f"{pattern}/{fraction_key(f)}"
-            out[key] = _case(nbytes, plain, saved, arrays, _pages(pattern, f, npages, rng),
-                             backends, reps, tick, f"snapshot {nbytes // MiB} MiB {key}")
+    try:
+        for pattern in patterns:
+            for f in fractions:
+                key = f"{pattern}/{fraction_key(f)}"
+                out[key] = _case(nbytes, plain, saved, arrays, floor_map,
+                                 _pages(pattern, f, npages, rng), backends, reps, tick,
+                                 f"snapshot {nbytes // MiB} MiB {key}")
+    finally:
+        if floor_map is not None:
+            floor_map.close()
     return out
 
 
@@ -206,7 +303,7 @@ def run(nbytes: int = GiB, backends: Sequence[str] | None = None,
     sizes: dict[int, list[str]] = {}
     for name in names:
         sizes.setdefault(min(nbytes, CAPS.get(name, nbytes)), []).append(name)
-    steps = sum(len(fractions) * len(patterns) * (1 + 2 * len(b)) for b in sizes.values())
+    steps = sum(len(fractions) * len(patterns) * (1 + 3 * len(b)) for b in sizes.values())
     done = [0]
 
     def tick(label: str) -> None:
@@ -227,53 +324,72 @@ def run(nbytes: int = GiB, backends: Sequence[str] | None = None,
     return result
 
 
+def _median(row: dict[str, Any], what: str, measure: str = "restore") -> float | None:
+    fig = row.get(what, {}).get(measure)
+    return None if fig is None else float(fig["median"])
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def ratios(result: dict[str, Any]) -> dict[str, Any]:
-    """Per size, case and method: restore / floor, copyto / restore, and the cycle ratios."""
+    """Per size, case and method: restore over each floor (the copy alone, one scan and the
+    copy, the same and the scan that protects again), copyto / restore, and the cycle
+    ratios; all from medians of this one run."""
     out: dict[str, Any] = {}
     for size, cases in result["sizes"].items():
         for key, row in cases.items():
             if not isinstance(row, dict) or "floor" not in row:
                 continue
-            floor = row["floor"]["restore"]["median"]
-            copyto = row["copyto"]["restore"]["median"]
+            floor = _median(row, "floor")
             for what, fig in row.items():
                 if not (isinstance(fig, dict) and "update" in fig):
                     continue
                 rest = fig["restore"]["median"]
                 out[f"{size}/{key}/{what}"] = {
-                    "restore_vs_floor": rest / floor if floor else None,
-                    "copyto_vs_restore": copyto / rest if rest else None,
-                    "cycle_vs_floor_cycle": fig["cycle"]["median"]
-                    / row["floor"]["cycle"]["median"],
-                    "fork_cycle_vs_cycle": row["fork"]["cycle"]["median"]
-                    / fig["cycle"]["median"],
+                    "restore_vs_floor": _over(rest, floor),
+                    "restore_vs_floor_scan": _over(rest, _median(row, "floor_scan")),
+                    "restore_vs_floor_rearm": _over(rest, _median(row, "floor_rearm")),
+                    "copyto_vs_restore": _over(_median(row, "copyto"), rest),
+                    "cycle_vs_floor_cycle": _over(fig["cycle"]["median"],
+                                                  _median(row, "floor", "cycle")),
+                    "fork_cycle_vs_cycle": _over(_median(row, "fork", "cycle"),
+                                                 fig["cycle"]["median"]),
                 }
     return out
+
+
+def _x(v: float | None, width: int = 8, digits: int = 2) -> str:
+    return " " * (width + 1) if v is None else f"{v:{width}.{digits}f}x"
 
 
 def render_text(result: dict[str, Any]) -> str:
     """One table per size: medians in ms, and the ratios."""
     lines = ["Snapshot: put memory back after writing a fraction of its pages (median ms; "
-             "restore = reset alone, cycle = writes + reset)"]
+             "restore = reset alone, interleaved; cycle = writes + reset)",
+             "floors, all C: floor = memcpy of the runs known; floor_scan = one PAGEMAP_SCAN "
+             "+ memcpy; floor_rearm = that + the scan that protects them again"]
     for size, cases in result["sizes"].items():
         lines.append("")
         lines.append(f"{int(size) // MiB} MiB, backends {', '.join(result['backends'][size])}")
         lines.append(f"{'case':<14} {'what':<22} {'restore':>9} {'cycle':>9} {'update':>9} "
-                     f"{'vs floor':>9} {'copyto/x':>9}")
+                     f"{'/floor':>9} {'/scan':>9} {'/rearm':>9} {'copyto/x':>9}")
         for key, row in cases.items():
             if not isinstance(row, dict) or "floor" not in row:
                 continue
-            floor = row["floor"]["restore"]["median"]
-            copyto = row["copyto"]["restore"]["median"]
+            floors = [_median(row, f) for f in ("floor", "floor_scan", "floor_rearm")]
+            copyto = _median(row, "copyto")
             for what, fig in row.items():
                 if not isinstance(fig, dict):
                     continue
-                rest = fig.get("restore", {}).get("median")
-                cyc = fig["cycle"]["median"]
-                upd = fig.get("update", {}).get("median")
-                vs = f"{rest / floor:8.2f}x" if rest is not None and floor else ""
-                ct = f"{copyto / rest:8.1f}x" if rest else ""
+                rest = _median(row, what)
+                cyc = _median(row, what, "cycle")
+                upd = _median(row, what, "update")
+                vs = [_x(_over(rest, f)) if what.endswith("]") else _x(None) for f in floors]
+                ct = _x(_over(copyto, rest), 8, 1) if what != "copyto" else _x(None)
                 lines.append(f"{key:<14} {what:<22} "
-                             f"{'' if rest is None else f'{rest:9.3f}':>9} {cyc:9.3f} "
-                             f"{'' if upd is None else f'{upd:9.3f}':>9} {vs:>9} {ct:>9}")
+                             f"{'' if rest is None else f'{rest:9.3f}':>9} "
+                             f"{'' if cyc is None else f'{cyc:9.3f}':>9} "
+                             f"{'' if upd is None else f'{upd:9.3f}':>9} {' '.join(vs)} {ct}")
     return "\n".join(lines)
