@@ -231,7 +231,8 @@ class UffdAsync(HubBackend):
             # per run.  What it resets beyond them was written too: it stays pending.
             got = self._scan(base + int(runs[0, 0]) * ps, base + int(runs[-1, 1]) * ps,
                              reset=True)
-            self._add_pending(_intervals.subtract(got, runs))
+            if not (len(got) == len(runs) and np.array_equal(got, runs)):  # else: nothing
+                self._add_pending(_intervals.subtract(got, runs))
             return got
         # Few: one ioctl per run, in one native loop; nothing else is touched.
         ranges = np.ascontiguousarray(runs * ps + base, dtype=np.int64)

@@ -25,7 +25,10 @@ structure and the same process:
     a fork()-based snapshot (Redis BGSAVE's trick): the parent stays as the baseline, a child
     runs the round's writes in its copy-on-write memory and exits; timed from fork to reap.
 
-Each figure is timed from Python with ``time.perf_counter_ns`` (the C floors inside C).
+Each figure is timed from Python with ``time.perf_counter_ns`` (the C floors inside C),
+and the restores also in thread CPU time (``time.thread_time_ns``; the C floors'
+``CLOCK_THREAD_CPUTIME_ID``): on a shared machine the steadier figure, since a restore is
+CPU work (scans, copies, system calls) and the CPU time leaves out the waits for a CPU.
 The restores are interleaved: every repeat runs each way once, in a rotated order, so a
 change in the machine's load hits them alike; figures are medians.  ``restore`` times the
 reset alone; ``cycle`` times writes + reset, since ``dontneed`` moves the copy into the next
@@ -107,6 +110,13 @@ def _timed(fn: Callable[[], Any]) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
+def _timed2(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and thread CPU milliseconds of ``fn()``."""
+    c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e6, (time.thread_time_ns() - c0) / 1e6
+
+
 def _then(first: Callable[[], Any], second: Callable[[], Any]) -> Callable[[], None]:
     def both() -> None:
         first()
@@ -150,13 +160,13 @@ class _Floor:
             raise
         self.raw.scan(reset=True)
 
-    def restore(self, saved: np.ndarray, rearm: bool) -> float:
-        ns, _, _, _ = _native.restore_floor(
+    def restore(self, saved: np.ndarray, rearm: bool) -> tuple[float, float]:
+        ns, _, _, cpu = _native.restore_floor(
             self.raw.pm, self.m.addr, self.m.addr + self.m.nbytes, self.m.addr,
             saved.ctypes.data, rearm, _GET, _WRITTEN)
         if not rearm:
             self.raw.scan(reset=True)  # untimed: protect them again for the next round
-        return float(ns) / 1e6
+        return float(ns) / 1e6, float(cpu) / 1e6
 
     def close(self) -> None:
         self.raw.close()
@@ -175,20 +185,24 @@ def _floor_for(nbytes: int) -> _Floor | None:
         return None
 
 
-def _rounds(reps: int, ways: dict[str, tuple[Callable[[], Any], Callable[[], float]]]
-            ) -> dict[str, list[float]]:
+Way = tuple[Callable[[], Any], Callable[[], tuple[float, float]]]
+
+
+def _rounds(reps: int, ways: dict[str, Way]) -> dict[str, tuple[list[float], list[float]]]:
     """``reps`` rounds; in each, every way once (its writes, then its timed restore), the
-    order rotated by one each round.  One warm-up round first, not kept."""
+    order rotated by one each round.  One warm-up round first, not kept.  Per way: the
+    wall-clock and the thread CPU milliseconds."""
     names = list(ways)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     for i in range(reps + 1):
         k = i % len(names)
         for n in names[k:] + names[:k]:
             before, timed = ways[n]
             before()
-            ms = timed()
+            wall, cpu = timed()
             if i:
-                out[n].append(ms)
+                out[n][0].append(wall)
+                out[n][1].append(cpu)
     return out
 
 
@@ -210,16 +224,16 @@ def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, n
     def write_plain() -> None:
         r.write(plain)
 
-    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
-        return lambda: _timed(fn)
+    def timed(fn: Callable[[], Any]) -> Callable[[], tuple[float, float]]:
+        return lambda: _timed2(fn)
 
-    shared: dict[str, tuple[Callable[[], Any], Callable[[], float]]] = {
+    shared: dict[str, Way] = {
         "copyto": (write_plain, timed(copyto)), "floor": (write_plain, timed(floor))}
     if floor_map is not None:
         fm = floor_map
         shared["floor_scan"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, False))
         shared["floor_rearm"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, True))
-    samples: dict[str, list[float]] = {n: [] for n in shared}
+    samples: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in shared}
     tick(f"{label}: copyto, floor, fork")
     for name, fn in (("copyto", copyto), ("floor", floor)):
         row[name] = {"cycle": stat(_measure(reps, _nothing, _then(write_plain, fn)), "ms")}
@@ -238,21 +252,24 @@ def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, n
                                                 timed(snap.restore))
             got = _rounds(reps, ways)
             for n in shared:
-                samples[n] += got[n]
+                samples[n][0].extend(got[n][0])
+                samples[n][1].extend(got[n][1])
             for method, snap in snaps.items():
                 tick(f"{label}: {method} [{backend}] cycle, update")
                 write = functools.partial(r.write, arrays[method])
                 cycle = _measure(reps, _nothing, _then(write, snap.restore))
                 update = _measure(reps, write, snap.update)
                 snap.restore()
-                row[f"{method}[{backend}]"] = {"restore": stat(got[f"{method}[{backend}]"], "ms"),
+                wall, cpu = got[f"{method}[{backend}]"]
+                row[f"{method}[{backend}]"] = {"restore": stat(wall, "ms"),
+                                               "restore_cpu": stat(cpu, "ms"),
                                                "cycle": stat(cycle, "ms"),
                                                "update": stat(update, "ms")}
         finally:
             for snap in snaps.values():
                 snap.close()
-    for n, xs in samples.items():
-        row.setdefault(n, {})["restore"] = stat(xs, "ms")
+    for n, (wall, cpu) in samples.items():
+        row.setdefault(n, {}).update(restore=stat(wall, "ms"), restore_cpu=stat(cpu, "ms"))
     return row
 
 
@@ -351,6 +368,11 @@ def ratios(result: dict[str, Any]) -> dict[str, Any]:
                     "restore_vs_floor": _over(rest, floor),
                     "restore_vs_floor_scan": _over(rest, _median(row, "floor_scan")),
                     "restore_vs_floor_rearm": _over(rest, _median(row, "floor_rearm")),
+                    "restore_vs_floor_scan_cpu": _over(_median(row, what, "restore_cpu"),
+                                                       _median(row, "floor_scan", "restore_cpu")),
+                    "restore_vs_floor_rearm_cpu": _over(
+                        _median(row, what, "restore_cpu"),
+                        _median(row, "floor_rearm", "restore_cpu")),
                     "copyto_vs_restore": _over(_median(row, "copyto"), rest),
                     "cycle_vs_floor_cycle": _over(fig["cycle"]["median"],
                                                   _median(row, "floor", "cycle")),
@@ -374,11 +396,13 @@ def render_text(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{int(size) // MiB} MiB, backends {', '.join(result['backends'][size])}")
         lines.append(f"{'case':<14} {'what':<22} {'restore':>9} {'cycle':>9} {'update':>9} "
-                     f"{'/floor':>9} {'/scan':>9} {'/rearm':>9} {'copyto/x':>9}")
+                     f"{'/floor':>9} {'/scan':>9} {'/rearm':>9} {'copyto/x':>9} "
+                     f"{'cpu ms':>9} {'cpu/scan':>9} {'cpu/rearm':>9}")
         for key, row in cases.items():
             if not isinstance(row, dict) or "floor" not in row:
                 continue
             floors = [_median(row, f) for f in ("floor", "floor_scan", "floor_rearm")]
+            cpu_floors = [_median(row, f, "restore_cpu") for f in ("floor_scan", "floor_rearm")]
             copyto = _median(row, "copyto")
             for what, fig in row.items():
                 if not isinstance(fig, dict):
@@ -388,8 +412,11 @@ def render_text(result: dict[str, Any]) -> str:
                 upd = _median(row, what, "update")
                 vs = [_x(_over(rest, f)) if what.endswith("]") else _x(None) for f in floors]
                 ct = _x(_over(copyto, rest), 8, 1) if what != "copyto" else _x(None)
+                cpu = _median(row, what, "restore_cpu")
+                vc = [_x(_over(cpu, f)) if what.endswith("]") else _x(None) for f in cpu_floors]
                 lines.append(f"{key:<14} {what:<22} "
                              f"{'' if rest is None else f'{rest:9.3f}':>9} "
                              f"{'' if cyc is None else f'{cyc:9.3f}':>9} "
-                             f"{'' if upd is None else f'{upd:9.3f}':>9} {' '.join(vs)} {ct}")
+                             f"{'' if upd is None else f'{upd:9.3f}':>9} {' '.join(vs)} {ct} "
+                             f"{'' if cpu is None else f'{cpu:9.3f}':>9} {' '.join(vc)}")
     return "\n".join(lines)
