@@ -9,6 +9,8 @@
  *                 itself, and 6.16+ flushes the TLB once per call, not once per run); one
  *                 madvise() per run where the kernel refuses it
  *   differing_pages  the pages of given runs whose bytes differ between two blocks
+ *   scatter_runs  copy packed bytes into given byte runs of a block (a checkpoint delta
+ *                 applied to the array it builds on)
  *
  * Runs are an int64 (n, 2) array of [first, end) page indices relative to both blocks'
  * page 0 (the layout of DirtyPages.runs).  No policy here: the caller checked the ranges.
@@ -196,6 +198,53 @@ static PyObject *py_differing_pages(PyObject *self, PyObject *args, PyObject *kw
     return res;
 }
 
+/* scatter_runs(dst, src, runs, nbytes) -> bytes copied: runs are int64 (n, 2) [start, end)
+ * byte offsets of dst, sorted, disjoint and below nbytes (checked); src holds their bytes one
+ * run after the other. */
+static PyObject *py_scatter_runs(PyObject *self, PyObject *args)
+{
+    unsigned long long dst, nbytes;
+    Py_buffer src;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "Ky*OK:scatter_runs", &dst, &src, &obj, &nbytes))
+        return NULL;
+    PyArrayObject *runs = as_runs(obj);
+    if (!runs) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    const int64_t *r = (const int64_t *)PyArray_DATA(runs);
+    npy_intp n = PyArray_SIZE(runs) / 2;
+    unsigned long long need = 0, prev = 0;
+    for (npy_intp i = 0; i < n; i++) {
+        if ((unsigned long long)r[2 * i] < prev || (unsigned long long)r[2 * i + 1] > nbytes) {
+            PyErr_SetString(PyExc_ValueError, "runs must be sorted, disjoint and inside dst");
+            goto fail;
+        }
+        prev = (unsigned long long)r[2 * i + 1];
+        need += (unsigned long long)(r[2 * i + 1] - r[2 * i]);
+    }
+    if (need != (unsigned long long)src.len) {
+        PyErr_SetString(PyExc_ValueError, "src must hold exactly the bytes of the runs");
+        goto fail;
+    }
+    const char *from = src.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n; i++) {
+        size_t len = (size_t)(r[2 * i + 1] - r[2 * i]);
+        memcpy((void *)(uintptr_t)(dst + (unsigned long long)r[2 * i]), from, len);
+        from += len;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(runs);
+    PyBuffer_Release(&src);
+    return PyLong_FromUnsignedLongLong(need);
+fail:
+    Py_DECREF(runs);
+    PyBuffer_Release(&src);
+    return NULL;
+}
+
 PyMethodDef pw_copy_methods[] = {
     {"copy_runs", (PyCFunction)(void (*)(void))py_copy_runs, METH_VARARGS | METH_KEYWORDS,
      "copy_runs(dst, src, runs, lo, hi, page_size=4096) -> bytes copied: for each run of\n"
@@ -206,5 +255,8 @@ PyMethodDef pw_copy_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "differing_pages(a, b, runs, lo, hi, page_size=4096) -> int64 array of the pages of\n"
      "runs whose bytes in [lo, hi) differ between a+off and b+off."},
+    {"scatter_runs", py_scatter_runs, METH_VARARGS,
+     "scatter_runs(dst, src, runs, nbytes) -> bytes copied: the packed bytes of src into the\n"
+     "byte runs [start, end) of dst (sorted, disjoint, below nbytes)."},
     {NULL, NULL, 0, NULL},
 };

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import _native
 from ._errors import CheckpointDamaged, CheckpointError
 
 __all__ = ["ArrayPart", "write_generation", "read_index", "read_entry", "check_entry",
@@ -399,10 +400,9 @@ def read_entry(r: Reader, index: dict[str, Any], entry: dict[str, Any], dest: np
         raise CheckpointDamaged(generation, name, "data", f"{got} bytes where {raw_len} belong")
     if dest is None or whole or target is None:
         return
-    pos = 0
-    for s, e in runs.tolist():
-        dest[s:e] = target[pos:pos + e - s]
-        pos += e - s
+    if not dest.flags.writeable:
+        raise ValueError("dest is read-only")
+    _native.scatter_runs(dest.ctypes.data, target, runs, dest.size)
 
 
 def check_entry(r: Reader, index: dict[str, Any], entry: dict[str, Any]) -> None:
