@@ -5,11 +5,15 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import numpy as np
 import pytest
 
+import pagewatch as pw
 from pagewatch import _native
+from pagewatch.backends.base import BACKENDS, backend_class
 from pagewatch.kernel.constants import PAGE_SIZE
 
 # Started as a shell's background job, this process ignores SIGINT and so would every
@@ -54,6 +58,57 @@ def mem() -> Iterator[type[Mem]]:
             m.close()
         except (BufferError, ValueError):
             pass
+
+
+def backend_param(name: str) -> Any:
+    """One in-process backend as a test parameter: marked with its name (the kernel matrix
+    reads the mark) and skipped, with the reason, where it does not work here."""
+    try:
+        ok, why = backend_class(name).available()
+    except ImportError as exc:
+        ok, why = False, f"not built: {exc}"
+    return pytest.param(name, id=name, marks=[
+        pytest.mark.backend(name),
+        pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")])
+
+
+def backend_params(names: Iterable[str] = BACKENDS) -> list[Any]:
+    """:func:`backend_param` of each of ``names`` (every registered backend by default)."""
+    return [backend_param(name) for name in names]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every in-process backend in turn (a module's own ``backend`` fixture or
+    ``parametrize("backend", ...)`` takes precedence)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def track() -> Iterator[Callable[..., pw.Tracker]]:
+    """``track(target, backend, **kw)``: a Tracker, closed at the end of the test."""
+    made: list[pw.Tracker] = []
+
+    def make(target: object, backend: str, **kw: str) -> pw.Tracker:
+        t = pw.Tracker(target, backend=backend, **kw)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def aligned_array(npages: int) -> np.ndarray:
+    """A zeroed uint8 numpy array on an anonymous private mapping of its own (page-aligned,
+    never touched), so page i of a tracker is page i of the array."""
+    return np.frombuffer(mmap.mmap(-1, npages * PAGE_SIZE,
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+
+
+def page_list(d: pw.DirtyPages) -> list[int]:
+    """The written page indices of ``d`` as Python ints."""
+    return [int(p) for p in d.pages()]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

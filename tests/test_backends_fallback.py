@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -30,6 +30,9 @@ from pagewatch import _native
 from pagewatch.backends.base import backend_class
 from pagewatch.backends.mprotect import writable
 from pagewatch.kernel.constants import PAGE_SIZE
+from tests.conftest import aligned_array as aligned
+from tests.conftest import backend_params
+from tests.conftest import page_list as pages
 
 NAMES = ["mprotect", "uffd-sync", "compare", "soft-dirty"]
 SECONDS = float(os.environ.get("PAGEWATCH_TEST_SECONDS", "1.5"))
@@ -40,27 +43,14 @@ def _availability(name: str) -> tuple[bool, str]:
     return backend_class(name).available()
 
 
-def _param(name: str) -> object:
-    ok, why = _availability(name)
-    return pytest.param(name, id=name, marks=[
-        pytest.mark.backend(name),
-        pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}"),
-    ])
-
-
-ALL = [_param(n) for n in NAMES]
+ALL = backend_params(NAMES)
 
 
 def only(*names: str) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("backend", [_param(n) for n in names])
+    return pytest.mark.parametrize("backend", backend_params(names))
 
 
 every_backend = pytest.mark.parametrize("backend", ALL)
-
-
-def aligned(npages: int) -> np.ndarray:
-    """A zeroed uint8 numpy array on a mapping of its own (page-aligned, never touched)."""
-    return np.frombuffer(mmap.mmap(-1, npages * PAGE_SIZE, _PRIVATE), np.uint8)
 
 
 def touch(a: np.ndarray, page: int, off: int = 0) -> None:
@@ -68,26 +58,8 @@ def touch(a: np.ndarray, page: int, off: int = 0) -> None:
     a[page * PAGE_SIZE + off] ^= 0xA5
 
 
-def pages(d: pw.DirtyPages) -> list[int]:
-    return [int(p) for p in d.pages()]
-
-
 def addr_of(a: np.ndarray) -> int:
     return int(_native.buffer_info(a)[0])
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[..., pw.Tracker]]:
-    made: list[pw.Tracker] = []
-
-    def make(target: object, backend: str, **kw: str) -> pw.Tracker:
-        t = pw.Tracker(target, backend=backend, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
 
 
 # ---- ground truth ------------------------------------------------------------------------

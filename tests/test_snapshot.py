@@ -17,37 +17,15 @@ import pytest
 import pagewatch as pw
 from pagewatch import _native
 from pagewatch import snapshot as snapshot_mod
-from pagewatch.backends.base import BACKENDS, backend_class
 from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE, PM_SWAP
 from pagewatch.kernel.pagemap import read_pagemap
+from tests.conftest import aligned_array
 
 MADV_HUGEPAGE = 14
 MADV_PAGEOUT = 21
 HUGE = 2 << 20
 
 
-def _backend_params() -> list[object]:
-    params = []
-    for name in BACKENDS:
-        try:
-            ok, why = backend_class(name).available()
-        except ImportError as exc:
-            ok, why = False, f"not built: {exc}"
-        params.append(pytest.param(name, id=name, marks=[
-            pytest.mark.backend(name),
-            pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")]))
-    return params
-
-
-@pytest.fixture(params=_backend_params())
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def aligned_array(npages: int) -> np.ndarray:
-    """A page-aligned uint8 array in its own anonymous mapping."""
-    mm = mmap.mmap(-1, npages * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(mm, np.uint8)
 
 
 def make(kind: str, npages: int) -> np.ndarray:

@@ -33,9 +33,9 @@ from hypothesis.stateful import (
 
 import pagewatch as pw
 from pagewatch import _native
-from pagewatch.backends.base import BACKENDS, backend_class
 from pagewatch.backends.mprotect import writable
 from pagewatch.kernel.constants import MADV_DONTNEED, PAGE_SIZE
+from tests.conftest import backend_params
 
 NPAGES = 24
 SIZE = NPAGES * PAGE_SIZE
@@ -46,19 +46,6 @@ EXAMPLES, STEPS = (5, 25) if IN_MATRIX else (20, 40)
 #: backends that report a page MADV_DONTNEED zeroed without a write (mprotect and uffd-sync
 #: see only writes: the dropped page is not reported, so no snapshot can restore it)
 SEES_DONTNEED = ("uffd-async", "compare")
-
-
-def _backend_params() -> list[object]:
-    params = []
-    for name in BACKENDS:
-        try:
-            ok, why = backend_class(name).available()
-        except ImportError as exc:
-            ok, why = False, f"not built: {exc}"
-        params.append(pytest.param(name, id=name, marks=[
-            pytest.mark.backend(name),
-            pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")]))
-    return params
 
 
 #: how many times each rule ran in this process (the test prints it: the test's size)
@@ -304,7 +291,7 @@ def _make_machine(backend: str) -> type[RuleBasedStateMachine]:
 
 # mprotect and compare use nothing that differs between kernels: one guest suffices
 @pytest.mark.one_guest("6.1", backends=("mprotect", "compare"))
-@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_snapshots_follow_a_numpy_model_through_random_sequences(backend: str) -> None:
     machine: Any = _make_machine(backend)
     run_state_machine_as_test(machine, settings=settings(

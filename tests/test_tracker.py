@@ -18,30 +18,11 @@ import pytest
 
 import pagewatch as pw
 from pagewatch import _native
-from pagewatch.backends.base import BACKENDS, backend_class
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.uffd import Userfaultfd
 
 SECONDS = float(os.environ.get("PAGEWATCH_TEST_SECONDS", "1.5"))
 MIN_ROUNDS = 6
-
-
-def _backend_params() -> list[object]:
-    params = []
-    for name in BACKENDS:
-        try:
-            ok, why = backend_class(name).available()
-        except ImportError as exc:
-            ok, why = False, f"not built: {exc}"
-        params.append(pytest.param(name, id=name, marks=[
-            pytest.mark.backend(name),
-            pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")]))
-    return params
-
-
-@pytest.fixture(params=_backend_params())
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def aligned(npages: int) -> mmap.mmap:

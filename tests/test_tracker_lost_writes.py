@@ -12,15 +12,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 import pagewatch as pw
 from pagewatch import _native
-from pagewatch.backends.base import BACKENDS, backend_class
+from pagewatch.backends.base import backend_class
 from pagewatch.kernel.constants import MADV_DONTNEED, MADV_HUGEPAGE, PAGE_SIZE
+from tests.conftest import backend_params
+from tests.conftest import page_list as pages
 
 _PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -33,39 +35,11 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
-def _param(name: str) -> object:
-    try:
-        ok, why = backend_class(name).available()
-    except ImportError as exc:
-        ok, why = False, f"not built: {exc}"
-    return pytest.param(name, id=name, marks=[
-        pytest.mark.backend(name),
-        pytest.mark.skipif(not ok, reason=f"{name} unavailable here: {why}")])
-
-
-every_backend = pytest.mark.parametrize("backend", [_param(n) for n in BACKENDS])
+every_backend = pytest.mark.parametrize("backend", backend_params())
 
 
 def only(*names: str) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("backend", [_param(n) for n in names])
-
-
-def pages(d: pw.DirtyPages) -> list[int]:
-    return [int(p) for p in d.pages()]
-
-
-@pytest.fixture
-def track() -> Iterator[Callable[..., pw.Tracker]]:
-    made: list[pw.Tracker] = []
-
-    def make(target: object, backend: str, **kw: str) -> pw.Tracker:
-        t = pw.Tracker(target, backend=backend, **kw)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
+    return pytest.mark.parametrize("backend", backend_params(names))
 
 
 def raw_map(npages: int, at: int | None = None, flags: int = _PRIVATE, fd: int = -1) -> int:
