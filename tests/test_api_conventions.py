@@ -94,6 +94,29 @@ def test_an_error_about_a_process_carries_its_pid() -> None:
 
 
 @pytest.mark.kernel_independent
+def test_len_counts_what_the_documentation_says_and_process_dirty_pages_warns() -> None:
+    import numpy as np
+
+    from pagewatch.kernel.constants import PAGE_SIZE
+    from pagewatch.kernel.maps import MapsEntry
+
+    # DirtyPages: len() is the pages written (count, the length of pages() and the bitmap's
+    # sum); iterating gives the byte runs, len(d.runs) of them (README, class docstring).
+    d = pw.DirtyPages(np.array([[2, 5], [9, 10]], np.int64), 0, 16)
+    assert len(d) == d.count == len(d.pages()) == int(d.bitmap().sum()) == 4
+    assert list(d) == [(2 * PAGE_SIZE, 3 * PAGE_SIZE), (9 * PAGE_SIZE, PAGE_SIZE)]
+    assert len(d.runs) == 2
+    # ProcessDirty: len() is the mappings, as iterating it gives; the number of pages is
+    # count, and pages (a number here, an array in DirtyPages.pages()) is deprecated.
+    m = MapsEntry(0x10000, 0x20000, "rw-p", 0, "00:00", 0, "")
+    p = pw.ProcessDirty(1, {m: pw.DirtyPages(np.array([[0, 3]], np.int64), m.start, 16)},
+                        time=0.0, elapsed=1.0)
+    assert len(p) == len(list(p)) == 1 and p.count == 3
+    with pytest.warns(DeprecationWarning, match="ProcessDirty.count"):
+        assert p.pages == 3
+
+
+@pytest.mark.kernel_independent
 def test_count_is_the_number_of_written_pages_everywhere() -> None:
     import numpy as np
 
@@ -105,6 +128,6 @@ def test_count_is_the_number_of_written_pages_everywhere() -> None:
     m = MapsEntry(0x10000, 0x20000, "rw-p", 0, "00:00", 0, "")
     p = pw.ProcessDirty(1, {m: pw.DirtyPages(np.array([[0, 3]], np.int64), m.start, 16)},
                         time=0.0, elapsed=1.0)
-    assert len(p) == 1 and p.count == p.pages == 3  # one mapping, three pages written
+    assert len(p) == 1 and p.count == 3  # one mapping, three pages written
     assert Mapping is MapsEntry and BACKENDS is PROCESS_BACKENDS
     assert isinstance(PROCESS_BACKENDS, tuple)

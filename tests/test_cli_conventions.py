@@ -275,8 +275,8 @@ class _Dirty:
 
     def __init__(self, rows: dict[Any, _Pages]) -> None:
         self.rows = rows
-        self.pages = sum(p.n for p in rows.values())
-        self.nbytes = self.pages * 4096
+        self.count = sum(p.n for p in rows.values())
+        self.nbytes = self.count * 4096
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -109,13 +109,13 @@ class TestReports:
             for page in (1, 2, 3, 10):
                 target.cmd(f"w {page} 1")
             d = p.collect()
-            assert d.pages == sum(len(v) for v in d.values())
-            assert d.nbytes == d.pages * PAGE_SIZE
+            assert d.count == sum(len(v) for v in d.values())
+            assert d.nbytes == d.count * PAGE_SIZE
             js = d.to_dict()
             entry = next(e for e in js["mappings"] if e["start"] <= addr < e["end"])
             first = (addr - entry["start"]) // PAGE_SIZE
             assert [first + 1, 3] in entry["runs"] and [first + 10, 1] in entry["runs"]
-            assert js["pages"] == d.pages
+            assert js["pages"] == d.count
             assert set(int(a) for a in d.addresses()) >= {addr + 10 * PAGE_SIZE}
 
     def test_a_new_mapping_is_reported_whole_once_then_tracked(self, target: Target) -> None:

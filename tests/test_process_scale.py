@@ -77,7 +77,7 @@ def lines_to_attach_and_collect(n: int) -> tuple[int, int, int]:
             with LineCounter() as collect:
                 d = p.collect()
                 p.collect()
-            assert d.pages >= n
+            assert d.count >= n
             return attach.lines, collect.lines, len(d)
 
 

@@ -30,6 +30,11 @@ class DirtyPages:
 
     Notes
     -----
+    ``len(d)`` is the number of written pages (``d.count``, ``len(d.pages())``, the sum of
+    ``d.bitmap()``); iterating gives the byte runs ``(offset, length)``, ``len(d.runs)`` of
+    them.  (A ``ProcessDirty`` is a mapping: its ``len()`` is its mappings, its ``count``
+    the pages.)
+
     A target that does not start on a page boundary is tracked at the pages that cover it:
     page 0 starts at ``base``, which is the target's address rounded down to a page.
     """
@@ -126,7 +131,8 @@ class DirtyPages:
         return np.cumsum(step[:-1], dtype=np.int8).astype(bool)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        """``(offset, length)`` in bytes of each run of written pages."""
+        """``(offset, length)`` in bytes of each run of written pages (``len(self.runs)``
+        of them; ``len(d)`` is the pages)."""
         ps = self.page_size
         for s, e in self._runs.tolist():
             yield s * ps, (e - s) * ps

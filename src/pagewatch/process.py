@@ -143,6 +143,7 @@ import select
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
@@ -344,14 +345,16 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
 
     @property
     def pages(self) -> int:
-        """The older name of :attr:`count` (kept: ``DirtyPages.pages()`` is the array of
-        page indices, so prefer ``count`` for the number)."""
+        """Deprecated: the older name of :attr:`count`.  One meaning per name: ``pages`` is
+        the array of page indices (``DirtyPages.pages()``), ``count`` the number."""
+        warnings.warn("ProcessDirty.pages is now ProcessDirty.count (DirtyPages.pages() is "
+                      "the array of page indices)", DeprecationWarning, stacklevel=2)
         return self._pages
 
     @property
     def nbytes(self) -> int:
         """Bytes in the written pages."""
-        return self.pages * PAGE_SIZE
+        return self._pages * PAGE_SIZE
 
     def written(self) -> dict[Mapping, DirtyPages]:
         """Only the mappings with at least one written page."""
@@ -395,11 +398,11 @@ class ProcessDirty(collections.abc.Mapping[Mapping, DirtyPages]):
                 "runs": np.stack([runs[:, 0], runs[:, 1] - runs[:, 0]], axis=1).tolist(),
             })
         return {"pid": self.pid, "backend": self.backend, "elapsed": round(self.elapsed, 6),
-                "pages": self.pages, "bytes": self.nbytes, "mappings_tracked": len(self),
+                "pages": self._pages, "bytes": self.nbytes, "mappings_tracked": len(self),
                 "mappings": maps_out}
 
     def __repr__(self) -> str:
-        return (f"<ProcessDirty pid={self.pid} {self.pages} pages written in "
+        return (f"<ProcessDirty pid={self.pid} {self._pages} pages written in "
                 f"{len(self._written_indices())} of {len(self)} mappings over "
                 f"{self.elapsed:.3f} s>")
 

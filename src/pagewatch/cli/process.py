@@ -192,9 +192,9 @@ class Stats:
         import numpy as np
 
         if new_interval or not self.per_interval:
-            self.per_interval.append(d.pages)
+            self.per_interval.append(d.count)
         else:
-            self.per_interval[-1] += d.pages
+            self.per_interval[-1] += d.count
         tag = np.uint64(d.pid << 48) if self.by_process else np.uint64(0)
         for m, pages in d.written().items():
             addrs = pages.addresses()
@@ -587,7 +587,7 @@ class Run:
         self.stats.add(d, new_interval=new_interval)
         self.out.write(_interval_line(d, self.stats.t0))
         self._frame.append(d)
-        return d.pages
+        return d.count
 
     def _collect_all(self) -> None:
         """The end of an interval: every tracked process, counted as one interval."""
@@ -1028,7 +1028,7 @@ def _top_rows(ds: list[ProcessDirty], rows: int, totals: collections.Counter[Any
 
 def _top_title(ds: list[ProcessDirty], tree: bool = False) -> str:
     dt = max(max((d.elapsed for d in ds), default=0.0), 1e-9)
-    pages, nbytes = sum(d.pages for d in ds), sum(d.nbytes for d in ds)
+    pages, nbytes = sum(d.count for d in ds), sum(d.nbytes for d in ds)
     n = len({d.pid for d in ds})
     who = (f"{n} process{'es' if n != 1 else ''} of the tree" if tree else
            f"pid {ds[0].pid}")
