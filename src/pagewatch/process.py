@@ -150,6 +150,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from . import _intervals, _native
+from ._lifecycle import Closeable
 from .dirty import DirtyPages
 from .errors import InvalidRange, PagewatchError, PermissionDenied, TargetGone, Unsupported
 from .kernel._errors import proc_open_error, scan_error, zombie_parent
@@ -788,7 +789,7 @@ def _refuse_kernel_thread(pid: int) -> None:
                           "with no user memory", "Give the pid of a user-space process")
 
 
-class ProcessTracker:
+class ProcessTracker(Closeable):
     """Which pages another process writes.
 
     Parameters
@@ -1626,18 +1627,6 @@ class ProcessTracker:
         if getattr(self, "_pidfd", -1) >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
-
-    def __enter__(self) -> ProcessTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"backend={getattr(self, 'backend', '?')}"

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._lifecycle import Closeable
 from .dirty import DirtyPages
 from .errors import PagewatchError
 from .kernel.constants import MADV_DONTNEED, PAGE_SIZE
@@ -323,7 +324,7 @@ def _choose_method(region: Region, want: str,
 
 # ---- the public class ------------------------------------------------------------------
 
-class Snapshot:
+class Snapshot(Closeable):
     """A saved state of memory, restored by rewriting only the pages written since.
 
     Parameters
@@ -508,18 +509,6 @@ class Snapshot:
     @property
     def closed(self) -> bool:
         return not self._parts
-
-    def __enter__(self) -> Snapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
     def __repr__(self) -> str:
         if self.closed:

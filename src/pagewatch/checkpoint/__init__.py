@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._lifecycle import Closeable
 from ..kernel.constants import PAGE_SIZE
 from ..tracker import Tracker
 from . import _format, _icechunk
@@ -436,7 +437,7 @@ def _key(a: np.ndarray) -> tuple[Any, ...]:
     return (id(a), a.__array_interface__["data"][0], a.nbytes, a.dtype, a.shape, a.strides)
 
 
-class Checkpoint:
+class Checkpoint(Closeable):
     """Save numpy arrays again and again, each save writing only the pages written since.
 
     Parameters
@@ -715,6 +716,11 @@ class Checkpoint:
         return sum(_rewrite_differing(a, saved[name]) for name, a in arrays.items())
 
     # ---- life -----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (the lock is released, nothing is tracked)."""
+        return getattr(self, "_store", None) is None
+
     def close(self) -> None:
         """Stop tracking and release the checkpoint's lock (the files stay)."""
         for tr in self._tracked.values():
@@ -723,18 +729,6 @@ class Checkpoint:
         if self._store is not None:
             self._store.unlock()
             self._store = None  # type: ignore[assignment]
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
     def __repr__(self) -> str:
         return f"<Checkpoint {self._store} last generation {self._last}>"

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import _native
+from .._lifecycle import Closeable
 from ..errors import InvalidRange, PagewatchError, TargetGone
 from ._errors import proc_open_error, scan_error
 from .constants import (
@@ -55,7 +56,7 @@ class _HasFileno(Protocol):
         ...  # pragma: no cover
 
 
-class Pagemap:
+class Pagemap(Closeable):
     """An open ``/proc/PID/pagemap`` (``pid`` may be ``"self"``).
 
     Opening needs ptrace read access to the process (``PTRACE_MODE_READ``); the same file
@@ -99,18 +100,6 @@ class Pagemap:
     @property
     def closed(self) -> bool:
         return self._fd < 0
-
-    def __enter__(self) -> Pagemap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
 
 def _check_masks(**masks: int) -> None:

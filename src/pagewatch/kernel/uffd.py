@@ -6,6 +6,7 @@ import errno
 import os
 
 from .. import _native
+from .._lifecycle import Closeable
 from ..errors import (
     InvalidRange,
     PagewatchError,
@@ -49,7 +50,7 @@ def open_userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> tuple[int, st
         "or check the seccomp policy of this container", last)
 
 
-class Userfaultfd:
+class Userfaultfd(Closeable):
     """A userfaultfd with its API handshake done.
 
     Parameters
@@ -176,18 +177,6 @@ class Userfaultfd:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else f"fd={self._fd}"
