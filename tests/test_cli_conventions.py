@@ -7,6 +7,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import pagewatch
 from pagewatch import cli
 from pagewatch.cli import process as pcli
+from tests.targets.common import build
 from tests.test_process_cli import BUSY, needs_tracking, synthetic
 
 PAGEWATCH = [sys.executable, "-m", "pagewatch.cli"]
@@ -332,6 +334,33 @@ def test_top_into_a_pipe_prints_rows_every_interval_and_ends_on_sigterm() -> Non
             top.wait()
         p.kill()
         p.wait()
+
+
+#: one row of top's plain output: pages/s, MiB/s, total, size MiB, perms, mapping, start
+TOP_ROW = re.compile(r"^\s*\d+\s+[\d.]+\s+(\d+)\s+[\d.]+\s+[rwxsp-]{4}\s+(.*) (0x[0-9a-f]+)$")
+
+
+@pytest.mark.kernel_independent
+@needs_tracking
+def test_top_of_a_command_holds_it_until_tracked_so_its_first_writes_are_shown() -> None:
+    # The pattern program writes its 256 buffer pages as the first thing it does after
+    # exec (the commands wait in its stdin), sleeps, writes 128 of them again and exits 5.  A
+    # command started untracked and attached afterwards (Popen, then attach) loses the first
+    # writes; held, top sees them all, and the later ones in the intervals after.
+    commands = ("".join(f"w {page} 7\n" for page in range(256)) + "sleep 500\n"
+                + "".join(f"w {page} 8\n" for page in range(128)) + "exit 5\n")
+    top = subprocess.run([*PAGEWATCH, "top", "--interval", "0.2", "--rows", "100", "--",
+                          str(build("pattern")), "cmd"],
+                         input=commands, capture_output=True, text=True, timeout=300)
+    assert top.returncode == 5, top.stderr  # top -- CMD ends with the command's exit status
+    totals: dict[tuple[str, str], int] = {}
+    for line in top.stdout.splitlines():
+        m = TOP_ROW.match(line)
+        if m:
+            key = (m[2], m[3])
+            totals[key] = max(totals.get(key, 0), int(m[1]))
+    assert sum(totals.values()) >= 256 + 128, top.stdout
+    assert "Traceback" not in top.stderr
 
 
 @pytest.mark.kernel_independent

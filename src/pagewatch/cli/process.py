@@ -1106,21 +1106,10 @@ def cmd_top(args: argparse.Namespace) -> int:
         except ImportError as exc:
             raise Unsupported("pagewatch top", "the 'rich' package is not installed",
                               "Install it: pip install 'pagewatch[cli]'") from exc
-    if args.follow_forks:
-        assert cmd is not None
-        return _top_tree(args, cmd, live_view)
+    if cmd is not None:  # started held and tracked from its first instruction, as run does
+        return _top_command(args, cmd, live_view)
     from ..process import ProcessTracker
 
-    child: Any = None
-    if cmd is not None:
-        import subprocess
-
-        try:
-            child = subprocess.Popen(cmd)
-        except OSError as exc:
-            print(f"pagewatch: {cmd[0]}: {exc.strerror}", file=sys.stderr)
-            return 126 if exc.errno == errno.EACCES else 127
-        pid = child.pid
     assert pid is not None
     interval = args.interval
     pidfd = _pidfd(pid)
@@ -1194,24 +1183,25 @@ def cmd_top(args: argparse.Namespace) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         os.close(pidfd)
-    if child is not None:  # top -- CMD: ends with the command, and with its exit status
-        if stop.stopping and child.poll() is None:
-            child.terminate()
-        return _exit_code_of(child.wait())
     return 0
 
 
-def _top_tree(args: argparse.Namespace, cmd: list[str], live_view: bool) -> int:
-    """``top --follow-forks -- CMD``: the command and every process it starts, run and
-    followed as ``run --follow-forks`` does, one refresh per interval over all of them."""
-    _check_follow(args)
+def _top_command(args: argparse.Namespace, cmd: list[str], live_view: bool) -> int:
+    """``top -- CMD``: the command started held and tracked from its first instruction, as
+    ``run`` does (no write before the attach is missed); with ``--follow-forks`` every
+    process it starts too, as ``run --follow-forks``.  One refresh per interval; top ends
+    with the command (and ends it, with SIGTERM, when asked to quit first), with its exit
+    status."""
+    tree = bool(args.follow_forks)
+    if tree:
+        _check_follow(args)
     totals: collections.Counter[Any] = collections.Counter()
     stop = StopRequest()
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
            if signal.getsignal(sig) != signal.SIG_IGN}
     state: dict[str, Any] = {"sort": args.sort, "paused": False, "n": 0, "last": None}
     t0 = time.monotonic()
-    run = Run(cmd, args, JsonLines(None), follow=True)
+    run = Run(cmd, args, JsonLines(None), follow=tree)
     with contextlib.ExitStack() as stack:
         live = None
         if live_view:
@@ -1223,11 +1213,11 @@ def _top_tree(args: argparse.Namespace, cmd: list[str], live_view: bool) -> int:
 
         def refresh(ds: list[ProcessDirty], note: str = "") -> None:
             if live is not None:
-                live.update(_top_table(ds, args.rows, totals, state["sort"], note, tree=True),
+                live.update(_top_table(ds, args.rows, totals, state["sort"], note, tree=tree),
                             refresh=True)
             else:
                 sys.stdout.write(_top_plain(ds, args.rows, totals, state["sort"],
-                                            time.monotonic() - t0, tree=True))
+                                            time.monotonic() - t0, tree=tree))
                 sys.stdout.flush()
 
         def on_interval(ds: list[ProcessDirty]) -> None:
@@ -1279,10 +1269,6 @@ def _top_tree(args: argparse.Namespace, cmd: list[str], live_view: bool) -> int:
                   file=sys.stderr)
     assert run.status is not None
     return _exit_code(run.status)
-
-
-def _exit_code_of(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
 
 
 # ---- plot ---------------------------------------------------------------------------------
