@@ -148,6 +148,8 @@ def test_every_positional_has_help_and_every_interval_states_its_own_default() -
     (["record", "--pid", "x"], "pagewatch: record: argument --pid: 'x' is not a whole number"),
     (["run"], "pagewatch: run: give the command to run"),
     (["nosuch"], "pagewatch: argument COMMAND: invalid choice: 'nosuch'"),
+    (["probe", "--nosuch"], "pagewatch: probe: unrecognized arguments: --nosuch"),
+    (["report", "a.jsonl", "b.jsonl"], "pagewatch: report: unrecognized arguments: b.jsonl"),
 ])
 def test_usage_errors_exit_2_with_the_one_prefix(argv: list[str], text: str) -> None:
     r = pw(*argv)

@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     if _chosen(argv) in TAKES_A_COMMAND and "--" in argv:  # record/top -- CMD [ARGS...]
         at = argv.index("--")
         argv, tail = argv[:at], argv[at + 1:]
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser, so the message names the command
+        commands = next(a for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction)).choices
+        where = commands.get(getattr(args, "command", None), parser)
+        where.error(f"unrecognized arguments: {' '.join(extra)}")
     if tail is not None:
         args.cmd = tail
     try:
