@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # said by the command's parser, so the message names the command
         commands = next(a for a in parser._actions
                         if isinstance(a, argparse._SubParsersAction)).choices
-        where = commands.get(getattr(args, "command", None), parser)
+        where = commands.get(str(getattr(args, "command", "")), parser)
         where.error(f"unrecognized arguments: {' '.join(extra)}")
     if tail is not None:
         args.cmd = tail
