@@ -475,7 +475,7 @@ class Checkpoint(Closeable):
         credentials, retries, ...: see :class:`IcechunkStore`).
     chunk_bytes
         Icechunk only: the target chunk size of the Zarr arrays (default
-        ``DEFAULT_CHUNK_BYTES``, 16 KiB, chosen by measurement: see the README).
+        ``DEFAULT_CHUNK_BYTES``, 8 KiB, chosen by measurement: see the README).
 
     Notes
     -----
