@@ -328,7 +328,7 @@ def test_top_into_a_pipe_prints_rows_every_interval_and_ends_on_sigterm() -> Non
             seen.append(top.stdout.readline())
         assert any("anonymous" in x for x in seen)
         top.send_signal(signal.SIGTERM)
-        assert top.wait(timeout=60) == 0
+        assert top.wait(timeout=300) == 0
         assert p.poll() is None  # left running
     finally:
         if top is not None:
@@ -387,7 +387,7 @@ def test_top_on_a_terminal_draws_the_table_and_quits_on_q() -> None:
             got += os.read(master, 65536)
         os.write(master, b"a")  # order by address, then quit
         os.write(master, b"q")
-        assert top.wait(timeout=60) == 0
+        assert top.wait(timeout=300) == 0
         assert p.poll() is None
     finally:
         if top is not None:

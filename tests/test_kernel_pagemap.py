@@ -1395,8 +1395,8 @@ def test_concurrent_get_and_reset_loses_no_write(pm: Pagemap, tracked: Callable[
     # both (the kernel can hand a fault back after a reset), never by neither.
     nthreads, per_thread, writes = 4, 32, 8
     a = tracked(nthreads * per_thread)
-    start = threading.Barrier(nthreads + 1, timeout=60)
-    end = threading.Barrier(nthreads + 1, timeout=60)
+    start = threading.Barrier(nthreads + 1, timeout=300)
+    end = threading.Barrier(nthreads + 1, timeout=300)
     stop = threading.Event()
 
     def writer(t: int) -> None:

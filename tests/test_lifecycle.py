@@ -92,5 +92,5 @@ def test_a_dropped_process_tracker_is_closed_and_leaves_no_descriptor() -> None:
     finally:
         assert p.stdin is not None
         p.stdin.close()
-        p.wait(timeout=60)
+        p.wait(timeout=300)
 

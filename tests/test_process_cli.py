@@ -138,7 +138,7 @@ def test_run_passes_signals_to_the_command_and_reports_its_end(sig: int, rc: int
             os.killpg(p.pid, sig)  # Ctrl-C: the whole foreground group, pagewatch included
         else:
             os.kill(children(p.pid)[0], sig)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=300)
     finally:
         p.kill()
         p.wait()
@@ -246,7 +246,7 @@ def test_record_ends_on_ctrl_c_or_kill_with_a_last_collect_and_detaches_cleanly(
         for page in (3, 4, 5, 40):
             t.cmd(f"w {page} 1")
         rec.send_signal(sig)
-        _, err = rec.communicate(timeout=30)
+        _, err = rec.communicate(timeout=300)
         assert rec.returncode == 0, err
         objs = lines(out)
         assert objs[0]["type"] == "attach" and objs[0]["pid"] == t.pid
@@ -490,7 +490,7 @@ def test_record_into_a_closed_pipe_ends_quietly_like_cat() -> None:
         assert '"type":"attach"' in rec.stdout.readline()
         rec.stdout.close()  # `pagewatch record PID | head -1`: the reader is gone
         err = rec.stderr.read()
-        assert rec.wait(timeout=30) == 141, err
+        assert rec.wait(timeout=300) == 141, err
         assert "Traceback" not in err
         assert t.cmd("w 1 1") == "ok"  # detached, the target goes on
     finally:

@@ -171,7 +171,7 @@ def test_the_known_pattern_target_loses_no_write_and_ends_with_the_right_output(
     try:
         v = track_and_judge(proc, 0.05, lambda judged: target.step())
         target.finish()
-        out = proc.communicate(timeout=120)[0].decode()
+        out = proc.communicate(timeout=600)[0].decode()
     finally:
         proc.kill()
         proc.wait()
@@ -190,7 +190,7 @@ def test_a_multithreaded_python_workload_loses_no_write() -> None:
         # It works until its stdin closes: after 4 intervals judged.
         v = track_and_judge(proc, 0.1, lambda judged: judged >= 4 and target.finish())
         target.finish()
-        out = proc.communicate(timeout=120)[0].decode()
+        out = proc.communicate(timeout=600)[0].decode()
     finally:
         proc.kill()
         proc.wait()
@@ -243,7 +243,7 @@ def test_gnu_sort_of_a_big_file_loses_no_write(tmp_path: os.PathLike[str]) -> No
         v = track_and_judge(proc, 0.05, feed)
         if not stdin.closed:
             stdin.close()
-        proc.wait(120)
+        proc.wait(600)
         reader.join(120)
     finally:
         proc.kill()

@@ -515,7 +515,7 @@ def test_a_write_right_after_a_handler_is_installed_from_python_is_reported(
             {setup}
             a[4096] = 1
             print("survived", t.collect().pages().tolist())
-        """)], capture_output=True, text=True, check=False, timeout=60)
+        """)], capture_output=True, text=True, check=False, timeout=300)
         assert (out.returncode, out.stdout) == (0, "survived [1]\n"), (setup, out.stderr)
 
 

@@ -64,7 +64,7 @@ class Target:
         self.send(line)
         return self.read()
 
-    def wait_in_syscall(self, *numbers: int, timeout: float = 30.0) -> None:
+    def wait_in_syscall(self, *numbers: int, timeout: float = 300.0) -> None:
         """Wait until the target blocks in one of the system calls ``numbers`` (x86-64), so
         that a test of an interrupted call interrupts one, however slow the machine."""
         deadline = time.monotonic() + timeout
@@ -114,7 +114,7 @@ def python_target(code: str) -> Target:
     return Target([sys.executable, "-c", code])
 
 
-def stop(pid: int, timeout: float = 10.0) -> None:
+def stop(pid: int, timeout: float = 300.0) -> None:
     """SIGSTOP ``pid`` and wait until every thread is stopped."""
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + timeout
