@@ -457,7 +457,7 @@ def test_close_leaves_the_huge_page_advice_and_the_mapping_as_they_were(
 # ---- 12. other users of SIGSEGV, and fork --------------------------------------------------------------
 
 _PRE = """
-import faulthandler, mmap, signal, sys, threading
+import faulthandler, mmap, signal, sys, threading, time
 import numpy as np, pagewatch as pw
 m = mmap.mmap(-1, 8 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 a = np.frombuffer(m, np.uint8)
@@ -538,6 +538,28 @@ def test_a_handler_installed_by_c_code_is_taken_back_at_the_next_collect(
     """)
     assert out.returncode == -signal.SIGSEGV, out.stderr
     assert out.stdout == "[1]\n"
+
+
+@only("mprotect")
+def test_mprotect_starts_beside_a_thread_that_blocks_sigsegv_for_a_moment(backend: str) -> None:
+    """A thread that starts or exits blocks every signal for a moment (glibc): one just
+    joined was refused (CI, host suite under load).  A block that ends is waited out."""
+    out = _run("""
+        t.close()
+        ready = threading.Event()
+        def moment():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSEGV})
+            ready.set()
+            time.sleep(0.5)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGSEGV})
+        th = threading.Thread(target=moment)
+        th.start()
+        ready.wait()
+        pw.Tracker(m, backend="mprotect").close()
+        th.join()
+        print("started")
+    """)
+    assert (out.returncode, out.stdout) == (0, "started\n"), out.stderr
 
 
 @only("mprotect")

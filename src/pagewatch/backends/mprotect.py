@@ -44,7 +44,7 @@ Limits
   and the thread hangs), as without pagewatch.  A thread that blocks
   ``SIGSEGV`` is killed by the kernel on its first write to a tracked page (a blocked
   synchronous fault cannot be delivered): a tracker refuses to start while such a thread
-  exists.
+  exists (after 3 s: a thread that starts or exits blocks every signal for a moment).
 * After ``fork()`` the child's copies of the trackers refuse to collect
   (``PagewatchError``, as every backend): the child's pages stay protected, its writes go
   through the handler and are simply let through.
@@ -58,6 +58,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -96,22 +97,27 @@ def _exec_bit(region: Region) -> int:
 _SIGSEGV_BIT = 1 << (signal.SIGSEGV - 1)
 
 
-def _threads_blocking_sigsegv() -> list[int]:
-    """Threads of this process that block ``SIGSEGV`` (a write fault would kill them)."""
-    out = []
+def _blocks_sigsegv(tid: int) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    return bool(int(line.split()[1], 16) & _SIGSEGV_BIT)
+    except OSError:
+        pass  # exited meanwhile
+    return False
+
+
+def _threads_blocking_sigsegv(grace: float = 3.0) -> list[int]:
+    """Threads of this process that block ``SIGSEGV`` (a write fault would kill them) for
+    ``grace`` seconds: a thread that starts or exits blocks every signal for a moment
+    (glibc; a thread just joined may still be exiting), which is waited out."""
     ours = int(_native.us_info()["tid"])  # uffd-sync's thread: blocks all, writes no page
-    for tid in os.listdir("/proc/self/task"):
-        if int(tid) == ours:
-            continue
-        try:
-            with open(f"/proc/self/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("SigBlk:"):
-                        if int(line.split()[1], 16) & _SIGSEGV_BIT:
-                            out.append(int(tid))
-                        break
-        except OSError:
-            continue  # exited meanwhile
+    out = [t for t in map(int, os.listdir("/proc/self/task")) if t != ours and _blocks_sigsegv(t)]
+    deadline = time.monotonic() + grace
+    while out and time.monotonic() < deadline:
+        time.sleep(0.005)
+        out = [t for t in out if _blocks_sigsegv(t)]
     return out
 
 
