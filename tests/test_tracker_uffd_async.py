@@ -231,3 +231,44 @@ def test_a_collect_whose_scan_makes_no_progress_says_so(monkeypatch: pytest.Monk
         m[0] = 1
         assert pages_of(t.collect()) == {0}
     m.close()
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_lone_trackers_collect_is_two_python_calls_and_takes_no_lock(reset: bool) -> None:
+    # The fixed cost of a small collect, counted without a clock: Tracker.collect and the
+    # backend's collect, one native call between them, the hub's lock not taken (it was
+    # five or six Python calls, a WeakSet's len among them, and the lock).
+    import sys
+    from types import FrameType
+    from typing import Any
+
+    m = mmap.mmap(-1, 16 * PAGE_SIZE)
+    calls: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call":  # Class.method (co_qualname is Python 3.11+)
+            owner = frame.f_locals.get("self")
+            prefix = f"{type(owner).__name__}." if owner is not None else ""
+            calls.append(prefix + frame.f_code.co_name)
+        elif event == "c_call":
+            calls.append(f"C:{getattr(arg, '__qualname__', arg)}")
+
+    with pw.Tracker(m, backend="uffd-async") as t:
+        hub = t._impl.hub  # type: ignore[union-attr]
+        for _ in range(3):
+            m[5 * PAGE_SIZE] = 1
+            gen = getattr(hub.lock, "gen", None)
+            sys.setprofile(profile)
+            try:
+                d = t.collect(reset=reset)
+            finally:
+                sys.setprofile(None)
+            assert pages_of(d) == {5}
+            python = [c for c in calls if not c.startswith("C:")]
+            assert python == ["Tracker.collect", "UffdAsync.collect"], calls
+            assert hub.lock.gen == gen, "the hub's lock was taken"
+            # one system-calling native call, no lock method, no numpy call
+            assert [c for c in calls if c.startswith("C:")] == [
+                "C:len", "C:collect_runs", "C:object.__new__", "C:setprofile"], calls
+            calls.clear()
+    m.close()
