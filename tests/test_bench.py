@@ -194,7 +194,7 @@ def test_result_holds_every_figure_for_each_available_backend(smoke: dict[str, A
     assert {"kernel", "cpu", "cpus", "memory_bytes"} <= set(smoke["machine"])
     assert not smoke["errors"], smoke["errors"]
     measured = [n for n, e in smoke["backends"].items() if e["available"]]
-    assert measured == [b.name for b in pw.backends() if b.available]
+    assert measured == [b.name for b in pw.list_backends() if b.available]
     for name in measured:
         e = smoke["backends"][name]
         assert set(e["write"]["patterns"]) == set(measures.PATTERNS)

@@ -336,7 +336,7 @@ def test_overlapping_trackers_do_not_disturb_each_other(backend: str) -> None:
 
 def test_trackers_of_different_backends_coexist(backend: str) -> None:
     other = "compare" if backend != "compare" else "uffd-async"
-    ok, why = next((b.available, b.reason) for b in pw.backends() if b.name == other)
+    ok, why = next((b.available, b.reason) for b in pw.list_backends() if b.name == other)
     if not ok:
         pytest.skip(f"{other} unavailable: {why}")
     m = aligned(16)
@@ -423,7 +423,7 @@ def test_unknown_backend_name_is_a_clear_error() -> None:
 
 
 def test_an_unavailable_backend_raises_unsupported_with_its_reason() -> None:
-    missing = [b for b in pw.backends() if not b.available]
+    missing = [b for b in pw.list_backends() if not b.available]
     if not missing:
         pytest.skip("every backend is available on this kernel")
     with pytest.raises(pw.Unsupported) as info:
@@ -433,7 +433,7 @@ def test_an_unavailable_backend_raises_unsupported_with_its_reason() -> None:
 
 def test_pagewatch_backend_environment_variable_overrides_auto(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    avail = [b.name for b in pw.backends() if b.available]
+    avail = [b.name for b in pw.list_backends() if b.available]
     last = avail[-1]
     monkeypatch.setenv("PAGEWATCH_BACKEND", last)
     with pw.Tracker(bytearray(PAGE_SIZE * 2)) as t:
