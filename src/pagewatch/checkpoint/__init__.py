@@ -579,21 +579,8 @@ class Checkpoint(Closeable):
         total = sum(a.nbytes for a in arrays.values())
         base = (self._last is None or self._chain >= self.max_chain
                 or self._chain_bytes > self.max_chain_ratio * total)
-        parts: list[ArrayPart] = []
         try:
-            for name, a in arrays.items():
-                tr = self._tracked.get(name)
-                if tr is None or tr.key != _key(a):
-                    if tr is not None:
-                        self._tracked.pop(name).close()
-                    tr = self._tracked[name] = _Tracked(a, self.backend)
-                    parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)))
-                    continue
-                part = tr.written(name)  # reset first, copy after (never lose a write)
-                if base:
-                    parts.append(ArrayPart(name, a, None, -(-a.nbytes // PAGE_SIZE)))
-                else:
-                    parts.append(part)
+            parts = self._parts(arrays, base)  # reset first, copy after (never lose a write)
             n = max(self._store.generations(), default=-1) + 1
             idx = _write(self._store, n, None if base else self._last, _time.time(), parts,
                          PAGE_SIZE, self.checksum, self.compression)
