@@ -298,7 +298,8 @@ def test_a_target_that_executes_a_new_program_is_tracked_again_under_its_new_nam
     try:
         with ex.Exporter(ex.Selector(pids=(sh.pid,)), interval=0.02) as e:
             e.run_once()
-            assert [t.info.comm for t in e.targets.values()] == ["sh"]
+            assert [t.info.comm for t in e.targets.values()] == ["sh"], (
+                f"now {ex.proc_info(sh.pid)}; attach failures {dict(e.attach_failures)}")
             assert sh.stdin is not None
             sh.stdin.write("go\n")
             sh.stdin.flush()

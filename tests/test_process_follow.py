@@ -74,6 +74,20 @@ class TreeRun:
         self.objs = lines(self.out)
         self.children = children
 
+    def story(self, role: str) -> str:
+        """What the recording says of ``role``'s process (a failure's explanation)."""
+        pid, addr = self.said[role]
+        lo = addr // PAGE_SIZE
+        said = []
+        for o in self.objs:
+            if o.get("pid") != pid:
+                continue
+            if o["type"] == "interval":
+                o = {**o, "mappings": [{"start_page": m["start"] // PAGE_SIZE - lo,
+                                        "runs": m["runs"]} for m in o["mappings"]]}
+            said.append(json.dumps(o))
+        return f"{role} (pid {pid}, its pages from page {lo}):\n" + "\n".join(said)
+
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> TreeRun:
@@ -87,10 +101,10 @@ def test_follow_forks_reports_each_forked_childs_writes_exactly(tree: TreeRun) -
     assert tree.rc == 5, tree.stderr
     for i in range(tree.children):
         pid, addr = tree.said[f"child{i}"]
-        assert pages_of(tree.objs, pid, addr) == pattern(i + 2, 0), f"child{i}"
+        assert pages_of(tree.objs, pid, addr) == pattern(i + 2, 0), tree.story(f"child{i}")
     # The parent's own writes, after its children's: neither theirs nor the ones it inherited.
     pid, addr = tree.said["parent"]
-    assert pages_of(tree.objs, pid, addr) == pattern(7, 3)
+    assert pages_of(tree.objs, pid, addr) == pattern(7, 3), tree.story("parent")
 
 
 @pytest.mark.backend("uffd-async")

@@ -39,10 +39,12 @@ def _short(text: str, width: int = 120) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def failure_line(message: str) -> str:
+def failure_line(message: str, width: int = 400) -> str:
+    """The failure's own words: its first ``E`` lines (the exception and the start of the
+    diff), not the last one, which for a long set or list diff is a lone bracket."""
     lines = [ln for ln in message.splitlines() if ln.strip()]
-    errs = [ln for ln in lines if ln.startswith("E ")]
-    return _short((errs[-1] if errs else lines[-1] if lines else "").removeprefix("E").strip())
+    errs = [ln.removeprefix("E").strip() for ln in lines if ln.startswith("E ")]
+    return _short(" | ".join(errs[:6]) if errs else lines[-1] if lines else "", width)
 
 
 def guard(columns: list[dict[str, Any]]) -> list[str]:

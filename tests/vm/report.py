@@ -65,7 +65,11 @@ def _reason(report: pytest.TestReport | pytest.CollectReport) -> str:
 
 def _failure_text(report: pytest.TestReport | pytest.CollectReport) -> str:
     text = str(report.longreprtext or "")
-    return text[-3000:]
+    if len(text) <= 3000:
+        return text
+    # A long report keeps the failure's own words (the E lines) and its end.
+    errs = [ln for ln in text.splitlines() if ln.startswith("E ")][:20]
+    return "\n".join(errs) + "\n...\n" + text[-2000:]
 
 
 class Recorder:

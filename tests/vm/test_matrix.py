@@ -92,6 +92,18 @@ def test_the_guard_passes_a_clean_matrix() -> None:
 
 
 @pytest.mark.kernel_independent
+def test_the_guard_names_the_assertion_of_a_long_diff_not_its_closing_bracket() -> None:
+    message = ("    def test_x():\n>       assert a == b, 'child0'\n"
+               "E   AssertionError: child0\n"
+               "E   assert {0, 2, 4} == {0, 2, 4, 6}\n"
+               "E     Extra items in the right set:\nE     6\nE     Full diff:\n"
+               "E       {\nE         0,\nE       }\n")
+    line = matrix.failure_line(message)
+    assert line.startswith("AssertionError: child0 | assert {0, 2, 4} == {0, 2, 4, 6}")
+    assert "Extra items in the right set: | 6" in line
+
+
+@pytest.mark.kernel_independent
 def test_the_guard_names_a_failure_a_test_skipped_everywhere_and_a_backend_never_run() -> None:
     host = every_backend_passes()
     host[1] = {**host[1], "outcome": "skipped", "reason": "no soft-dirty"}
