@@ -52,6 +52,11 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, every: flo
         time.sleep(every)
 
 
+def comm_of(pid: int) -> str | None:
+    info = ex.proc_info(pid)
+    return None if info is None else info.comm
+
+
 class Pacer:
     """tests/targets/pacer.c: writes RATE pages/s through a buffer of PAGES pages and
     reports (pages written, CLOCK_MONOTONIC ns) every 100 ms, which a thread collects."""
@@ -311,6 +316,32 @@ def test_a_target_that_executes_a_new_program_is_tracked_again_under_its_new_nam
 
             wait_for("sleep tracked", lambda: comms() == ["sleep"])
             assert value(e, "pagewatch_written_bytes_total", comm="sh") is None
+    finally:
+        sh.kill()
+        sh.wait()
+
+
+def test_a_target_that_executes_while_it_is_attached_is_named_by_its_new_program() -> None:
+    # The name is read before the attach; a program that executes in between (as one caught
+    # in execve(2) does: Linux renames it last) must not keep the old name as its label.
+    sh = subprocess.Popen(["sh", "-c", "read line; exec sleep 300"], stdin=subprocess.PIPE,
+                          text=True)
+
+    def exec_then_attach(pid: int) -> ProcessTracker:
+        assert sh.stdin is not None
+        sh.stdin.write("go\n")
+        sh.stdin.flush()
+        wait_for("the new program", lambda: comm_of(pid) == "sleep", timeout=300)
+        return ProcessTracker(pid)
+
+    try:
+        wait_for("sh", lambda: comm_of(sh.pid) == "sh", timeout=300)
+        with ex.Exporter(ex.Selector(pids=(sh.pid,)), interval=0.02,
+                         tracker=exec_then_attach) as e:
+            e.run_once()
+            assert [t.info.comm for t in e.targets.values()] == ["sleep"]
+            assert [labels["comm"] for labels, _ in
+                    samples(e).get("pagewatch_tracked_bytes", [])] == ["sleep"]
     finally:
         sh.kill()
         sh.wait()

@@ -517,6 +517,12 @@ class Exporter:
                             exc)
             return
         self._backoff.pop(key, None)
+        # The name seen before the attach may be the one a process had before the execve(2)
+        # it is in (Linux renames it after the close-on-exec that lets its parent go on); the
+        # attach caught it after the exec, so its name now names the memory tracked.
+        now = proc_info(info.pid)
+        if now is not None and now.start == info.start:
+            info = now
         self.targets[key] = _Target(info, tracker, self.windows)
         log.info("tracking pid %d (%s) with %s", info.pid, info.comm, tracker.backend)
 
