@@ -9,6 +9,7 @@ inherited) or too few (a child tracked late) fails.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -18,10 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+import pagewatch._native
+from pagewatch.cli import process as cli_process
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.probe import probe_wp_async
+from pagewatch.process import ProcessDirty
 from tests.targets.common import build, in_emulated_guest
 
 wp_ok, wp_why = probe_wp_async()
@@ -61,9 +66,9 @@ class TreeRun:
     """One ``pagewatch run -F -- forker tree N``: what each process said and what was
     recorded."""
 
-    def __init__(self, folder: Path, children: int) -> None:
+    def __init__(self, folder: Path, children: int, interval: float = 0.05) -> None:
         self.out = folder / "tree.jsonl"
-        r = subprocess.run([*PAGEWATCH, "run", "-F", "--interval", "0.05", "-o",
+        r = subprocess.run([*PAGEWATCH, "run", "-F", "--interval", str(interval), "-o",
                             str(self.out), "--", str(build("forker")), "tree", str(children)],
                            capture_output=True, text=True, timeout=600)
         self.rc, self.stderr = r.returncode, r.stderr
@@ -105,6 +110,22 @@ def test_follow_forks_reports_each_forked_childs_writes_exactly(tree: TreeRun) -
     # The parent's own writes, after its children's: neither theirs nor the ones it inherited.
     pid, addr = tree.said["parent"]
     assert pages_of(tree.objs, pid, addr) == pattern(7, 3), tree.story("parent")
+
+
+@pytest.mark.backend("uffd-async")
+@pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")
+def test_follow_forks_collecting_every_millisecond_reports_each_process_exactly(
+        tmp_path: Path) -> None:
+    # Collects then fall between any two events of the tree: a process's exit stop and its
+    # end above all (a collect there read memory being torn down, on 6.12).
+    for k in range(4 if in_emulated_guest() else 10):
+        (tmp_path / str(k)).mkdir()
+        run = TreeRun(tmp_path / str(k), 2, interval=0.001)
+        assert run.rc == 5, run.stderr
+        for role, want in [("child0", pattern(2, 0)), ("child1", pattern(3, 0)),
+                           ("exec", pattern(3, 1)), ("parent", pattern(7, 3))]:
+            pid, addr = run.said[role]
+            assert pages_of(run.objs, pid, addr) == want, run.story(role)
 
 
 @pytest.mark.backend("uffd-async")
@@ -319,3 +340,57 @@ def test_the_monitor_killed_at_each_ptrace_call_of_a_followed_tree_harms_no_proc
     # The walk went through the tree's injections (the command's, then each child's: about
     # 70 calls in all), not only the start.
     assert kills >= 1 and 1 + (kills - 1) * stride >= 40, (kills, stride)
+
+
+class CountingTracker:
+    """Stands for a process's tracker in :class:`cli_process.Run`: counts its collects."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.collects = 0
+        self.closed = False
+
+    def collect(self) -> ProcessDirty:
+        assert not self.closed, "collected after close"
+        self.collects += 1
+        return ProcessDirty(self.pid, time=0.0, elapsed=0.0, new=frozenset(), skipped=(),
+                            backend="uffd-async", mappings=[],
+                            runs=np.empty((0, 2), np.int64))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _run_with(monkeypatch: pytest.MonkeyPatch, threads: int) -> tuple[cli_process.Run,
+                                                                       CountingTracker]:
+    monkeypatch.setattr(pagewatch._native, "tracer_release", lambda handle: None)
+    monkeypatch.setattr(cli_process, "_threads", lambda pid: threads)
+    args = argparse.Namespace(interval=0.01, backend="uffd-async", mappings=None)
+    run = cli_process.Run(["x"], args, cli_process.JsonLines(None), follow=True)
+    run.handle = None
+    proc = run.procs[4242] = cli_process.Proc(4242, 1, ["x"])
+    tracker = CountingTracker(4242)
+    proc.tracker = tracker  # type: ignore[assignment]
+    return run, tracker
+
+
+@pytest.mark.kernel_independent
+def test_a_process_let_go_from_its_exit_stop_is_never_collected_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its memory is being torn down from then on: on Linux 6.12 a collect then reported
+    # every page of some mappings written (the follow-forks test, 1 run in ~20 at 1 ms).
+    run, tracker = _run_with(monkeypatch, threads=1)
+    run._event(cli_process.EV_EXIT, 0, 0, 0.0, 4242)
+    assert tracker.collects == 1 and tracker.closed
+    run._collect_all()
+    assert tracker.collects == 1
+    assert not run.tracking()
+
+
+@pytest.mark.kernel_independent
+def test_a_leader_that_exits_before_its_threads_is_still_collected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run, tracker = _run_with(monkeypatch, threads=3)
+    run._event(cli_process.EV_EXIT, 0, 0, 0.0, 4242)
+    run._collect_all()
+    assert tracker.collects == 2 and not tracker.closed

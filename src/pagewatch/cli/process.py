@@ -475,6 +475,14 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
     return pid, release_w, err_r
 
 
+def _threads(pid: int) -> int:
+    """How many threads process ``pid`` has (0 when it is gone)."""
+    for line in (_read_text(f"/proc/{pid}/status") or "").splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _cmdline(pid: int) -> list[str] | None:
     """The command line of a process (``/proc/PID/cmdline``), or None when it is gone."""
     try:
@@ -691,6 +699,13 @@ class Run:
         elif kind == EV_EXIT:
             if proc is not None:
                 self._collect(proc)  # the last one: the memory is still there at the exit stop
+                if proc.tracker is not None and _threads(pid) <= 1:
+                    # Once let go it tears its memory down: a collect then reads that, and
+                    # PAGEMAP_SCAN on Linux 6.12 (no hold on the memory's users) reported
+                    # every page of some mappings as written.  Its last collect was this one.
+                    # (A leader leaving before its threads keeps its tracker: they write on.)
+                    proc.tracker.close()
+                    proc.tracker = None
             _native.tracer_release(self.handle)
         elif kind == EV_GONE:
             if pid == self.pid:
