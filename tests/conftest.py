@@ -136,3 +136,31 @@ def _runs_in_guest(item: pytest.Item, label: str) -> bool:
     if only is not None and params.get("backend") not in only:
         return True
     return label in mark.args
+
+
+# ---- the end of the run ----------------------------------------------------------------------
+# Icechunk's runtime threads may touch Python objects while the interpreter finalizes, and one
+# that does ends the process with SIGABRT (seen once in the CLI, after its output: see
+# test_the_command_ends_without_finalizing_the_interpreter_once_icechunk_ran).  pytest would then
+# exit -6 after a green run: once icechunk ran here, end with pytest's own status, unfinalized,
+# after every other plugin has unconfigured (the report is written by then).
+_exit_status: list[int] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import sys
+
+    if "icechunk" not in sys.modules or not _exit_status or hasattr(config, "workerinput"):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(_exit_status[-1])

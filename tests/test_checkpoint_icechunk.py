@@ -506,6 +506,31 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.kernel_independent
+def test_the_command_ends_without_finalizing_the_interpreter_once_icechunk_ran(
+        tmp_path: Path) -> None:
+    # Icechunk's runtime threads may touch Python objects while the interpreter finalizes:
+    # 'checkpoint verify' on S3 once printed its result and then died of SIGABRT (rc -6,
+    # beside a CPU hog).  The command ends with os._exit once icechunk was loaded: an atexit
+    # callback, which runs only in a finalizing interpreter, must not run; the output must
+    # be whole and the status the command's.
+    where = tmp_path / "ck"
+    with pw.Checkpoint(str(where), {"v": np.arange(100.0)}, store="icechunk") as ck:
+        ck.save()
+    wrapper = ("import atexit, sys\n"
+               "atexit.register(lambda: print('finalized', flush=True))\n"
+               "from pagewatch.cli import main\n"
+               "sys.exit(main())\n")
+    r = subprocess.run([sys.executable, "-c", wrapper, "checkpoint", "verify", str(where)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=PATIENCE)
+    assert r.returncode == 0, r.stderr
+    assert "every checksum good" in r.stdout and "finalized" not in r.stdout
+    # Without icechunk the interpreter finalizes as usual.
+    plain = subprocess.run([sys.executable, "-c", wrapper, "--version"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=PATIENCE)
+    assert plain.returncode == 0 and "finalized" in plain.stdout
+
+
 def test_cli_lists_verifies_and_restores_an_s3_checkpoint(s3: S3Server, tmp_path: Path) -> None:
     url, opts = s3.url(), s3.options()
     state = {"v": np.arange(3000.0), "w": np.zeros((30, 40), np.int16)}

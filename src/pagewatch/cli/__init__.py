@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import Any, NoReturn
@@ -152,8 +153,27 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
+    """The ``pagewatch`` command; ``argv`` None: this process's own arguments (the command
+    itself, which then also ends the process)."""
+    if argv is not None:
+        return _main(argv)
+    rc = _main(sys.argv[1:])
+    if "icechunk" in sys.modules:
+        # Icechunk's runtime threads may still touch Python objects while the interpreter
+        # finalizes; one that does takes the process down with SIGABRT after the command has
+        # done its work (seen: 'checkpoint verify' on S3 printed its result, then rc -6, beside
+        # a CPU hog).  Everything is said and closed by now: end without finalizing.
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:  # a reader gone (| head): nothing more to say to it
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     tail = None
     if _chosen(argv) in TAKES_A_COMMAND and "--" in argv:  # record/top -- CMD [ARGS...]
