@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import pagewatch as pw
 from pagewatch import _native
 from pagewatch.backends.base import BACKENDS, backend_class
+from pagewatch.cli import end_unfinalized
 from pagewatch.kernel.constants import PAGE_SIZE
 
 # Started as a shell's background job, this process ignores SIGINT and so would every
@@ -154,13 +156,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    import sys
-
     if "icechunk" not in sys.modules or not _exit_status or hasattr(config, "workerinput"):
         return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:
-            pass
-    os._exit(_exit_status[-1])
+    end_unfinalized(_exit_status[-1])

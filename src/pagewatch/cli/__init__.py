@@ -163,14 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         # finalizes; one that does takes the process down with SIGABRT after the command has
         # done its work (seen: 'checkpoint verify' on S3 printed its result, then rc -6, beside
         # a CPU hog).  Everything is said and closed by now: end without finalizing.
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except OSError:  # a reader gone (| head): nothing more to say to it
-                pass
-        os._exit(rc)
+        end_unfinalized(rc)
     return rc
+
+
+def end_unfinalized(rc: int) -> NoReturn:
+    """End the process with status ``rc`` once its output is flushed, without finalizing the
+    interpreter (where a native runtime's threads may still run: see :func:`main`)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader gone (| head): nothing more to say to it
+            pass
+    os._exit(rc)
 
 
 def _main(argv: list[str]) -> int:

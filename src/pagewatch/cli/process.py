@@ -477,10 +477,9 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
 
 def _threads(pid: int) -> int:
     """How many threads process ``pid`` has (0 when it is gone)."""
-    for line in (_read_text(f"/proc/{pid}/status") or "").splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
+    from ..process import _status
+
+    return int(_status(pid).get("Threads") or 0)
 
 
 def _cmdline(pid: int) -> list[str] | None:
