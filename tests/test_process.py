@@ -178,7 +178,9 @@ class TestReports:
 # ---- the target is left as it was ----------------------------------------------------------
 
 def gadget_of(pid: int) -> int:
-    return process._find_gadget(pid)
+    from pagewatch.remote.attach import _find_gadget
+
+    return _find_gadget(pid)
 
 
 class TestTargetIsUnharmed:
@@ -436,16 +438,18 @@ def test_a_process_already_traced_is_refused_naming_the_tracer(target: Target) -
 
 def test_yama_ptrace_scope_is_explained_when_present(monkeypatch: pytest.MonkeyPatch,
                                                      target: Target) -> None:
-    real = process._read_text
-    monkeypatch.setattr(process, "_has_cap_sys_ptrace", lambda: False)
-    monkeypatch.setattr(process, "_is_descendant", lambda pid: False)
+    from pagewatch.remote import target as proc_target  # where why_no_ptrace reads /proc
+
+    real = proc_target._read_text
+    monkeypatch.setattr(proc_target, "_has_cap_sys_ptrace", lambda: False)
+    monkeypatch.setattr(proc_target, "_is_descendant", lambda pid: False)
     for value, phrase in (("1", "only to its descendants"), ("2", "only CAP_SYS_PTRACE"),
                           ("3", "forbids every ptrace attach")):
-        monkeypatch.setattr(process, "_read_text", lambda path, v=value: (
+        monkeypatch.setattr(proc_target, "_read_text", lambda path, v=value: (
             v + "\n" if path.endswith("yama/ptrace_scope") else real(path)))
         assert phrase in process.why_no_ptrace(target.pid)
     # Absent (as on this machine's kernel, without Yama): no mention of it, no crash.
-    monkeypatch.setattr(process, "_read_text", lambda path: (
+    monkeypatch.setattr(proc_target, "_read_text", lambda path: (
         None if path.endswith("yama/ptrace_scope") else real(path)))
     assert "Yama" not in process.why_no_ptrace(target.pid)
 
@@ -541,9 +545,11 @@ def test_soft_dirty_reader_turns_pagemap_bits_into_runs(
     from pagewatch.kernel.constants import PM_PRESENT
 
     monkeypatch.setattr(process, "soft_dirty_available", lambda: (True, "pretend"))
-    monkeypatch.setattr(process, "PM_SOFT_DIRTY", PM_PRESENT)
+    from pagewatch.remote import soft_dirty  # the backend's module reads and resets the bits
+
+    monkeypatch.setattr(soft_dirty, "PM_SOFT_DIRTY", PM_PRESENT)
     cleared: list[int] = []
-    monkeypatch.setattr(process, "clear_refs", lambda pid, v: cleared.append(v))
+    monkeypatch.setattr(soft_dirty, "clear_refs", lambda pid, v: cleared.append(v))
     addr, _ = buffer_of(target)
     with ProcessTracker(target.pid, backend="soft-dirty") as p:
         assert p.backend == "soft-dirty" and cleared == [4]

@@ -9,7 +9,6 @@ inherited) or too few (a child tracked late) fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,10 +22,10 @@ import numpy as np
 import pytest
 
 import pagewatch._native
-from pagewatch.cli import process as cli_process
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.probe import probe_wp_async
 from pagewatch.process import ProcessDirty
+from pagewatch.remote import tree as tree_mod
 from tests.targets.common import build, in_emulated_guest
 
 wp_ok, wp_why = probe_wp_async()
@@ -346,7 +345,7 @@ def test_the_monitor_killed_at_each_ptrace_call_of_a_followed_tree_harms_no_proc
 
 
 class CountingTracker:
-    """Stands for a process's tracker in :class:`cli_process.Run`: counts its collects."""
+    """Stands for a process's tracker in a :class:`~pagewatch.remote.tree.ProcessTree`: counts its collects."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -364,14 +363,13 @@ class CountingTracker:
         self.closed = True
 
 
-def _run_with(monkeypatch: pytest.MonkeyPatch, threads: int) -> tuple[cli_process.Run,
+def _run_with(monkeypatch: pytest.MonkeyPatch, threads: int) -> tuple[tree_mod.ProcessTree,
                                                                        CountingTracker]:
     monkeypatch.setattr(pagewatch._native, "tracer_release", lambda handle: None)
-    monkeypatch.setattr(cli_process, "_threads", lambda pid: threads)
-    args = argparse.Namespace(interval=0.01, backend="uffd-async", mappings=None)
-    run = cli_process.Run(["x"], args, cli_process.JsonLines(None), follow=True)
+    monkeypatch.setattr(tree_mod, "_threads", lambda pid: threads)
+    run = tree_mod.ProcessTree(["x"], backend="uffd-async", interval=0.01, follow=True)
     run.handle = None
-    proc = run.procs[4242] = cli_process.Proc(4242, 1, ["x"])
+    proc = run.procs[4242] = tree_mod.Proc(4242, 1, ["x"])
     tracker = CountingTracker(4242)
     proc.tracker = tracker  # type: ignore[assignment]
     return run, tracker
@@ -383,7 +381,7 @@ def test_a_process_let_go_from_its_exit_stop_is_never_collected_again(
     # Its memory is being torn down from then on: on Linux 6.12 a collect then reported
     # every page of some mappings written (the follow-forks test, 1 run in ~20 at 1 ms).
     run, tracker = _run_with(monkeypatch, threads=1)
-    run._event(cli_process.EV_EXIT, 0, 0, 0.0, 4242)
+    run._event(tree_mod.EV_EXIT, 0, 0, 0.0, 4242)
     assert tracker.collects == 1 and tracker.closed
     run._collect_all()
     assert tracker.collects == 1
@@ -394,6 +392,6 @@ def test_a_process_let_go_from_its_exit_stop_is_never_collected_again(
 def test_a_leader_that_exits_before_its_threads_is_still_collected(
         monkeypatch: pytest.MonkeyPatch) -> None:
     run, tracker = _run_with(monkeypatch, threads=3)
-    run._event(cli_process.EV_EXIT, 0, 0, 0.0, 4242)
+    run._event(tree_mod.EV_EXIT, 0, 0, 0.0, 4242)
     run._collect_all()
     assert tracker.collects == 2 and not tracker.closed

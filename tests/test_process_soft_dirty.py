@@ -1,7 +1,7 @@
 """ProcessTracker's soft-dirty path: every reset is made while all threads of the target stop.
 
 Reading pagemap bit 55 and writing ``clear_refs`` are two system calls; a write between them
-would be lost.  ``process.frozen`` stops every thread of the target (ptrace, no SIGSTOP) for
+would be lost.  ``remote.freeze.frozen`` stops every thread of the target (ptrace, no SIGSTOP) for
 that window.  The freeze itself is tested on every kernel; the soft-dirty tests need
 ``CONFIG_MEM_SOFT_DIRTY`` (the kernel matrix runs them on Debian 6.1 and 6.12).
 
@@ -29,10 +29,12 @@ import pytest
 
 import pagewatch as pw
 from pagewatch import _native, cli, process
-from pagewatch.cli import process as pcli
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.maps import Mapping, maps
-from pagewatch.process import ProcessTracker, frozen
+from pagewatch.process import ProcessTracker
+from pagewatch.remote import soft_dirty as sd_module
+from pagewatch.remote import tree as tree_mod
+from pagewatch.remote.freeze import frozen
 from tests.targets.common import (
     HOLD_TRACE,
     PATTERN_STEPS,
@@ -195,7 +197,7 @@ def test_a_freeze_racing_the_exit_of_a_run_child_finds_it_gone_never_refused() -
     path on every run but catches the race itself only now and then.)"""
     outcomes: collections.Counter[str] = collections.Counter()
     for _ in range(30):
-        pid, release_w, err_fd = pcli._fork_held(["true"], {})
+        pid, release_w, err_fd = tree_mod._fork_held(["true"], {})
         pidfd = os.pidfd_open(pid)
         handle, _ = _native.tracer_start(pid, release_w, pidfd)
         status, released = None, False
@@ -214,14 +216,14 @@ def test_a_freeze_racing_the_exit_of_a_run_child_finds_it_gone_never_refused() -
                         time.sleep(0.001)
                     continue
                 kind, a, *_ = ev
-                if kind == pcli.EV_EXEC:
+                if kind == tree_mod.EV_EXEC:
                     if a >= 0:
                         os.close(a)
                     _native.tracer_release(handle)
-                elif kind == pcli.EV_EXIT:
+                elif kind == tree_mod.EV_EXIT:
                     _native.tracer_release(handle)
                     released = True
-                elif kind == pcli.EV_GONE:
+                elif kind == tree_mod.EV_GONE:
                     status = a
         finally:
             unread = _native.tracer_stop(handle)
@@ -294,7 +296,7 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
             f"while not os.path.exists({str(enough)!r}): sum(range(10000))\n"
             f"open({str(out)!r}, 'w').write('done')\n"
             "sys.exit(5)\n")
-    pid, release_w, err_fd = pcli._fork_held([sys.executable, "-c", code], {})
+    pid, release_w, err_fd = tree_mod._fork_held([sys.executable, "-c", code], {})
     pidfd = os.pidfd_open(pid)
     handle, evfd = _native.tracer_start(pid, release_w, pidfd)
     infos: list[dict[str, Any]] = []
@@ -313,16 +315,16 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
                 time.sleep(0.01)
                 continue
             kind, a, *_ = ev
-            if kind == pcli.EV_EXEC:
+            if kind == tree_mod.EV_EXEC:
                 if a >= 0:
                     os.close(a)
                 with frozen(pid) as info:  # held at the exec stop by the tracer
                     assert states(pid)[pid] == "t"
                 infos.append(info)
                 _native.tracer_release(handle)
-            elif kind == pcli.EV_EXIT:
+            elif kind == tree_mod.EV_EXIT:
                 _native.tracer_release(handle)
-            elif kind == pcli.EV_GONE:
+            elif kind == tree_mod.EV_GONE:
                 status = a
     finally:
         _native.tracer_stop(handle)
@@ -342,7 +344,7 @@ def test_hugetlb_memory_is_recognised_by_its_device(hugetlb_pages: int) -> None:
         addrs = [int(x) for x in t.read().split()]
         devices = process.hugetlb_devices(t.pid)
         hugetlb = {m.start for m in maps(t.pid)
-                   if process._dev(m.dev, 16) in devices}
+                   if sd_module._dev(m.dev, 16) in devices}
         assert hugetlb == set(addrs)  # MAP_HUGETLB and a MFD_HUGETLB memfd; nothing else
     finally:
         t.close()
@@ -362,7 +364,7 @@ class Truth:
         self.pid = pid
         self.snaps: list[Snapshot] = []
         self.snap_ms: list[float] = []  #: time each snapshot added to the stop
-        real = process.clear_refs
+        real = sd_module.clear_refs
 
         def snapshot_then_clear(p: int | str, value: int) -> None:
             t0 = time.perf_counter()
@@ -370,7 +372,7 @@ class Truth:
             self.snap_ms.append((time.perf_counter() - t0) * 1e3)
             real(p, value)
 
-        monkeypatch.setattr(process, "clear_refs", snapshot_then_clear)
+        monkeypatch.setattr(sd_module, "clear_refs", snapshot_then_clear)
 
 
 def track_running(proc: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch,
