@@ -104,6 +104,8 @@ PyObject *pw_raise_errno(int err, const char *what);
 extern PyMethodDef pw_core_methods[];     /* core.c: uffd + PAGEMAP_SCAN + pidfd */
 extern PyMethodDef pw_track_methods[];    /* track.c: SIGSEGV handler, uffd-sync thread, compare */
 extern PyMethodDef pw_inject_methods[];   /* inject.c: ptrace syscall injection */
+extern PyMethodDef pw_tracer_methods[];   /* tracer.c: pagewatch run's tracer */
+extern PyMethodDef pw_freeze_methods[];   /* freeze.c: every thread of a process stopped */
 extern PyMethodDef pw_bench_methods[];    /* bench.c: writers and the C reference floor */
 extern PyMethodDef pw_copy_methods[];     /* copy.c: Snapshot's page-run copy and madvise loops */
 
