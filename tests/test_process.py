@@ -178,9 +178,7 @@ class TestReports:
 # ---- the target is left as it was ----------------------------------------------------------
 
 def gadget_of(pid: int) -> int:
-    from pagewatch.remote.attach import _find_gadget
-
-    return _find_gadget(pid)
+    return _native.find_gadget(pid)
 
 
 class TestTargetIsUnharmed:

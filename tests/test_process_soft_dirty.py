@@ -34,6 +34,7 @@ from pagewatch.kernel.maps import Mapping, maps
 from pagewatch.process import ProcessTracker
 from pagewatch.remote import soft_dirty as sd_module
 from pagewatch.remote import tree as tree_mod
+from pagewatch.remote.attach import UFFD_FLAG_SETS
 from pagewatch.remote.freeze import frozen
 from tests.targets.common import (
     HOLD_TRACE,
@@ -199,7 +200,7 @@ def test_a_freeze_racing_the_exit_of_a_run_child_finds_it_gone_never_refused() -
     for _ in range(30):
         pid, release_w, err_fd = tree_mod._fork_held(["true"], {})
         pidfd = os.pidfd_open(pid)
-        handle, _ = _native.tracer_start(pid, release_w, pidfd)
+        handle, _ = _native.tracer_start(pid, release_w, pidfd, list(UFFD_FLAG_SETS))
         status, released = None, False
         try:
             deadline = time.monotonic() + 300
@@ -298,7 +299,7 @@ def test_the_run_tracer_stops_the_child_it_holds(tmp_path: Path) -> None:
             "sys.exit(5)\n")
     pid, release_w, err_fd = tree_mod._fork_held([sys.executable, "-c", code], {})
     pidfd = os.pidfd_open(pid)
-    handle, evfd = _native.tracer_start(pid, release_w, pidfd)
+    handle, evfd = _native.tracer_start(pid, release_w, pidfd, list(UFFD_FLAG_SETS))
     infos: list[dict[str, Any]] = []
     status = None
     try:

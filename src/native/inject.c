@@ -215,7 +215,7 @@ unsigned long long pw_find_gadget(pid_t pid)
                 continue;
             int vdso = strstr(line, "[vdso]") != NULL;
             if (pass == 0 ? !vdso : (perms[0] != 'r' || perms[2] != 'x' || vdso ||
-                                     strstr(line, "[vsyscall]")))
+                                     strstr(line, "[vsyscall]") || strstr(line, "[uprobes]")))
                 continue;
             size_t len = hi - lo > (16u << 20) ? (16u << 20) : (size_t)(hi - lo);
             unsigned char *buf = malloc(len);
@@ -414,6 +414,48 @@ PyObject *pw_no_inject(void)
     return NULL;
 }
 
+#if PW_CAN_INJECT
+/* Whether the child runs under a seccomp filter ("Seccomp: 2"): its filter could kill it
+ * for the injected call, so it is not injected into. */
+int pw_seccomp_filtered(pid_t pid)
+{
+    char path[64], line[256];
+    int filtered = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "Seccomp:", 8)) {
+            filtered = atoi(line + 8) == 2;
+            break;
+        }
+    fclose(f);
+    return filtered;
+}
+
+/* The userfaultfd(2) flag sets to try, in order (Python's choice: remote/attach.py). */
+int pw_parse_flags(PyObject *flags, long *out, int *n_out)
+{
+    PyObject *seq = PySequence_Fast(flags, "flags must be a sequence of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > MAX_TRIES) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "give 1 to %d flag sets", MAX_TRIES);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[i] = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    Py_DECREF(seq);
+    if (PyErr_Occurred())
+        return -1;
+    *n_out = (int)n;
+    return 0;
+}
+#endif
+
 static PyObject *py_inject_userfaultfd(PyObject *self, PyObject *args)
 {
 #if PW_CAN_INJECT
@@ -429,23 +471,10 @@ static PyObject *py_inject_userfaultfd(PyObject *self, PyObject *args)
     j.s.gadget = gadget;
     j.s.timeout_ms = timeout_ms;
     j.pidfd = pidfd;
-    PyObject *seq = PySequence_Fast(flags, "flags must be a sequence of ints");
-    if (!seq)
+    if (pw_parse_flags(flags, j.flags, &j.nflags) < 0)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n < 1 || n > MAX_TRIES) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "give 1 to %d flag sets", MAX_TRIES);
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        j.flags[i] = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    for (int i = 0; i < j.nflags; i++)
         j.results[i] = -ENOEXEC; /* not tried */
-    }
-    Py_DECREF(seq);
-    if (PyErr_Occurred())
-        return NULL;
-    j.nflags = (int)n;
     j.local_fd = -1;
     struct uffd_job j0 = j;
     int calls = 0, helper = 1;
@@ -569,6 +598,36 @@ static PyObject *py_allow_ptracer(PyObject *self, PyObject *args)
 }
 
 
+/* The two checks the tracer makes by itself at an exec stop, for Python's attach too: one
+ * definition of each. */
+static PyObject *py_find_gadget(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int pid;
+    if (!PyArg_ParseTuple(args, "i:find_gadget", &pid))
+        return NULL;
+    unsigned long long at;
+    Py_BEGIN_ALLOW_THREADS
+    at = pw_find_gadget(pid);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(at);
+#else
+    return pw_no_inject();
+#endif
+}
+
+static PyObject *py_seccomp_filtered(PyObject *self, PyObject *args)
+{
+#if PW_CAN_INJECT
+    int pid;
+    if (!PyArg_ParseTuple(args, "i:seccomp_filtered", &pid))
+        return NULL;
+    return PyBool_FromLong(pw_seccomp_filtered(pid));
+#else
+    return pw_no_inject();
+#endif
+}
+
 PyMethodDef pw_inject_methods[] = {
     {"inject_userfaultfd", py_inject_userfaultfd, METH_VARARGS,
      "inject_userfaultfd(tid, pidfd, gadget, flags_seq, timeout_ms) -> (fd, tries, info)\n"
@@ -583,5 +642,11 @@ PyMethodDef pw_inject_methods[] = {
      "ptrace_detach(pid, sig=0): PTRACE_DETACH, delivering `sig`."},
     {"allow_ptracer", py_allow_ptracer, METH_VARARGS,
      "allow_ptracer(pid): PR_SET_PTRACER (Yama): let `pid` and its descendants trace us."},
+    {"find_gadget", py_find_gadget, METH_VARARGS,
+     "find_gadget(pid) -> address of a syscall instruction (0f 05) in the [vdso], else in any\n"
+     "other executable mapping of `pid`, read from /proc/PID/mem; 0 if none (or unreadable)."},
+    {"seccomp_filtered", py_seccomp_filtered, METH_VARARGS,
+     "seccomp_filtered(pid) -> whether `pid` runs under a seccomp filter (Seccomp: 2): it is\n"
+     "never injected into, as its filter could kill it for the injected call."},
     {NULL, NULL, 0, NULL},
 };

@@ -115,6 +115,8 @@ long pw_pt(int req, pid_t tid, void *addr, void *data);
 int pw_restore(struct session *s);
 int pw_resume_until(struct session *s, int req, int want_event);
 void pw_take_uffd(struct uffd_job *j);
+int pw_seccomp_filtered(pid_t pid);
+int pw_parse_flags(PyObject *flags, long *out, int *n_out);
 
 /* helper.c */
 #define HELPER_SOCK 3 /* the helper's end of the socket */

@@ -77,6 +77,9 @@ struct tracer {
     struct tracee *tracees;
     int ntracees, cap, end_posted;
     pid_t cur;
+    /* the userfaultfd(2) flag sets each injection tries, in order (from Python) */
+    int nflags;
+    long flags[MAX_TRIES];
 };
 static struct tracer tracers[MAX_TRACERS];
 static pthread_mutex_t tracers_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -180,25 +183,6 @@ static void frozen_hold(struct tracer *t)
     t->frozen = 0;
 }
 
-/* Whether the child runs under a seccomp filter ("Seccomp: 2"): its filter could kill it
- * for the injected call, so it is not injected into. */
-static int seccomp_filtered(pid_t pid)
-{
-    char path[64], line[256];
-    int filtered = 0;
-    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-    FILE *f = fopen(path, "re");
-    if (!f)
-        return 0;
-    while (fgets(line, sizeof line, f))
-        if (!strncmp(line, "Seccomp:", 8)) {
-            filtered = atoi(line + 8) == 2;
-            break;
-        }
-    fclose(f);
-    return filtered;
-}
-
 /* At an exec stop (`step`: step to an interrupt stop before the first instruction first) or
  * at a new child's first stop (already such a stop): inject, pw_restore, report `kind` about
  * `tid` (a = the userfaultfd or -errno, b = `b`, or the flags for an exec), and return 0; -1
@@ -212,19 +196,20 @@ static int inject_at(struct tracer *t, pid_t tid, int pidfd, int step, int kind,
     j.s.seized = 1;
     j.pidfd = pidfd;
     j.local_fd = -1;
-    j.nflags = 2;
-    j.flags[0] = O_CLOEXEC | O_NONBLOCK | 1; /* UFFD_USER_MODE_ONLY */
-    j.flags[1] = O_CLOEXEC | O_NONBLOCK;
-    j.results[0] = j.results[1] = -ENOEXEC;
+    j.nflags = t->nflags;
+    for (int i = 0; i < j.nflags; i++) {
+        j.flags[i] = t->flags[i];
+        j.results[i] = -ENOEXEC; /* not tried */
+    }
     double t0 = now_ns();
     int err = 0;
     if (step && (pw_pt(PW_PTRACE_INTERRUPT, tid, NULL, NULL) < 0 ||
                         pw_resume_until(&j.s, PW_PTRACE_CONT, 1) < 0)) {
         err = j.s.err ? j.s.err : errno;
     } else {
-        j.s.gadget = seccomp_filtered(tid) ? 0 : pw_find_gadget(tid);
+        j.s.gadget = pw_seccomp_filtered(tid) ? 0 : pw_find_gadget(tid);
         if (!j.s.gadget)
-            err = seccomp_filtered(tid) ? ECANCELED : ENOENT;
+            err = pw_seccomp_filtered(tid) ? ECANCELED : ENOENT;
         else if (pw_prepare(&j.s) == 0)
             pw_take_uffd(&j);
         if (pw_restore(&j.s) < 0 || !j.s.seized) {
@@ -748,7 +733,13 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
 {
 #if PW_CAN_INJECT
     int pid, release_fd, pidfd, follow = 0;
-    if (!PyArg_ParseTuple(args, "iii|p:tracer_start", &pid, &release_fd, &pidfd, &follow))
+    PyObject *flags;
+    if (!PyArg_ParseTuple(args, "iiiO|p:tracer_start", &pid, &release_fd, &pidfd, &flags,
+                          &follow))
+        return NULL;
+    int nflags;
+    long flag_sets[MAX_TRIES];
+    if (pw_parse_flags(flags, flag_sets, &nflags) < 0)
         return NULL;
     pthread_mutex_lock(&tracers_mu);
     int h = -1;
@@ -771,6 +762,8 @@ static PyObject *py_tracer_start(PyObject *self, PyObject *args)
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
     t->pid = pid;
     t->follow = follow;
+    t->nflags = nflags;
+    memcpy(t->flags, flag_sets, sizeof flag_sets);
     t->ev_r = fds[0];
     t->ev_w = fds[1];
     int sock = -1;
@@ -900,9 +893,10 @@ static PyObject *py_tracer_stop(PyObject *self, PyObject *args)
 
 PyMethodDef pw_tracer_methods[] = {
     {"tracer_start", py_tracer_start, METH_VARARGS,
-     "tracer_start(pid, release_fd, pidfd, follow=False) -> (handle, event_fd)\n"
+     "tracer_start(pid, release_fd, pidfd, flags_seq, follow=False) -> (handle, event_fd)\n"
      "Seize child `pid` (exec and exit events) from a helper process, then write a byte to "
-     "release_fd and close it.  Events (kind, a, b, c, pid) are read with tracer_event: "
+     "release_fd and close it.  Each injection tries the userfaultfd(2) flag sets of "
+     "flags_seq in turn, as inject_userfaultfd.  Events (kind, a, b, c, pid) are read with tracer_event: "
      "1 attached, 2 exec (a = taken userfaultfd or -errno, b = flags, c = ns; held), "
      "3 exit (a = status; held), 4 gone (a = wait status), 5 error (a = errno); with follow "
      "(every thread and process it creates, seized from its first instruction): "

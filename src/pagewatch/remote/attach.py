@@ -10,43 +10,16 @@ from typing import Any
 
 from .. import _native
 from ..errors import PagewatchError, PermissionDenied, TargetGone, Unsupported
-from ..kernel._errors import proc_open_error
 from ..kernel.constants import UFFD_USER_MODE_ONLY
-from ..kernel.maps import maps
-from .target import SPECIAL_MAPPINGS, _status, _thread_state, why_no_ptrace
+from .target import _status, _thread_state, why_no_ptrace
 
-__all__ = ["take_userfaultfd"]
+__all__ = ["take_userfaultfd", "UFFD_FLAG_SETS"]
 
-
-def _find_gadget(pid: int) -> int:
-    """Address of a ``syscall`` instruction (0f 05) in the target, read-only: the [vdso] has
-    several (its fallbacks), else any executable mapping does.  0 if none is there yet (a
-    target inside execve): the injection looks again, and checks, once the target stopped."""
-    ms = maps(pid)
-    candidates = [m for m in ms if m.path == "[vdso]"]
-    candidates += [m for m in ms if m.executable and m.readable
-                   and m.path not in SPECIAL_MAPPINGS]
-    try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDenied(why_no_ptrace(pid), exc.errno, pid=pid) from exc
-        raise proc_open_error(exc, pid, "mem") from exc
-    try:
-        for i, m in enumerate(candidates):
-            try:
-                data = os.pread(fd, min(m.size, 16 << 20), m.start)
-            except OSError:
-                continue
-            if i == 0 and m.path == "[vdso]" and data[:5] != b"\x7fELF\x02":
-                raise Unsupported(f"tracking process {pid}", "it runs 32-bit code (its vDSO "
-                                  "is not a 64-bit ELF)")
-            at = data.find(b"\x0f\x05")
-            if at >= 0:
-                return m.start + at
-    finally:
-        os.close(fd)
-    return 0
+#: the userfaultfd(2) flags an injection tries, in order: user-mode faults only (allowed to
+#: unprivileged callers when vm.unprivileged_userfaultfd=0), then without that flag (kernels
+#: before 5.11).  The injection here and pagewatch run's tracer (remote/tree.py) both use it.
+UFFD_FLAG_SETS = (os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY,
+                  os.O_CLOEXEC | os.O_NONBLOCK)
 
 
 def _pick_thread(pid: int) -> int:
@@ -76,18 +49,18 @@ def take_userfaultfd(pid: int, pidfd: int, timeout: float = 5.0) -> tuple[int, d
     st = _status(pid)
     if not st:
         raise TargetGone(f"process {pid} does not exist (or has exited)", errno.ESRCH, pid=pid)
-    if st.get("Seccomp", "0") == "2":
+    if _native.seccomp_filtered(pid):  # the tracer's own check (src/native/inject.c)
         raise Unsupported(
             f"userfaultfd injection into process {pid}",
             "it runs under a seccomp filter, which could kill it for an unexpected "
             "userfaultfd(2) call", "Start it without the filter, or use the soft-dirty "
             "backend where the kernel has it")
-    gadget = _find_gadget(pid)
+    # A syscall instruction to run it, found before the stop (it is checked again once the
+    # target is stopped, and looked for again if it is gone: a target inside execve).
+    gadget = _native.find_gadget(pid)
     tid = _pick_thread(pid)
-    flags = os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd, tries, raw = _native.inject_userfaultfd(tid, pidfd, gadget,
-                                                    [flags | UFFD_USER_MODE_ONLY, flags],
+        fd, tries, raw = _native.inject_userfaultfd(tid, pidfd, gadget, list(UFFD_FLAG_SETS),
                                                     int(timeout * 1000))
     except NotImplementedError as exc:
         raise Unsupported("userfaultfd injection", str(exc)) from exc

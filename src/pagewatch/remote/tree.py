@@ -224,8 +224,10 @@ class ProcessTree:
         self.pid, release_w, self.err_fd = _fork_held(self.cmd, dispositions)
         self.procs[self.pid] = self.new_proc(self.pid, None, self.cmd)
         self.pidfd = os.pidfd_open(self.pid)
+        from .attach import UFFD_FLAG_SETS
+
         self.handle, self.evfd = _native.tracer_start(self.pid, release_w, self.pidfd,
-                                                      self.follow)
+                                                      list(UFFD_FLAG_SETS), self.follow)
 
     def _t(self) -> float:
         return round(time.monotonic() - self.t0, 6)
