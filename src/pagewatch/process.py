@@ -149,16 +149,10 @@ from .kernel.uffd import Userfaultfd
 from .rangeset import RangeSet
 from .remote.attach import take_userfaultfd
 from .remote.freeze import frozen
+from .remote.procfs import _read_text, _status
 from .remote.result import _EMPTY_RUNS, ProcessDirty, SkippedMapping, TargetExec, _Layout
 from .remote.soft_dirty import SoftDirtyMethod, hugetlb_devices
-from .remote.target import (
-    SPECIAL_MAPPINGS,
-    _read_text,
-    _refuse_kernel_thread,
-    _selector,
-    _status,
-    why_no_ptrace,
-)
+from .remote.target import SPECIAL_MAPPINGS, _refuse_kernel_thread, _selector, why_no_ptrace
 from .remote.uffd_async import UffdAsyncMethod
 
 __all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec",

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import PagewatchError, TargetGone, Unsupported
+from ..remote.procfs import _read_text
 from ..remote.tree import (
     Proc,
     ProcessTree,
@@ -59,11 +60,6 @@ MiB = 1 << 20
 #: bytes per page (kernel.constants.PAGE_SIZE, without importing the kernel bindings)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-
-def _read_text(path: str) -> str | None:
-    from ..process import _read_text
-
-    return _read_text(path)
 
 
 def _interval(parser: argparse.ArgumentParser, default: float) -> None:

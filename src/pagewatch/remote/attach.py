@@ -11,7 +11,8 @@ from typing import Any
 from .. import _native
 from ..errors import PagewatchError, PermissionDenied, TargetGone, Unsupported
 from ..kernel.constants import UFFD_USER_MODE_ONLY
-from .target import _status, _thread_state, why_no_ptrace
+from .procfs import _status, _thread_state
+from .target import why_no_ptrace
 
 __all__ = ["take_userfaultfd", "UFFD_FLAG_SETS"]
 

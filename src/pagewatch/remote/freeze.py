@@ -12,7 +12,8 @@ from typing import Any
 
 from .. import _native
 from ..errors import PagewatchError, PermissionDenied, TargetGone, Unsupported
-from .target import _read_text, _status, why_no_ptrace
+from .procfs import _read_text, _status
+from .target import why_no_ptrace
 
 __all__ = ["frozen"]
 

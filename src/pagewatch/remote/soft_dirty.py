@@ -19,8 +19,9 @@ from ..kernel.maps import Mapping
 from ..kernel.pagemap import clear_refs, read_entries
 from ..rangeset import RangeSet
 from .freeze import frozen
+from .procfs import _read_text
 from .result import _EMPTY_RUNS, ProcessDirty, SkippedMapping
-from .target import TrackedMemory, _read_text
+from .target import TrackedMemory
 
 _internal_hugetlb: frozenset[tuple[int, int]] | None = None
 

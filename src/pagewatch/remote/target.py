@@ -22,6 +22,7 @@ from ..kernel.constants import PAGE_SIZE
 from ..kernel.maps import Mapping, parse_maps
 from ..kernel.pagemap import Pagemap
 from ..rangeset import RangeSet
+from .procfs import _read_text, _status
 from .result import _EMPTY_RUNS, ProcessDirty, SkippedMapping, TargetExec, _Layout
 
 #: kernel-provided mappings that are never tracked
@@ -30,30 +31,6 @@ SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]",
 _CAP_SYS_PTRACE = 19
 #: a registered buffer in an io_uring's fdinfo: "    0: 0x7f0123456000/65536"
 _USER_BUF = re.compile(r"\s*\d+: 0x([0-9a-f]+)/(\d+)")
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _status(pid: int | str) -> dict[str, str]:
-    text = _read_text(f"/proc/{pid}/status") or ""
-    out = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
-
-
-def _thread_state(pid: int, tid: int) -> str:
-    text = _read_text(f"/proc/{pid}/task/{tid}/stat")
-    if not text:
-        return "X"
-    return text.rpartition(")")[2].split()[0]
 
 
 def _has_cap_sys_ptrace() -> bool:

@@ -24,19 +24,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PagewatchError, TargetGone, Unsupported
+from .procfs import _read_text, _status
 
 if TYPE_CHECKING:
     from ..process import ProcessDirty, ProcessTracker
 
 __all__ = ["ProcessTree", "Proc", "StopRequest"]
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 class _Wake(Exception):
@@ -104,10 +97,7 @@ def _fork_held(cmd: list[str], dispositions: dict[signal.Signals, Any]
 
 def _threads(pid: int) -> int:
     """How many threads process ``pid`` has (0 when it is gone)."""
-    for line in (_read_text(f"/proc/{pid}/status") or "").splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return 0
+    return int(_status(pid).get("Threads") or 0)
 
 
 def _cmdline(pid: int) -> list[str] | None:
