@@ -32,6 +32,7 @@ from pagewatch import _native, cli, process
 from pagewatch.kernel.constants import PAGE_SIZE
 from pagewatch.kernel.maps import Mapping, maps
 from pagewatch.process import ProcessTracker
+from pagewatch.remote import procfs
 from pagewatch.remote import soft_dirty as sd_module
 from pagewatch.remote import tree as tree_mod
 from pagewatch.remote.attach import UFFD_FLAG_SETS
@@ -343,7 +344,7 @@ def test_hugetlb_memory_is_recognised_by_its_device(hugetlb_pages: int) -> None:
     t = Target([sys.executable, "-c", HUGETLB, str(hugetlb_pages)])
     try:
         addrs = [int(x) for x in t.read().split()]
-        devices = process.hugetlb_devices(t.pid)
+        devices = sd_module.hugetlb_devices(t.pid)
         hugetlb = {m.start for m in maps(t.pid)
                    if sd_module._dev(m.dev, 16) in devices}
         assert hugetlb == set(addrs)  # MAP_HUGETLB and a MFD_HUGETLB memfd; nothing else
@@ -581,13 +582,13 @@ def hugetlb_pages() -> Iterator[int]:
     """Two default-size hugetlb pages reserved (root), the sysctl restored after; gives the
     huge page size."""
     size = 0
-    for line in (process._read_text("/proc/meminfo") or "").splitlines():
+    for line in (procfs._read_text("/proc/meminfo") or "").splitlines():
         if line.startswith("Hugepagesize:"):
             size = int(line.split()[1]) * 1024
     if not size:
         pytest.skip("no hugetlb: /proc/meminfo has no Hugepagesize")
     path = "/proc/sys/vm/nr_hugepages"
-    old = (process._read_text(path) or "0").strip()
+    old = (procfs._read_text(path) or "0").strip()
     try:
         with open(path, "w") as f:
             f.write(f"{int(old) + 2}\n")

@@ -157,7 +157,8 @@ from .remote.uffd_async import UffdAsyncMethod
 
 __all__ = ["ProcessTracker", "ProcessDirty", "SkippedMapping", "TargetExec",
            "PROCESS_BACKENDS", "BACKENDS"]
-# Also here for the code that imports them from this module (the CLI, the exporter).
+# Their old import path, kept for code outside the package (nothing inside imports them
+# from here: each lives in remote/).
 _REEXPORTED = (SPECIAL_MAPPINGS, _read_text, _status, frozen, hugetlb_devices,
                take_userfaultfd)
 
