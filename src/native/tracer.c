@@ -674,6 +674,15 @@ static struct tracer *tracer_of(int h)
 
 #if PW_CAN_INJECT
 /* The monitor's side of a tracer: forward the helper's events, note its acknowledgements. */
+/* One event to the Python side's pipe, retried when a signal interrupts the write. */
+static void post_event(struct tracer *t, const struct pw_event *e)
+{
+    ssize_t w;
+    do
+        w = write(t->ev_w, e, sizeof *e);
+    while (w < 0 && errno == EINTR);
+}
+
 static void *tracer_proxy(void *arg)
 {
     struct tracer *t = arg;
@@ -704,25 +713,16 @@ static void *tracer_proxy(void *arg)
             t->gone_posted = 1;
         if (e.kind == EV_END)
             t->end_posted = 1;
-        ssize_t w;
-        do
-            w = write(t->ev_w, &e, sizeof e);
-        while (w < 0 && errno == EINTR);
+        post_event(t, &e);
     }
     if (!t->gone_posted) {
         /* The helper died without a word (killed): the kernel detached the child. */
         struct pw_event e = {EV_GONE, -2, 0, 0, t->pid, 0};
-        ssize_t w;
-        do
-            w = write(t->ev_w, &e, sizeof e);
-        while (w < 0 && errno == EINTR);
+        post_event(t, &e);
     }
     if (t->follow && !t->end_posted) { /* the same: every thread of the tree was detached */
         struct pw_event e = {EV_END, 0, 0, 0, t->pid, 0};
-        ssize_t w;
-        do
-            w = write(t->ev_w, &e, sizeof e);
-        while (w < 0 && errno == EINTR);
+        post_event(t, &e);
     }
     __atomic_store_n(&t->done, 1, __ATOMIC_RELEASE);
     return NULL;
