@@ -287,9 +287,8 @@ class TestLifecycle:
                 p.collect()
             assert not isinstance(exc.value, TargetExec)
 
-    def test_an_exit_during_a_collect_keeps_what_was_collected(
+    def test_an_exit_during_a_collect_hands_on_nothing_it_scanned(
             self, target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
-        addr, _ = buffer_of(target)
         p = ProcessTracker(target.pid)
         target.cmd("w 5 1")
         original = _native.pagemap_scan_ranges
@@ -304,8 +303,9 @@ class TestLifecycle:
         monkeypatch.setattr(_native, "pagemap_scan_ranges", scan_then_die)
         with pytest.raises(pw.TargetGone) as exc:
             p.collect()
-        assert isinstance(exc.value.collected, ProcessDirty)
-        assert written(exc.value.collected, addr) == {5}
+        # The scan could have walked memory being torn down (then it reports pages never
+        # written): gone after the scans, nothing of them is handed on.
+        assert exc.value.collected is None
         p.close()
 
     def test_a_dead_pid_raises_target_gone(self) -> None:

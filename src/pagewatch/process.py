@@ -100,8 +100,12 @@ Events
   :class:`~pagewatch.errors.TargetGone`).  Attach again to track the new program (``pagewatch
   run`` and ``record`` do that for you).
 * **exit**: :class:`~pagewatch.errors.TargetGone`; writes after the last collect cannot be
-  seen (the kernel tears the page tables down at exit).  ``collected`` holds what the failed
-  collect gathered before it noticed.  (``pagewatch run``, whose child stays seized by a
+  seen (the kernel tears the page tables down at exit).  With ``soft-dirty``, ``collected``
+  holds what the failed collect read before it noticed (each read of pagemap holds the
+  memory).  With ``uffd-async`` it is None: PAGEMAP_SCAN holds nothing, a scan that overlaps
+  the teardown reports emptied pages as written (Linux 6.12: 9,670 of 16,384 pages never
+  written), and nothing tells such a scan from one that ended just before the exit; only
+  memory still mapped after the scans proves them.  (``pagewatch run``, whose child stays seized by a
   tracer thread, makes a last collect at the exit stop, and injects at every exec stop.)
 
 Limits
@@ -361,8 +365,10 @@ class ProcessTracker(UffdAsyncMethod, SoftDirtyMethod):
         Raises
         ------
         TargetGone
-            The process exited (:class:`TargetExec`: it executed a new program); its
-            ``collected`` holds what this collect found before noticing.
+            The process exited (:class:`TargetExec`: it executed a new program).  With
+            ``soft-dirty`` its ``collected`` holds what this collect read before noticing;
+            with ``uffd-async`` it is None: the scans may have met the exit's teardown, and
+            what they report then is not what was written (see *Events*).
         """
         self._check_open()
         with self._lock:
