@@ -217,6 +217,11 @@ def test_result_holds_every_figure_for_each_available_backend(smoke: dict[str, A
         assert o["ratio"] == pytest.approx(o["tracker_collect"]["median"] / o["raw_c"]["median"])
         assert o["ratio_cpu"] == pytest.approx(
             o["tracker_collect_cpu"]["median"] / o["raw_c_cpu"]["median"])
+        vc = o["vs_call"]  # the same C call clocked around it from Python: never less
+        assert vc["raw_c_call"]["median"] >= o["raw_c"]["median"]
+        assert vc["ratio"] == pytest.approx(
+            o["tracker_collect"]["median"] / vc["raw_c_call"]["median"])
+        assert "floor call timed from Python" in bench.report.render_text(smoke)
         assert set(o["small"]) == {label for label, _, _ in measures.SMALL_CASES}
         for case in o["small"].values():
             assert case["ratio"] == pytest.approx(
