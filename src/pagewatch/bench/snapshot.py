@@ -12,7 +12,7 @@ structure and the same process:
     advance): the copy alone, no finding out which pages.
 ``floor_scan``
     the least a restore can do, all in C (``_native.restore_floor``) on a mapping of its
-    own with raw async uffd-wp: one ``PAGEMAP_SCAN`` for the written pages and a
+    own with raw async uffd-wp, from a saved copy of its own: one ``PAGEMAP_SCAN`` for the written pages and a
     ``memcpy`` of each run from the baseline (then, untimed, a scan that protects them
     again for the next round).
 ``floor_rearm``
@@ -29,8 +29,10 @@ Each figure is timed from Python with ``time.perf_counter_ns`` (the C floors ins
 and the restores also in thread CPU time (``time.thread_time_ns``; the C floors'
 ``CLOCK_THREAD_CPUTIME_ID``): on a shared machine the steadier figure, since a restore is
 CPU work (scans, copies, system calls) and the CPU time leaves out the waits for a CPU.
-The restores are interleaved: every repeat runs each way once, in a rotated order, so a
-change in the machine's load hits them alike; figures are medians.  ``restore`` times the
+The restores are interleaved: every repeat runs each way once, in an order drawn anew
+(seeded), so a change in the machine's load hits them alike and no way always follows the
+same other; each floor has a mapping and a saved copy no other way touches (as a Snapshot's
+baseline is its own); figures are medians.  ``restore`` times the
 reset alone; ``cycle`` times writes + reset, since ``dontneed`` moves the copy into the next
 round's first writes (each re-faults a page from the memfd) and ``fork`` has no separate
 reset.  Ratios (``ratios``) are taken from medians of this one run.
@@ -147,23 +149,26 @@ def _fork_cycle(a: np.ndarray, r: _Round) -> None:
 
 
 class _Floor:
-    """The C floors with a scan: a mapping of its own under raw async uffd-wp."""
+    """One C floor with a scan: a mapping of its own under raw async uffd-wp, and a saved
+    copy of its own (no other way touches either: a way runs faster right after another
+    that touched the same memory, and Snapshot's baseline is its own too)."""
 
     def __init__(self, nbytes: int) -> None:
         self.m = Mapping(nbytes)
         try:
             self.a = self.m.array()
             self.a[::PAGE_SIZE] = 1  # every page present, as the targets'
+            self.saved = self.a.copy()
             self.raw = RawAsync(self.m)
         except BaseException:
             self.m.close()
             raise
         self.raw.scan(reset=True)
 
-    def restore(self, saved: np.ndarray, rearm: bool) -> tuple[float, float]:
+    def restore(self, rearm: bool) -> tuple[float, float]:
         ns, _, _, cpu = _native.restore_floor(
             self.raw.pm, self.m.addr, self.m.addr + self.m.nbytes, self.m.addr,
-            saved.ctypes.data, rearm, _GET, _WRITTEN)
+            self.saved.ctypes.data, rearm, _GET, _WRITTEN)
         if not rearm:
             self.raw.scan(reset=True)  # untimed: protect them again for the next round
         return float(ns) / 1e6, float(cpu) / 1e6
@@ -177,26 +182,37 @@ _GET = int(ScanFlag.CHECK_WPASYNC)
 _WRITTEN = int(PageCategory.WRITTEN)
 
 
-def _floor_for(nbytes: int) -> _Floor | None:
-    """The scan floors' mapping, or None where raw async uffd-wp does not work."""
+def _floors_for(nbytes: int) -> tuple[_Floor, _Floor] | None:
+    """The two scan floors (without and with the re-protect), or None where raw async
+    uffd-wp does not work."""
     try:
-        return _Floor(nbytes)
+        first = _Floor(nbytes)
     except OSError:
         return None
+    try:
+        return first, _Floor(nbytes)
+    except BaseException:
+        first.close()
+        raise
 
 
 Way = tuple[Callable[[], Any], Callable[[], tuple[float, float]]]
 
 
 def _rounds(reps: int, ways: dict[str, Way]) -> dict[str, tuple[list[float], list[float]]]:
-    """``reps`` rounds; in each, every way once (its writes, then its timed restore), the
-    order rotated by one each round.  One warm-up round first, not kept.  Per way: the
-    wall-clock and the thread CPU milliseconds."""
+    """``reps`` rounds; in each, every way once (its writes, then its timed restore), in
+    an order drawn anew each round (seeded).  One warm-up round first, not kept.  Per way:
+    the wall-clock and the thread CPU milliseconds.
+
+    Drawn, not rotated: a rotation keeps each way's predecessor, and a way runs faster
+    right after one that touched the same memory (the floor that re-protects, always after
+    the one that does not on the same mapping and pages, took 1.4 ms where it took 1.9 ms
+    after other work, and made Snapshot's copy-back look 1.44x it instead of 1.1x)."""
     names = list(ways)
     out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    order = np.random.default_rng(len(names))
     for i in range(reps + 1):
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
+        for n in order.permutation(names).tolist():
             before, timed = ways[n]
             before()
             wall, cpu = timed()
@@ -207,7 +223,7 @@ def _rounds(reps: int, ways: dict[str, Way]) -> dict[str, tuple[list[float], lis
 
 
 def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, np.ndarray],
-          floor_map: _Floor | None, pages: np.ndarray, backends: Sequence[str], reps: int,
+          floor_maps: tuple[_Floor, _Floor] | None, pages: np.ndarray, backends: Sequence[str], reps: int,
           tick: Callable[[str], None], label: str) -> dict[str, Any]:
     """Every way of putting the memory back after writing ``pages``."""
     runs = _runs(pages)
@@ -229,10 +245,10 @@ def _case(nbytes: int, plain: np.ndarray, saved: np.ndarray, arrays: dict[str, n
 
     shared: dict[str, Way] = {
         "copyto": (write_plain, timed(copyto)), "floor": (write_plain, timed(floor))}
-    if floor_map is not None:
-        fm = floor_map
-        shared["floor_scan"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, False))
-        shared["floor_rearm"] = (lambda: r.write(fm.a), lambda: fm.restore(saved, True))
+    if floor_maps is not None:
+        scan, rearm = floor_maps
+        shared["floor_scan"] = (lambda: r.write(scan.a), lambda: scan.restore(False))
+        shared["floor_rearm"] = (lambda: r.write(rearm.a), lambda: rearm.restore(True))
     samples: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in shared}
     tick(f"{label}: copyto, floor, fork")
     for name, fn in (("copyto", copyto), ("floor", floor)):
@@ -283,18 +299,18 @@ def _one_size(nbytes: int, backends: Sequence[str], fractions: Sequence[float],
     arrays = {"copy": _anonymous(nbytes), "dontneed": snapshot_array(nbytes, np.uint8)}
     for a in arrays.values():
         a[::PAGE_SIZE] = 1
-    floor_map = _floor_for(nbytes)
+    floor_maps = _floors_for(nbytes)
     out: dict[str, Any] = {}
     try:
         for pattern in patterns:
             for f in fractions:
                 key = f"{pattern}/{fraction_key(f)}"
-                out[key] = _case(nbytes, plain, saved, arrays, floor_map,
+                out[key] = _case(nbytes, plain, saved, arrays, floor_maps,
                                  _pages(pattern, f, npages, rng), backends, reps, tick,
                                  f"snapshot {nbytes // MiB} MiB {key}")
     finally:
-        if floor_map is not None:
-            floor_map.close()
+        for floor in floor_maps or ():
+            floor.close()
     return out
 
 
