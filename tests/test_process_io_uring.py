@@ -10,22 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pagewatch import process
 from pagewatch.kernel.constants import PAGE_SIZE
-from pagewatch.kernel.probe import probe_wp_async
 from pagewatch.process import ProcessDirty, ProcessTracker
-from tests.targets.common import Target, build
+from tests.targets.common import Target, build, process_backends
 
-sd_ok, sd_why = process.soft_dirty_available()
-wp_ok, wp_why = probe_wp_async()
-BACKENDS = [
-    pytest.param("uffd-async", marks=[
-        pytest.mark.backend("uffd-async"),
-        pytest.mark.skipif(not wp_ok, reason=f"uffd-async unavailable: {wp_why}")]),
-    pytest.param("soft-dirty", marks=[
-        pytest.mark.backend("soft-dirty"),
-        pytest.mark.skipif(not sd_ok, reason=f"soft-dirty unavailable: {sd_why}")]),
-]
+BACKENDS = process_backends()
 pytestmark = [pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
                                  reason="syscall injection is implemented for x86-64 only")]
 

@@ -31,19 +31,14 @@ import pytest
 import pagewatch as pw
 from pagewatch import process
 from pagewatch.kernel.probe import probe_wp_async
-from tests.targets.common import build
+from tests.targets.common import build, process_backends
 
 sd_ok, sd_why = process.soft_dirty_available()
 wp_ok, wp_why = probe_wp_async()
 pytestmark = [pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
                                  reason="syscall injection is implemented for x86-64 only")]
 
-BACKENDS = [
-    pytest.param("uffd-async", marks=[pytest.mark.backend("uffd-async"), pytest.mark.skipif(
-        not wp_ok, reason=f"uffd-async unavailable: {wp_why}")]),
-    pytest.param("soft-dirty", marks=[pytest.mark.backend("soft-dirty"), pytest.mark.skipif(
-        not sd_ok, reason=f"soft-dirty unavailable: {sd_why}")]),
-]
+BACKENDS = process_backends()
 KINDS = ["tracker", "record", "run"]
 
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 
@@ -23,6 +24,24 @@ def in_emulated_guest() -> bool:
 def duration(default: float = 1.5) -> float:
     """How long concurrency tests run (env PAGEWATCH_TEST_SECONDS scales them)."""
     return float(os.environ.get("PAGEWATCH_TEST_SECONDS", default))
+
+
+def process_backends() -> list[Any]:
+    """ProcessTracker's two methods as pytest parameters, ``uffd-async`` then ``soft-dirty``:
+    each marked with its backend, and skipped with the reason where this kernel lacks it."""
+    import pytest
+
+    from pagewatch import process
+    from pagewatch.kernel.probe import probe_wp_async
+
+    wp_ok, wp_why = probe_wp_async()
+    sd_ok, sd_why = process.soft_dirty_available()
+    return [
+        pytest.param("uffd-async", marks=[pytest.mark.backend("uffd-async"), pytest.mark.skipif(
+            not wp_ok, reason=f"uffd-async unavailable: {wp_why}")]),
+        pytest.param("soft-dirty", marks=[pytest.mark.backend("soft-dirty"), pytest.mark.skipif(
+            not sd_ok, reason=f"soft-dirty unavailable: {sd_why}")]),
+    ]
 
 
 @functools.cache
