@@ -575,3 +575,10 @@ def test_bench_section_compares_a_1_percent_save_with_a_full_write() -> None:
                                      "alternatives": {}})
     assert "checkpoint to Icechunk on a local S3 server: 1 MiB" in text
     assert "full write" in text and "chunk PUTs" in text
+
+
+def test_bench_command_takes_the_array_size_in_mib(capsys: pytest.CaptureFixture[str]) -> None:
+    from pagewatch.bench import checkpoint_icechunk as icebench
+
+    assert icebench.main(["--mode", "smoke", "--mib", "1"]) == 0
+    assert "checkpoint to Icechunk on a local S3 server: 1 MiB" in capsys.readouterr().out

@@ -232,6 +232,8 @@ def table_rows(r: dict[str, Any]) -> tuple[str, list[str], list[list[str]], str]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=sorted(SIZES), default="full")
+    p.add_argument("--mib", type=int, default=None,
+                   help="the array's size in MiB instead of the mode's (1024: the 1 GiB figure)")
     p.add_argument("--chunks", action="store_true",
                    help="the chunk-size table instead (32 MiB, 4 KiB to 1 MiB chunks)")
     args = p.parse_args(argv)
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['runs_sent_per_page']:6.2f}x {c['runs_requests']:5.0f} "
                   f"{c['runs_save']:6.3f}", flush=True)
         return 0
-    title, cols, rows, caption = table_rows(measure(args.mode))
+    title, cols, rows, caption = table_rows(
+        measure(args.mode, nbytes=args.mib * MiB if args.mib else None))
     print(title)
     for row in [cols, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, (52, 24, 26, 40), strict=True)))
