@@ -19,7 +19,7 @@ from pagewatch import _native
 from pagewatch import snapshot as snapshot_mod
 from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE, PM_SWAP
 from pagewatch.kernel.pagemap import read_pagemap
-from tests.conftest import aligned_array
+from tests.conftest import aligned_array, backend_param
 
 MADV_HUGEPAGE = 14
 MADV_PAGEOUT = 21
@@ -398,3 +398,35 @@ def test_a_snapshot_array_freed_by_the_collector_under_the_area_lock_does_not_de
     t.start()
     t.join(30)
     assert not t.is_alive(), "the finalizer waited on the lock its own thread holds"
+
+
+@pytest.mark.parametrize("backend", [backend_param("uffd-async")])
+def test_a_lone_uffd_async_copy_back_restores_in_one_step_and_a_shared_one_the_general_way(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = aligned_array(256)
+    fill(a, 3)
+    base = a.copy()
+    calls: list[str] = []
+    for name in ("collect", "reset"):
+        real = getattr(pw.Tracker, name)
+        monkeypatch.setattr(pw.Tracker, name, lambda self, *args, _real=real, _name=name,
+                            **kw: (calls.append(_name), _real(self, *args, **kw))[1])
+    with pw.Snapshot(a, backend=backend) as snap:
+        assert snap.method == "copy"
+        a[5 * PAGE_SIZE] ^= 1
+        a[100 * PAGE_SIZE:103 * PAGE_SIZE] = 7
+        calls.clear()
+        assert set(snap.restore().pages().tolist()) == {5, 100, 101, 102}
+        assert calls == []  # one step: no collect, no reset through the Tracker
+        assert np.array_equal(a, base)
+        assert not snap.diff()
+        a[7 * PAGE_SIZE] ^= 1  # protected again: seen
+        assert snap.diff().pages().tolist() == [7]
+        with pw.Tracker(a, backend=backend) as other:  # sharing: the general way
+            a[9 * PAGE_SIZE] ^= 1
+            calls.clear()
+            assert set(snap.restore().pages().tolist()) == {7, 9}
+            assert "collect" in calls and "reset" in calls
+            assert np.array_equal(a, base)
+            # the other tracker still sees what was written, and the restore's own writes
+            assert {7, 9} <= set(other.collect().pages().tolist())

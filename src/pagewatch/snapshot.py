@@ -237,6 +237,10 @@ class _Part:
             return written
         # copy: copy back first (the pages are writable: no fault), then reset the pages
         # copied, only those: pages written meanwhile elsewhere stay reported, never lost.
+        if not check and not self.pending:
+            done = t._copy_back(self._baseline_addr, self.lo, self.hi)  # the same, one step
+            if done is not None:
+                return done
         written = t.collect(reset=False) | self.pending
         if written:
             _native.copy_runs(t.base, self._baseline_addr, written.runs, self.lo, self.hi)

@@ -110,6 +110,13 @@ class Tracker(Closeable):
                              "count and page size)")
         self._b.reset(pages.runs)
 
+    def _copy_back(self, src: int, lo: int, hi: int) -> DirtyPages | None:
+        """Snapshot's copy-back restore in one step where the backend offers it (see
+        ``backends.uffd_async.UffdAsync.copy_back``); None: take the general way."""
+        impl = self._impl
+        copy_back = getattr(impl, "copy_back", None)
+        return None if copy_back is None else copy_back(src, lo, hi)
+
     def collect(self, reset: bool = True, max_pages: int | None = None) -> DirtyPages:
         """The pages written since the last reset.
 

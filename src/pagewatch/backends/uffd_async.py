@@ -187,6 +187,39 @@ class UffdAsync(HubBackend):
             return d
         return super().collect(reset, max_pages)
 
+    def copy_back(self, src: int, lo: int, hi: int) -> DirtyPages | None:
+        """Snapshot's copy-back restore in one step, for a tracker alone on its memory with
+        nothing pending: the written pages (a get), their bytes in ``[lo, hi)`` of the
+        region copied back from ``src + offset``, then those pages, only those, protected
+        again (a page written meanwhile elsewhere stays pending).  None when the tracker is
+        not in that state, or the get fails: the caller then takes the general way
+        (``collect``, copy, ``reset``), which says what went wrong.  Same work as the
+        general way, without its steps' fixed costs (~0.1 ms: a fifth of a restore of 0.1 %
+        of 1 GiB)."""
+        if self.closed or self.gone is not None or _forks.count != self._forks:
+            return None
+        hub = self.hub
+        with hub.lock:
+            if hub.shared > 1 or self._cursor != hub.seq or len(self._pending):
+                return None
+            try:
+                runs = _collect_runs(self._fd, self._base, self._end, _GET, _WRITTEN)
+            except OSError:
+                return None  # nothing was changed: the general way raises what it means
+            if len(runs):
+                _native.copy_runs(self._base, src, runs, lo, hi)
+                try:
+                    hub.harvest(self, self._reset_runs(runs))
+                except TargetGone as exc:
+                    self._went(exc)
+                    raise
+        d: DirtyPages = _new(DirtyPages)  # as collect's: the scan's runs are normalised
+        d._runs = runs
+        d.base = self._base
+        d.npages = self._npages
+        d.page_size = PAGE_SIZE
+        return d
+
     def _raced(self, runs: np.ndarray, reset: bool) -> DirtyPages:
         """The lock-free collect's scan ran while another tracker held the hub's lock: what
         that one reset of our pages is in the log once it lets go; add it."""
