@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -495,3 +496,28 @@ def test_record_into_a_closed_pipe_ends_quietly_like_cat() -> None:
         assert t.cmd("w 1 1") == "ok"  # detached, the target goes on
     finally:
         t.close()
+
+
+def test_a_stop_asked_just_before_a_long_wait_ends_it_within_a_slice() -> None:
+    # The handler ran after the loop's last look at `stopping` and before select(2): the
+    # wait must still end (it sat out a 600 s interval once, in the 6.12 guest).
+    from pagewatch.remote.tree import StopRequest
+
+    stop = StopRequest()
+    r, w = os.pipe()
+    try:
+        stop(signal.SIGINT, None)  # not waiting yet: no _Wake, only `stopping`
+        stop.stopping = False      # as if the loop had looked just before
+        t0 = time.monotonic()
+        timer = threading.Timer(0.05, lambda: setattr(stop, "stopping", True))
+        timer.start()              # the flag set while select blocks, with no signal to wake it
+        assert stop.select([r], 600) is None
+        assert time.monotonic() - t0 < 5 * StopRequest.SLICE + 1
+        assert stop.select([r], 0.01) is None  # asked already: no wait at all
+        os.write(w, b"x")
+        stop.stopping = False
+        assert stop.select([r], 600) == [r]
+        assert not stop.waiting
+    finally:
+        os.close(r)
+        os.close(w)

@@ -33,7 +33,6 @@ import collections
 import contextlib
 import json
 import os
-import select
 import signal
 import sys
 import time
@@ -47,7 +46,6 @@ from ..remote.tree import (
     ProcessTree,
     StopRequest,
     _exit_code,
-    _Wake,
 )
 from . import UsageError, check_writable, positive_float, positive_int
 
@@ -254,12 +252,6 @@ def _interval_line(d: ProcessDirty, t0: float) -> dict[str, Any]:
     return out
 
 
-def _exited(pidfd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds; True when the process has exited."""
-    r, _, _ = select.select([pidfd], [], [], max(0.0, timeout))
-    return bool(r)
-
-
 class Session:
     """Collect from a process every interval until it exits (or ``until`` says stop),
     attaching again after an exec."""
@@ -311,13 +303,7 @@ class Session:
                 wait = min(wait, deadline - time.monotonic())
             exited = False
             if not self.stop.stopping:
-                try:
-                    self.stop.waiting = True
-                    exited = _exited(pidfd, wait)
-                except _Wake:
-                    pass
-                finally:
-                    self.stop.waiting = False
+                exited = bool(self.stop.select([pidfd], wait))
             next_t += self.interval
             if next_t < time.monotonic():  # we fell behind: do not try to catch up
                 next_t = time.monotonic() + self.interval
@@ -807,14 +793,10 @@ def cmd_top(args: argparse.Namespace) -> int:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
                         break
-                    try:
-                        stop.waiting = True
-                        ready, _, _ = select.select(
-                            [pidfd] + ([keyfd] if keyfd is not None else []), [], [], wait)
-                    except _Wake:
+                    got = stop.select([pidfd] + ([keyfd] if keyfd is not None else []), wait)
+                    if got is None:
                         break
-                    finally:
-                        stop.waiting = False
+                    ready = got
                     if pidfd in ready:
                         exited = True
                         break

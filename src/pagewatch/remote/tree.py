@@ -50,6 +50,32 @@ class StopRequest:
         if self.waiting:
             raise _Wake
 
+    #: the longest a wait blocks between two looks at ``stopping``
+    SLICE = 0.25
+
+    def select(self, fds: list[int], timeout: float | None) -> list[int] | None:
+        """``select(2)`` for reading on ``fds`` for up to ``timeout`` seconds (None: until
+        one is ready); the ready ones ([] at the timeout), or None once a stop was asked.
+        The wait is cut in slices of :attr:`SLICE`: Python runs a handler between two
+        bytecodes, so a signal that lands after the last look at ``stopping`` and before
+        the system call does not interrupt it (a ``record --interval 600`` once sat out its
+        600 s after a Ctrl-C that landed there, in the 6.12 guest)."""
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        self.waiting = True
+        try:
+            while not self.stopping:
+                left = self.SLICE if end is None else max(0.0, end - time.monotonic())
+                ready, _, _ = select.select(fds, [], [], min(left, self.SLICE))
+                if ready:
+                    return ready
+                if end is not None and time.monotonic() >= end:
+                    return []
+            return None
+        except _Wake:
+            return None
+        finally:
+            self.waiting = False
+
 
 EV_ATTACHED, EV_EXEC, EV_EXIT, EV_GONE, EV_ERROR, EV_FORK, EV_END = 1, 2, 3, 4, 5, 6, 7
 
@@ -385,16 +411,14 @@ class ProcessTree:
                 return
             timeout = next_t - time.monotonic() if self.tracking() else None
             fds = [self.evfd] + ([keyfd] if keyfd is not None else [])
-            try:
-                if stop is not None:
-                    stop.waiting = True
+            if stop is not None:
+                got = stop.select(fds, timeout)
+                if got is None:
+                    return
+                ready = got
+            else:
                 ready, _, _ = select.select(fds, [], [],
                                             None if timeout is None else max(0, timeout))
-            except _Wake:
-                return
-            finally:
-                if stop is not None:
-                    stop.waiting = False
             if keyfd is not None and keyfd in ready and on_key is not None:
                 on_key(keyfd)
             while not self.done():
