@@ -586,6 +586,41 @@ def test_the_command_serves_metrics_never_of_itself_and_stops_on_sigterm(
 
 
 @pytest.mark.kernel_independent
+def test_the_command_writes_each_line_of_its_own_in_one_write(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its collect thread logs from the moment serve() returns: a line written in two parts
+    # (print writes its end apart) let a log line land inside it (s7's red CI, 6.1 guest).
+    from pagewatch.cli import main
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    class FakeExporter:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def serve(self, port: int, address: str) -> tuple[str, int]:
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return "127.0.0.1", 4242
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(ex, "Exporter", FakeExporter)
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["exporter", "--port", "0", "--pid", "1"]) == 0
+    assert any("serving http://127.0.0.1:4242/metrics" in w for w in writes), writes
+    assert all(w.endswith("\n") for w in writes if w), writes
+
+
+@pytest.mark.kernel_independent
 def test_bad_selections_are_one_line_errors() -> None:
     for args, phrase in ((["--name", "("], "pagewatch: exporter: missing )"),
                          (["--user", "no-such-user-pagewatch"], "pagewatch: exporter: no user"),

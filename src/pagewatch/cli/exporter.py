@@ -101,8 +101,11 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise PagewatchError(f"exporter: cannot listen on {args.address}:{args.port}: "
                                  f"{exc.strerror}", exc.errno) from exc
-        print(f"pagewatch: exporter serving http://{host}:{port}/metrics ({selector}, every "
-              f"{args.interval:g} s)", file=sys.stderr, flush=True)
+        # One write with its newline: print() writes the end apart, and the collect thread's
+        # log lines (which start as soon as serve() returns) would land between the two.
+        sys.stderr.write(f"pagewatch: exporter serving http://{host}:{port}/metrics "
+                         f"({selector}, every {args.interval:g} s)\n")
+        sys.stderr.flush()
         while not stop.wait(3600):
             pass
     finally:
