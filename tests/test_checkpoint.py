@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -359,9 +360,24 @@ def _small_chain(path: Path, compression: str, checksum: str) -> dict[int, dict[
 
 
 @pytest.mark.kernel_independent
-@pytest.mark.parametrize("compression, checksum", [("none", "crc32"), ("zstd", "xxh3_64")])
+@pytest.mark.parametrize("compression, checksum, behind", [
+    ("none", "crc32", False), ("zstd", "xxh3_64", False),
+    ("none", "xxh3_64", True)])  # every uncompressed entry hashed on the checksum thread
 def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
-        tmp_path: Path, compression: str, checksum: str) -> None:
+        tmp_path: Path, compression: str, checksum: str, behind: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[object] = []
+    if behind:
+        real = fmt._Behind
+
+        class Counted(real):  # type: ignore[valid-type,misc]
+            MIN = 0
+
+            def __init__(self, h: Any) -> None:
+                made.append(self)
+                super().__init__(h)
+
+        monkeypatch.setattr(fmt, "_Behind", Counted)
     path = tmp_path / "ck"
     model = _small_chain(path, compression, checksum)
     for n in (0, 1):
@@ -390,6 +406,47 @@ def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
         Path(file).write_bytes(good)
     for n, want in model.items():
         assert same_state(pw.checkpoint.load(path, n), want)
+    assert bool(made) == behind
+    assert not [t for t in threading.enumerate() if t.name == "pagewatch-checksum"]
+
+
+@pytest.mark.kernel_independent
+def test_a_large_state_loads_bit_exact_with_its_checksums_computed_beside_the_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[object] = []
+    real = fmt._Behind
+
+    class Counted(real):  # type: ignore[valid-type,misc]
+        def __init__(self, h: Any) -> None:
+            made.append(self)
+            super().__init__(h)
+
+    monkeypatch.setattr(fmt, "_Behind", Counted)
+    n = 2 * real.MIN
+    rng = np.random.default_rng(5)
+    state = {"big": aligned(n), "small": aligned(PAGE_SIZE)}
+    state["big"][:] = rng.integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "ck"
+    with pw.Checkpoint(path, state, checksum="xxh3_64", compression="none") as ck:
+        ck.save()
+        want0 = copy_state(state)
+        state["big"][: n * 3 // 4] ^= 1  # a delta above the threshold
+        state["small"][7] = 9
+        ck.save()
+    assert same_state(pw.checkpoint.load(path, 0), want0)
+    assert same_state(pw.checkpoint.load(path, 1), state)
+    assert len(made) == 3  # the base and the delta of "big" in the loads, never "small"
+    with LocalStore(path).open(1) as r:
+        e = next(e for e in fmt.read_index(r, 1)["arrays"] if e["name"] == "big")
+    file = LocalStore(path).file(1)
+    with open(file, "r+b") as f:  # the last byte of its data: the thread's last chunk
+        f.seek(e["data"]["offset"] + e["data"]["length"] - 1)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CheckpointDamaged) as err:
+        pw.checkpoint.load(path, 1)
+    assert (err.value.generation, err.value.array, err.value.part) == (1, "big", "data")
 
 
 @pytest.mark.kernel_independent
