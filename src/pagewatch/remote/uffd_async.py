@@ -310,6 +310,13 @@ class UffdAsyncMethod(TrackedMemory):
                 self._forget_plan()
         except TargetGone as exc:
             self._raise_gone(exc.errno, None)  # nothing scanned can be trusted: see below
+        if not self._maps_alive():
+            # The program exited or executed another during the scans.  PAGEMAP_SCAN takes
+            # no hold on the memory, so a scan may have walked page tables being emptied,
+            # and it reports an emptied entry as written (Linux 6.12: 9,670 pages of 16,384
+            # never written).  Memory still mapped after the scans proves they ran on live
+            # memory; memory gone cannot be told from memory torn down under them.
+            self._raise_gone(None, None)
         first_runs = np.concatenate(firsts) if firsts else _EMPTY_RUNS
         if not reset and len(first_runs):
             self._pending = np.concatenate([self._pending, first_runs])
@@ -325,16 +332,8 @@ class UffdAsyncMethod(TrackedMemory):
             new |= {m for m in listed if self._first_new.overlaps(m.start, m.end)}
             if reset:
                 self._first_new = RangeSet()
-        result = self._make_result(mappings, runs, new, reset)
-        if not self._maps_alive():
-            # The program exited or executed another during the scans.  PAGEMAP_SCAN takes
-            # no hold on the memory, so a scan may have walked page tables being emptied,
-            # and it reports an emptied entry as written (Linux 6.12: 9,670 pages of 16,384
-            # never written).  Memory still mapped after the scans proves they ran on live
-            # memory; memory gone cannot be told from memory torn down under them.
-            self._raise_gone(None, None)
-        return result  # (strict applies at attach; later skips are in result.skipped)
-
+        # (strict applies at attach; later skips are in result.skipped)
+        return self._make_result(mappings, runs, new, reset)
 
     def _forget_unmapped(self, everything: list[Mapping]) -> None:
         """Drop what is no longer mapped.  Tracked memory that is still mapped stays tracked
