@@ -359,6 +359,23 @@ def _small_chain(path: Path, compression: str, checksum: str) -> dict[int, dict[
     return model
 
 
+def _count_checksum_threads(monkeypatch: pytest.MonkeyPatch,
+                            min_bytes: int | None = None) -> list[object]:
+    """Make every checksum thread a load starts append itself to the list returned (and,
+    with ``min_bytes``, start one for entries of that size and more)."""
+    made: list[object] = []
+
+    class Counted(fmt._Behind):
+        MIN = fmt._Behind.MIN if min_bytes is None else min_bytes
+
+        def __init__(self, h: Any) -> None:
+            made.append(self)
+            super().__init__(h)
+
+    monkeypatch.setattr(fmt, "_Behind", Counted)
+    return made
+
+
 @pytest.mark.kernel_independent
 @pytest.mark.parametrize("compression, checksum, behind", [
     ("none", "crc32", False), ("zstd", "xxh3_64", False),
@@ -366,18 +383,7 @@ def _small_chain(path: Path, compression: str, checksum: str) -> dict[int, dict[
 def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
         tmp_path: Path, compression: str, checksum: str, behind: bool,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[object] = []
-    if behind:
-        real = fmt._Behind
-
-        class Counted(real):  # type: ignore[valid-type,misc]
-            MIN = 0
-
-            def __init__(self, h: Any) -> None:
-                made.append(self)
-                super().__init__(h)
-
-        monkeypatch.setattr(fmt, "_Behind", Counted)
+    made = _count_checksum_threads(monkeypatch, min_bytes=0) if behind else []
     path = tmp_path / "ck"
     model = _small_chain(path, compression, checksum)
     for n in (0, 1):
@@ -413,16 +419,8 @@ def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
 @pytest.mark.kernel_independent
 def test_a_large_state_loads_bit_exact_with_its_checksums_computed_beside_the_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[object] = []
-    real = fmt._Behind
-
-    class Counted(real):  # type: ignore[valid-type,misc]
-        def __init__(self, h: Any) -> None:
-            made.append(self)
-            super().__init__(h)
-
-    monkeypatch.setattr(fmt, "_Behind", Counted)
-    n = 2 * real.MIN
+    n = 2 * fmt._Behind.MIN
+    made = _count_checksum_threads(monkeypatch)
     rng = np.random.default_rng(5)
     state = {"big": aligned(n), "small": aligned(PAGE_SIZE)}
     state["big"][:] = rng.integers(0, 256, n, dtype=np.uint8)

@@ -17,6 +17,7 @@ import pytest
 import pagewatch as pw
 from pagewatch import _native
 from pagewatch import snapshot as snapshot_mod
+from pagewatch.backends.uffd_async import UffdAsync
 from pagewatch.kernel.constants import PAGE_SIZE, PM_FILE, PM_SWAP
 from pagewatch.kernel.pagemap import read_pagemap
 from tests.conftest import aligned_array, backend_param
@@ -437,8 +438,8 @@ def test_uffd_async_copy_back_restores_in_one_step_unless_another_tracker_reset_
             assert calls == []
             assert np.array_equal(a, base)
             assert other.collect().pages().tolist() == [9]
-            # that collect reset 7 and 9 for the snapshot too: written again, they are
-            # pending for it, which the general way reports (one step would miss them now)
+            # a collect by the other tracker resets the snapshot's pages too: they are then
+            # pending for it, which the general way reports (one step would miss them)
             a[7 * PAGE_SIZE] ^= 1
             a[11 * PAGE_SIZE] ^= 1
             assert set(other.collect().pages().tolist()) == {7, 11}
@@ -447,8 +448,12 @@ def test_uffd_async_copy_back_restores_in_one_step_unless_another_tracker_reset_
             assert "collect" in calls and "reset" in calls
             assert np.array_equal(a, base)
             assert set(other.collect().pages().tolist()) == {7, 11}
-        with pw.Tracker(aligned_array(16), backend=backend) as elsewhere:
-            elsewhere.collect()  # moves the hub's log on; nothing of it is the snapshot's
+        e = aligned_array(16)
+        with pw.Tracker(e, backend=backend) as elsewhere:
+            e[3 * PAGE_SIZE] = 1  # its reset is logged (two trackers): the log moves on,
+            seq = UffdAsync.hub.seq
+            assert elsewhere.collect().pages().tolist() == [3]
+            assert UffdAsync.hub.seq > seq  # and nothing of it is the snapshot's
             a[13 * PAGE_SIZE] ^= 1
             calls.clear()
             assert snap.restore().pages().tolist() == [13]
