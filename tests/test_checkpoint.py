@@ -226,6 +226,136 @@ def test_a_save_syncs_its_file_before_naming_it_and_the_folder_before_it_returns
                              ("fsync", str(tmp_path / "ck"))]
 
 
+# ---- direct I/O ------------------------------------------------------------------------
+
+def _save_series(path: Path, store_kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                 compression: str = "none") -> tuple[list[bytes], list[dict[str, np.ndarray]]]:
+    """Six saves of one seeded series of writes (one delta larger than the two direct-I/O
+    blocks, an array starting and ending inside a page, a Fortran one): every generation's
+    file bytes and the state it was saved from."""
+    import types
+
+    from pagewatch import checkpoint as ck_module
+
+    monkeypatch.setattr(ck_module, "_time", types.SimpleNamespace(time=lambda: 1.0))
+    rng = np.random.default_rng(7)
+    big = aligned(3 * (1 << 20) + 5 * PAGE_SIZE)
+    # Mid-page starts and ends, the same in every run (a heap array's would not be)
+    odd = aligned(12 * PAGE_SIZE)[1000:1000 + 40000].view(np.float64)
+    f = np.ndarray((3, 7000), np.int32, aligned(22 * PAGE_SIZE), offset=24, order="F")
+    state = {"big": big, "odd": odd, "f": f}
+    models = []
+    store = LocalStore(path, **store_kw)
+    with pw.Checkpoint(store, state, compression=compression, max_chain=10,
+                       max_chain_ratio=10.0) as ck:
+        for g in range(6):
+            if g:
+                npages = big.size // PAGE_SIZE
+                k = npages * 4 // 5 if g == 2 else int(rng.integers(1, 40))
+                for p in rng.choice(npages, k, replace=False):
+                    big[p * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE))] += 1
+                state["odd"][rng.integers(0, 5000, 3)] += 1.5
+                state["f"][:, int(rng.integers(0, 7000))] = g
+            assert ck.save().number == g
+            models.append(copy_state(state))
+    files = [Path(store.file(g)).read_bytes() for g in range(6)]
+    return files, models
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_direct_io_writes_the_same_files_as_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
+    # Deltas (by default) or every generation go out through two reused blocks and a worker
+    # thread: the bytes must be those the plain writes put in the file, block edges and
+    # all (a lost, doubled or reordered block would differ).
+    import time
+
+    plain, models = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch,
+                                 compression)
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+        time.sleep(0.005)  # a slow disk: a block refilled before its write ends would show
+        return real_pwrite(fd, data, offset)
+
+    for i, (kw, slow) in enumerate([({}, False), ({"direct": True}, False),
+                                    ({"direct": True}, True)]):
+        with monkeypatch.context() as m:
+            if slow:
+                m.setattr(os, "pwrite", slow_pwrite)
+            files, _ = _save_series(tmp_path / f"d{i}", kw, monkeypatch, compression)
+        assert [len(f) for f in files] == [len(f) for f in plain]
+        assert files == plain
+        for g, want in enumerate(models):
+            assert same_state(pw.checkpoint.load(tmp_path / f"d{i}", g), want)
+    if compression == "none":  # the big delta went through both blocks, twice
+        assert len(plain[2]) > 2 * (1 << 20)
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("where", ["open", "write"])
+def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    import errno
+
+    plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
+    refused = []
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def fake_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if where == "open" and flags & os.O_DIRECT:
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)
+
+    def fake_pwrite(fd: int, data: Any, offset: int) -> int:
+        import fcntl
+
+        if where == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    files, models = _save_series(tmp_path / "d", {"direct": True}, monkeypatch)
+    assert refused  # the refusal happened and was met
+    assert files == plain
+    assert same_state(pw.checkpoint.load(tmp_path / "d"), models[-1])
+
+
+@pytest.mark.kernel_independent
+def test_a_write_failing_on_the_worker_thread_fails_the_save_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = aligned(1024 * PAGE_SIZE)
+    real_pwrite = os.pwrite
+    calls = []
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:  # the second block: the first is already on disk
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        ck.save()
+        a[::PAGE_SIZE] = 1  # every page: a delta of three blocks
+        with monkeypatch.context() as m:
+            m.setattr(os, "pwrite", failing)
+            with pytest.raises(OSError, match="No space"):
+                ck.save()
+        assert len(calls) == 2
+        assert [g.number for g in ck.generations()] == [0]
+        assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
+        a[5] = 2
+        g = ck.save()  # a base: the failed save's reset lost nothing
+        assert g.number == 1 and g.pages == 1024
+        a[7 * PAGE_SIZE] = 3
+        assert ck.save().pages == 1  # and the worker writes the next delta
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
 # ---- bounded chains ----------------------------------------------------------------------
 
 class CountingStore(LocalStore):

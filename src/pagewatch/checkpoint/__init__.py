@@ -382,7 +382,7 @@ def _compact(store: Store, generation: int, prune: bool) -> Generation:
 def _write(store: Store, n: int, parent: int | None, when: float, parts: list[ArrayPart],
            page_size: int, checksum: str, compression: str, replace: bool = False
            ) -> dict[str, Any]:
-    w = store.create(n, replace=replace)
+    w = store.create(n, replace=replace, delta=parent is not None)
     try:
         idx = _format.write_generation(w, generation=n, parent=parent, time=when,
                                        page_size=page_size, parts=parts, checksum=checksum,
@@ -523,6 +523,7 @@ class Checkpoint(Closeable):
         self._conflict: CheckpointConflict | None = None  # Icechunk: refuse from now on
         self._store.lock()
         self._last: int | None = None  # the generation the next delta builds on
+        self._number: int | None = None  # local: the next generation's number
         self._chain = 0  # deltas since the last base
         self._chain_bytes = 0  # their data bytes
         try:
@@ -581,7 +582,9 @@ class Checkpoint(Closeable):
                 or self._chain_bytes > self.max_chain_ratio * total)
         try:
             parts = self._parts(arrays, base)  # reset first, copy after (never lose a write)
-            n = max(self._store.generations(), default=-1) + 1
+            if self._number is None:  # listed once: the lock keeps other writers out
+                self._number = max(self._store.generations(), default=-1) + 1
+            n = self._number
             idx = _write(self._store, n, None if base else self._last, _time.time(), parts,
                          PAGE_SIZE, self.checksum, self.compression)
         except BaseException:
@@ -593,6 +596,7 @@ class Checkpoint(Closeable):
             self._chain += 1
             self._chain_bytes += sum(e["data"]["raw_length"] for e in idx["arrays"])
         self._last = n
+        self._number = n + 1
         return _gen(idx)
 
     def _parts(self, arrays: dict[str, np.ndarray], base: bool) -> list[ArrayPart]:

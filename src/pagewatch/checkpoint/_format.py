@@ -44,6 +44,8 @@ PREAMBLE = struct.Struct("<8sII")
 TRAILER = struct.Struct("<QII8s")
 #: bytes copied (and hashed, and compressed) at a time: small enough to stay in cache
 CHUNK = 1 << 20
+#: pages put into a direct writer's block at a time (its first write goes out sooner)
+PIECE = 64
 
 CHECKSUMS = ("crc32", "xxh3_64")
 COMPRESSIONS = ("none", "zstd")
@@ -155,6 +157,10 @@ def check_options(checksum: str, compression: str) -> None:
 # ---- writing ------------------------------------------------------------------------------
 
 class Writer(Protocol):
+    """Where a generation's bytes go.  One may also have ``reserve()`` and ``advance(n)``
+    (see :class:`~pagewatch.checkpoint.GenerationWriter`): then the bytes are put straight
+    into its buffer."""
+
     def write(self, data: Any) -> None: ...
 
 
@@ -199,6 +205,8 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
     """
     new_hash = _hasher(checksum)
     pos = 0
+    sink: Any = out  # reserve() and advance() are optional
+    inplace = callable(getattr(sink, "reserve", None)) and sink.reserve() is not None
 
     def emit(data: Any) -> None:
         nonlocal pos
@@ -227,6 +235,9 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
         h = new_hash()
         start = pos
         comp = _zstd().ZstdCompressor(level=3).compressobj() if compression == "zstd" else None
+        # In place: the bytes go straight into the writer's own buffer (direct I/O), hashed
+        # there; else through a buffer of ours and ``out.write``.
+        direct = inplace and comp is None
 
         def store(chunk: Any, h: _Hash = h, comp: Any = comp) -> None:
             data = comp.compress(chunk) if comp is not None else chunk
@@ -234,22 +245,64 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
                 h.update(data)
                 emit(data)
 
+        def put(src: np.ndarray, h: _Hash = h) -> None:
+            """Copy ``src`` (contiguous bytes) into the writer's buffer, hashed there."""
+            nonlocal pos
+            while src.size:
+                room = sink.reserve()
+                n = min(room.size, src.size)
+                room[:n] = src[:n]
+                h.update(room[:n])
+                sink.advance(n)
+                pos += n
+                src = src[n:]
+
         raw_len = int((runs[:, 1] - runs[:, 0]).sum())
         if part.gather is not None:
-            # Whole pages, many at a time (one numpy gather per chunk), less the bytes of the
-            # first and last page that lie outside the array: the bytes of the runs, in order.
-            mem, idx, head, _tail = part.gather
-            per = max(1, CHUNK // mem.shape[1])
+            # Whole pages, many at a time (one gather each), less the bytes of the first and
+            # last page that lie outside the array: the bytes of the runs, in order.
+            mem, idx, head, tail = part.gather
+            ps = mem.shape[1]
             left = raw_len
-            for i in range(0, len(idx), per):
-                block = mem[idx[i:i + per]].reshape(-1)
-                if i == 0 and head and idx[0] == 0:  # page 0 starts before the array
-                    block = block[head:]
-                block = block[:left]
-                left -= block.size
-                store(block.data)
+            i, stop = 0, len(idx)
+            if stop and head and idx[0] == 0:  # page 0 starts before the array
+                first = mem[0, head:][:left]
+                put(first) if direct else store(first.data)
+                left -= first.size
+                i = 1
+            if stop > i and tail and idx[-1] == mem.shape[0] - 1:  # it ends before the page
+                stop -= 1
+            while i < stop:
+                if direct:
+                    room = sink.reserve()
+                    m = min(stop - i, room.size // ps, PIECE)
+                    if m == 0:  # less than a page left in the writer's block
+                        put(mem[idx[i]])
+                        left -= ps
+                        i += 1
+                        continue
+                else:
+                    room = buf
+                    m = min(stop - i, CHUNK // ps)
+                dst = room[:m * ps].reshape(m, ps)
+                np.take(mem, idx[i:i + m], axis=0, out=dst, mode="clip")  # clip: unbuffered
+                if direct:
+                    h.update(dst)
+                    sink.advance(m * ps)
+                    pos += m * ps
+                else:
+                    store(dst.data)
+                left -= m * ps
+                i += m
+            if i < len(idx):  # the last page, up to the end of the array
+                last = mem[idx[i], :left]
+                put(last) if direct else store(last.data)
+                left -= last.size
             if left != 0:
                 raise AssertionError(f"{part.name}: gathered pages disagree with the runs")
+        elif direct:
+            for s, e in runs.tolist():
+                put(flat[s:e])
         else:
             fill = 0
             for s, e in runs.tolist():

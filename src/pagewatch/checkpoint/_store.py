@@ -10,6 +10,15 @@ of a complete, fsync'ed file, so the directory listing *is* the list of committe
 generations; a save costs two fsyncs (the file, then the directory), compaction replaces one
 file the same way, and pruning deletes files.  An append-only single file would need a
 header rewrite per save and could not give back the space of pruned generations.
+
+Why a delta is written with direct I/O (``O_DIRECT``): through the page cache, each of its
+pages takes a page of memory the kernel has not used lately; on a virtual machine whose host
+takes back the guest's free memory (Firecracker with free page reporting, as here) the first
+touch of such a page costs ~10 us, so a 1 % save of 1 GiB spent 26 of its 31 ms copying
+into the page cache.  Direct I/O writes from two blocks of this process's own memory, reused
+from save to save, while the next block fills (``_Staged``): the same save takes ~7 ms, the
+disk's time for its 10 MiB.  A base goes through the page cache, like ``np.save``'s file:
+every load of its chain reads it whole.
 """
 
 from __future__ import annotations
@@ -18,10 +27,17 @@ import abc
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
+import queue
 import re
+import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
+
+import numpy as np
 
 from ._errors import CheckpointError
 
@@ -55,6 +71,16 @@ class GenerationWriter(abc.ABC):
     @abc.abstractmethod
     def write(self, data: Any) -> None: ...
 
+    def reserve(self) -> np.ndarray | None:
+        """Where the next bytes may be put in place instead of through :meth:`write`: a
+        writable uint8 array (at least a page), or ``None`` (the default: write only).
+        What is put there is written by :meth:`advance`."""
+        return None
+
+    def advance(self, n: int) -> None:
+        """The first ``n`` bytes of the last :meth:`reserve` are the next bytes of the file."""
+        raise NotImplementedError("this writer reserves nothing")
+
     @abc.abstractmethod
     def commit(self) -> None:
         """Make the generation durable and visible, in one step."""
@@ -75,8 +101,10 @@ class Store(abc.ABC):
     def open(self, generation: int) -> GenerationReader: ...
 
     @abc.abstractmethod
-    def create(self, generation: int, replace: bool = False) -> GenerationWriter:
-        """A writer for a new generation (``replace``: for one that exists, compaction)."""
+    def create(self, generation: int, replace: bool = False, *,
+               delta: bool = False) -> GenerationWriter:
+        """A writer for a new generation (``replace``: for one that exists, compaction;
+        ``delta``: it holds only the pages written since its parent, a hint)."""
 
     @abc.abstractmethod
     def remove(self, generation: int) -> None: ...
@@ -129,26 +157,186 @@ class _FileReader(GenerationReader):
             self._fd = -1
 
 
+#: a direct-I/O block: page-aligned memory, a multiple of any logical block size in use
+BLOCK = 1 << 20
+#: what a direct write's offset and length are rounded to
+ALIGN = 4096
+#: the first write goes out once this much is filled, so the disk starts sooner
+FIRST = 256 << 10
+
+
+class _Worker:
+    """A thread of the store's running the writes handed to it, in order; it lives as long
+    as the store's lock (a thread per save cost a save ~0.2 ms more)."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, job: Callable[[], None]) -> None:
+        if self._thread is None or not self._thread.is_alive():  # not alive: after a fork
+            self._q = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._loop, name="pagewatch-write",
+                                            daemon=True)
+            self._thread.start()
+        self._q.put(job)
+        # Let the worker take the GIL now, reach its write and release the GIL there:
+        # else it waits until this thread blocks, which filling the next block does not.
+        time.sleep(0)
+
+    def _loop(self) -> None:
+        while (job := self._q.get()) is not None:
+            job()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            if self._thread.is_alive():
+                self._q.put(None)
+                self._thread.join()
+            self._thread = None
+
+
+class _Staged:
+    """The bytes of one file gathered in two aligned blocks, each written with ``O_DIRECT``
+    by the store's worker while the other fills.  A write the file system refuses
+    (``EINVAL``: direct I/O unsupported, or a larger block size) clears ``O_DIRECT`` and is
+    retried through the page cache: the file is the same bytes either way."""
+
+    def __init__(self, fd: int, blocks: list[np.ndarray], worker: _Worker) -> None:
+        self._fd = fd
+        self._blocks = blocks
+        self._worker = worker
+        self._cur = 0
+        self._fill = 0
+        self.length = 0  # bytes handed to the worker so far
+        self._idle = [threading.Event(), threading.Event()]
+        for e in self._idle:
+            e.set()
+        self._error: BaseException | None = None
+
+    def reserve(self) -> np.ndarray:
+        return self._blocks[self._cur][self._fill:]
+
+    def advance(self, n: int) -> None:
+        self._fill += n
+        if self._fill == BLOCK or (self.length == 0 and self._fill >= FIRST):
+            self._submit(self._fill - self._fill % ALIGN)
+
+    def write(self, data: Any) -> None:
+        src = np.frombuffer(data, np.uint8)
+        while src.size:
+            room = self.reserve()
+            n = min(room.size, src.size)
+            room[:n] = src[:n]
+            src = src[n:]
+            self.advance(n)
+
+    def _submit(self, n: int, size: int | None = None) -> None:
+        """Hand the current block's first ``n`` bytes to the worker (``size`` bytes written:
+        ``n`` and zeros up to an aligned end); bytes filled past ``n`` move to the start of
+        the other block once its write is done."""
+        i, off, write = self._cur, self.length, size or n
+        self._idle[i].clear()
+        self._worker.run(lambda: self._write(i, write, off))
+        carry = self._fill - n
+        self.length += n
+        self._cur ^= 1
+        self._idle[self._cur].wait()  # the other block's write is done: it may be refilled
+        if carry:
+            self._blocks[self._cur][:carry] = self._blocks[i][n:n + carry]
+        self._fill = carry
+        if self._error is not None:
+            raise self._error
+
+    def _write(self, i: int, n: int, offset: int) -> None:
+        try:
+            if self._error is None:
+                _pwrite_all(self._fd, self._blocks[i][:n].data, offset)
+        except BaseException as exc:  # noqa: BLE001 - raised by the filling thread
+            self._error = exc
+        finally:
+            self._idle[i].set()
+
+    def finish(self) -> int:
+        """Write what is left (its last block rounded up with zeros, then the file cut to
+        its length); returns the length."""
+        if self._fill:
+            fill = self._fill
+            size = -(-fill // ALIGN) * ALIGN
+            self._blocks[self._cur][fill:size] = 0
+            self._submit(fill, size)
+        self.stop()
+        if self._error is not None:
+            raise self._error
+        os.ftruncate(self._fd, self.length)
+        return self.length
+
+    def stop(self) -> None:
+        """Wait for the writes in flight (on an error too)."""
+        for e in self._idle:
+            e.wait()
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        try:
+            n = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            continue
+        view = view[n:]
+        offset += n
+
+
 class _FileWriter(GenerationWriter):
-    def __init__(self, store: LocalStore, generation: int, replace: bool) -> None:
+    def __init__(self, store: LocalStore, generation: int, replace: bool, direct: bool
+                 ) -> None:
         self._store = store
         self._final = store.file(generation)
         if not replace and os.path.exists(self._final):
             raise CheckpointError(f"{self._final} exists: another writer saved generation "
                                   f"{generation}")
         self._tmp = self._final + ".tmp"
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                           0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self._staged: _Staged | None = None
+        if direct:
+            try:
+                self._fd = os.open(self._tmp, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
+                    raise
+            else:
+                self._staged = _Staged(self._fd, *store._direct())
+                return
+        self._fd = os.open(self._tmp, flags, 0o644)
 
     def write(self, data: Any) -> None:
+        if self._staged is not None:
+            self._staged.write(data)
+            return
         view = memoryview(data).cast("B")
         while len(view):
             n = os.write(self._fd, view)
             view = view[n:]
 
+    def reserve(self) -> np.ndarray | None:
+        return None if self._staged is None else self._staged.reserve()
+
+    def advance(self, n: int) -> None:
+        if self._staged is None:
+            raise NotImplementedError("this writer reserves nothing")
+        self._staged.advance(n)
+
     def commit(self) -> None:
         # The data is on disk before the name points at it; the name is on disk before
         # commit returns (so the next generation, which needs this one, never outlives it).
+        # Direct I/O needs the fsync too: the file's size and blocks, and the disk's cache.
+        if self._staged is not None:
+            self._staged.finish()
+            self._staged = None
         if self._store.durable:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -158,6 +346,9 @@ class _FileWriter(GenerationWriter):
             _fsync_dir(self._store.path)
 
     def abort(self) -> None:
+        if self._staged is not None:
+            self._staged.stop()
+            self._staged = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -175,12 +366,27 @@ class LocalStore(Store):
     cut or a kernel crash may lose the newest generations, or leave a file whose name
     survived and whose data did not (loading names it as damaged).  For scratch
     checkpoints and tests.
+
+    ``direct`` says which generations are written with direct I/O (``O_DIRECT``, see the
+    module's docstring): ``None`` (default) a durable store's deltas, ``True`` every
+    generation, ``False`` none.  The files are the same bytes either way; a file system
+    without direct I/O gets them through the page cache.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True,
+                 direct: bool | None = None) -> None:
         self.path = os.fspath(path)
         self.durable = durable
+        self.direct = direct
         self._lock_fd = -1
+        self._blocks: list[np.ndarray] | None = None
+        self._worker = _Worker()
+
+    def _direct(self) -> tuple[list[np.ndarray], _Worker]:
+        # Kept for the store's life: memory touched before costs nothing to touch again.
+        if self._blocks is None:
+            self._blocks = [np.frombuffer(mmap.mmap(-1, BLOCK), np.uint8) for _ in range(2)]
+        return self._blocks, self._worker
 
     def __str__(self) -> str:
         return self.path
@@ -207,8 +413,10 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise CheckpointError(f"no generation {generation} in {self.path}") from None
 
-    def create(self, generation: int, replace: bool = False) -> GenerationWriter:
-        return _FileWriter(self, generation, replace)
+    def create(self, generation: int, replace: bool = False, *,
+               delta: bool = False) -> GenerationWriter:
+        direct = self.direct if self.direct is not None else (delta and self.durable)
+        return _FileWriter(self, generation, replace, direct)
 
     def remove(self, generation: int) -> None:
         os.unlink(self.file(generation))
@@ -240,6 +448,7 @@ class LocalStore(Store):
                     os.unlink(os.path.join(self.path, name))
 
     def unlock(self) -> None:
+        self._worker.stop()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
