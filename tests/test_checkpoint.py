@@ -175,6 +175,32 @@ def test_a_save_that_fails_midway_leaves_nothing_and_the_next_save_is_a_base(
 
 
 @pytest.mark.kernel_independent
+def test_a_commit_failing_after_its_rename_does_not_block_the_next_saves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The folder's fsync fails (EIO) after the rename: the generation's name exists, the
+    # save raised; the next save must take the next number, not collide with that name.
+    from pagewatch.checkpoint import _store
+
+    a = aligned(8 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        ck.save()
+        a[PAGE_SIZE] = 1
+
+        def eio(path: str) -> None:
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as m:
+            m.setattr(_store, "_fsync_dir", eio)
+            with pytest.raises(OSError, match="Input/output"):
+                ck.save()
+        a[2 * PAGE_SIZE] = 2
+        assert ck.save().number == 2
+        a[3 * PAGE_SIZE] = 3
+        assert ck.save().number == 3
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
+@pytest.mark.kernel_independent
 def test_a_delta_is_scattered_to_its_runs_and_runs_that_do_not_fit_are_refused() -> None:
     # The native loop that applies a delta's bytes (one memcpy per run, no Python per run).
     from pagewatch import _native

@@ -589,6 +589,7 @@ class Checkpoint(Closeable):
                          PAGE_SIZE, self.checksum, self.compression)
         except BaseException:
             self._last = None  # trackers were reset: only a base is right after this
+            self._number = None  # the name may be taken (a commit failing after its rename)
             raise
         if base:
             self._chain, self._chain_bytes = 0, 0
