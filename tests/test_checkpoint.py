@@ -266,6 +266,7 @@ def _save_series(path: Path, store_kw: dict[str, Any], monkeypatch: pytest.Monke
     monkeypatch.setattr(ck_module, "_time", types.SimpleNamespace(time=lambda: 1.0))
     rng = np.random.default_rng(7)
     big = aligned(3 * (1 << 20) + 5 * PAGE_SIZE)
+    big[:] = rng.integers(0, 256, big.size, dtype=np.uint8)  # a dropped byte must show
     # Mid-page starts and ends, the same in every run (a heap array's would not be)
     odd = aligned(12 * PAGE_SIZE)[1000:1000 + 40000].view(np.float64)
     f = np.ndarray((3, 7000), np.int32, aligned(22 * PAGE_SIZE), offset=24, order="F")
@@ -279,7 +280,7 @@ def _save_series(path: Path, store_kw: dict[str, Any], monkeypatch: pytest.Monke
                 npages = big.size // PAGE_SIZE
                 k = npages * 4 // 5 if g == 2 else int(rng.integers(1, 40))
                 for p in rng.choice(npages, k, replace=False):
-                    big[p * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE))] += 1
+                    big[p * PAGE_SIZE + int(rng.integers(0, PAGE_SIZE))] ^= 0xA5
                 state["odd"][rng.integers(0, 5000, 3)] += 1.5
                 state["f"][:, int(rng.integers(0, 7000))] = g
             assert ck.save().number == g
@@ -349,6 +350,84 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
     assert refused  # the refusal happened and was met
     assert files == plain
     assert same_state(pw.checkpoint.load(tmp_path / "d"), models[-1])
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.timeout(120)
+def test_a_worker_that_cannot_start_leaves_the_writes_to_the_saver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At interpreter exit (Python 3.12+) or at a thread limit no thread starts: the save
+    # writes its blocks itself (it hung, waiting for a write never queued).
+    plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    files, models = _save_series(tmp_path / "d", {"direct": True}, monkeypatch)
+    assert files == plain
+    assert same_state(pw.checkpoint.load(tmp_path / "d"), models[-1])
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.timeout(120)
+def test_an_interrupt_while_the_worker_starts_fails_the_save_without_a_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = aligned(600 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a) as ck:
+        ck.save()
+        a[::PAGE_SIZE] = 1  # a delta of three blocks: the worker is needed
+        real_start = threading.Thread.start
+
+        def interrupted(self: threading.Thread) -> None:
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(threading.Thread, "start", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                ck.save()
+        assert threading.Thread.start is real_start
+        assert [g.number for g in ck.generations()] == [0]
+        assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
+        a[3 * PAGE_SIZE] = 2
+        assert ck.save().pages == 600  # a base, then deltas again
+        a[4 * PAGE_SIZE] = 3
+        assert ck.save().pages == 1
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
+@pytest.mark.kernel_independent
+def test_a_forked_child_saving_does_not_write_into_the_parents_blocks(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "ck", direct=True)
+    a = aligned(8 * PAGE_SIZE)
+    with pw.Checkpoint(store, a) as ck:
+        ck.save()
+        blocks, _ = store._direct()
+        before = blocks[0][:64].tobytes()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                blocks[0][:64] = ord("A")  # what the child's own save would put there
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert blocks[0][:64].tobytes() == before
+
+
+@pytest.mark.kernel_independent
+def test_a_second_writer_on_the_same_store_object_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "ck")
+    a, b = aligned(4 * PAGE_SIZE), aligned(4 * PAGE_SIZE)
+    with pw.Checkpoint(store, a) as ck:
+        ck.save()
+        with pytest.raises(CheckpointError, match="in use"):
+            pw.Checkpoint(store, b)
+        with pytest.raises(CheckpointError, match="in use"):
+            pw.checkpoint.compact(store)
+        a[0] = 1
+        assert ck.save().number == 1  # still the writer, its lock still held
+    with pw.Checkpoint(store, a) as ck:  # released by close()
+        assert ck.save().number == 2
 
 
 @pytest.mark.kernel_independent

@@ -511,9 +511,8 @@ class Checkpoint(Closeable):
         self.backend = backend
         self._state = state
         self._tracked: dict[str, _Tracked] = {}
-        self._store: Store | IcechunkStore = _store_of(path, store, storage_options,
-                                                       chunk_bytes)
-        if isinstance(self._store, IcechunkStore) and compression != "none":
+        where = _store_of(path, store, storage_options, chunk_bytes)
+        if isinstance(where, IcechunkStore) and compression != "none":
             raise CheckpointError("an Icechunk checkpoint stores its chunks raw: "
                                   "compression must be 'none'")
         self._writer = _icechunk.new_writer()
@@ -521,7 +520,9 @@ class Checkpoint(Closeable):
         self._saved: dict[str, dict[str, Any]] | None = None  # Icechunk: its arrays
         self._next = 0  # Icechunk: the next generation number
         self._conflict: CheckpointConflict | None = None  # Icechunk: refuse from now on
-        self._store.lock()
+        where.lock()
+        # Only now: a Checkpoint refused the lock must not release it (close, finaliser)
+        self._store: Store | IcechunkStore = where
         self._last: int | None = None  # the generation the next delta builds on
         self._number: int | None = None  # local: the next generation's number
         self._chain = 0  # deltas since the last base

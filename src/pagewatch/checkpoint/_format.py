@@ -291,7 +291,7 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
                     sink.advance(m * ps)
                     pos += m * ps
                 else:
-                    store(dst.data)
+                    store(room[:m * ps].data)  # 1-D: a writer may count its len()
                 left -= m * ps
                 i += m
             if i < len(idx):  # the last page, up to the end of the array

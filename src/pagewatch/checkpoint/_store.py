@@ -173,16 +173,34 @@ class _Worker:
         self._q: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def run(self, job: Callable[[], None]) -> None:
-        if self._thread is None or not self._thread.is_alive():  # not alive: after a fork
-            self._q = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._loop, name="pagewatch-write",
-                                            daemon=True)
+    def start(self) -> bool:
+        """Whether the thread runs, started now if needed; False: no thread can be started
+        (at interpreter exit, Python 3.12+; a thread limit): the caller writes itself."""
+        if self._thread is not None and self._thread.is_alive():
+            return True
+        self._q = queue.SimpleQueue()  # a fork's child: the old thread is not in it
+        self._thread = threading.Thread(target=self._loop, name="pagewatch-write",
+                                        daemon=True)
+        try:
             self._thread.start()
+        except RuntimeError:
+            self._thread = None
+            return False
+        return True
+
+    def put(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` (after :meth:`start` said True)."""
         self._q.put(job)
         # Let the worker take the GIL now, reach its write and release the GIL there:
         # else it waits until this thread blocks, which filling the next block does not.
         time.sleep(0)
+
+    def drain(self) -> None:
+        """Return once every job queued so far has run."""
+        if self._thread is not None and self._thread.is_alive():
+            done = threading.Event()
+            self._q.put(done.set)
+            done.wait()
 
     def _loop(self) -> None:
         while (job := self._q.get()) is not None:
@@ -236,8 +254,11 @@ class _Staged:
         ``n`` and zeros up to an aligned end); bytes filled past ``n`` move to the start of
         the other block once its write is done."""
         i, off, write = self._cur, self.length, size or n
-        self._idle[i].clear()
-        self._worker.run(lambda: self._write(i, write, off))
+        if self._worker.start():
+            self._idle[i].clear()
+            self._worker.put(lambda: self._write(i, write, off))
+        else:
+            self._write(i, write, off)
         carry = self._fill - n
         self.length += n
         self._cur ^= 1
@@ -272,9 +293,10 @@ class _Staged:
         return self.length
 
     def stop(self) -> None:
-        """Wait for the writes in flight (on an error too)."""
-        for e in self._idle:
-            e.wait()
+        """Wait for the writes in flight (on an error too).  By the worker's queue, not the
+        blocks' events: an interrupt between an event's clear and its job's queueing would
+        leave that event cleared for ever."""
+        self._worker.drain()
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -385,7 +407,10 @@ class LocalStore(Store):
     def _direct(self) -> tuple[list[np.ndarray], _Worker]:
         # Kept for the store's life: memory touched before costs nothing to touch again.
         if self._blocks is None:
-            self._blocks = [np.frombuffer(mmap.mmap(-1, BLOCK), np.uint8) for _ in range(2)]
+            # Private: a fork's child saving into its own blocks must not write into these
+            self._blocks = [np.frombuffer(mmap.mmap(-1, BLOCK, flags=mmap.MAP_PRIVATE
+                                                    | mmap.MAP_ANONYMOUS), np.uint8)
+                            for _ in range(2)]
         return self._blocks, self._worker
 
     def __str__(self) -> str:
@@ -425,7 +450,8 @@ class LocalStore(Store):
 
     def lock(self) -> None:
         if self._lock_fd >= 0:
-            return
+            raise CheckpointError(f"{self.path} is in use by another writer (a Checkpoint "
+                                  "or a compaction holds this store's lock)")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path} exists and is not a checkpoint directory")
         if not os.path.isdir(self.path):
