@@ -289,6 +289,15 @@ def _save_series(path: Path, store_kw: dict[str, Any], monkeypatch: pytest.Monke
     return files, models
 
 
+def _direct_series_is(plain: list[bytes], path: Path, monkeypatch: pytest.MonkeyPatch
+                      ) -> None:
+    """The series saved with direct I/O asked for: the same files as ``plain``, loading
+    bit-exact."""
+    files, models = _save_series(path, {"direct": True}, monkeypatch)
+    assert files == plain
+    assert same_state(pw.checkpoint.load(path), models[-1])
+
+
 @pytest.mark.kernel_independent
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_direct_io_writes_the_same_files_as_the_page_cache(
@@ -346,10 +355,8 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "pwrite", fake_pwrite)
-    files, models = _save_series(tmp_path / "d", {"direct": True}, monkeypatch)
+    _direct_series_is(plain, tmp_path / "d", monkeypatch)
     assert refused  # the refusal happened and was met
-    assert files == plain
-    assert same_state(pw.checkpoint.load(tmp_path / "d"), models[-1])
 
 
 @pytest.mark.kernel_independent
@@ -364,9 +371,7 @@ def test_a_worker_that_cannot_start_leaves_the_writes_to_the_saver(
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
-    files, models = _save_series(tmp_path / "d", {"direct": True}, monkeypatch)
-    assert files == plain
-    assert same_state(pw.checkpoint.load(tmp_path / "d"), models[-1])
+    _direct_series_is(plain, tmp_path / "d", monkeypatch)
 
 
 @pytest.mark.kernel_independent
