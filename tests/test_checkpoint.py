@@ -364,13 +364,16 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
 def test_a_worker_that_cannot_start_leaves_the_writes_to_the_saver(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # At interpreter exit (Python 3.12+) or at a thread limit no thread starts: the save
-    # writes its blocks itself (it hung, waiting for a write never queued).
+    # writes its blocks itself (it hung, waiting for a write never queued), a load reads
+    # without asking ahead and hashes in line.
     plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
 
     def refuse(self: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
+    # and a load, whose prefetch and checksum threads (entries from 1 MiB here) cannot start
+    monkeypatch.setattr(fmt._Behind, "MIN", 1 << 20)
     _direct_series_is(plain, tmp_path / "d", monkeypatch)
 
 
@@ -484,6 +487,34 @@ class CountingStore(LocalStore):
 
         r.pread_into = pread_into  # type: ignore[method-assign]
         return r
+
+
+@pytest.mark.kernel_independent
+def test_a_load_asks_for_its_chains_deltas_ahead_and_a_failing_ask_changes_nothing(
+        tmp_path: Path) -> None:
+    class Asking(LocalStore):
+        asked: list[int] = []
+        fail = False
+
+        def prefetch(self, generation: int) -> None:
+            self.asked.append(generation)
+            if self.fail:
+                raise OSError(5, "Input/output error")
+            super().prefetch(generation)
+
+    a = aligned(16 * PAGE_SIZE)
+    with pw.Checkpoint(tmp_path / "ck", a, max_chain=2) as ck:
+        for g in range(5):  # 0 base, 1-2 deltas, 3 base, 4 delta
+            a[g * PAGE_SIZE] = g + 1
+            ck.save()
+    store = Asking(tmp_path / "ck")
+    assert same(pw.checkpoint.load(store, 2)["arr_0"][:3 * PAGE_SIZE],
+                a[:3 * PAGE_SIZE])
+    assert store.asked == [1, 2]  # the deltas, not the base they build on
+    store.asked.clear()
+    store.fail = True
+    assert same(pw.checkpoint.load(store)["arr_0"], a)
+    assert store.asked == [4]
 
 
 @pytest.mark.parametrize("max_chain, ratio", [(3, 10.0), (100, 0.05)])

@@ -25,8 +25,10 @@ with an array (another small array, say) makes that page be saved again; never t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
 import time as _time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -182,6 +184,20 @@ def _materialise(store: Store, n: int, verify: bool = True) -> dict[str, np.ndar
     plan = _chain(store, n)
     readers: dict[int, GenerationReader] = {}
     out: dict[str, np.ndarray] = {}
+    # The deltas are read after the bases: a thread asks for them first, so the disk reads
+    # them while the bases are copied (a delta just saved is not in the page cache)
+    later = sorted({idx["generation"] for steps in plan.values() for idx, e in steps
+                    if e["kind"] == "delta"})
+
+    def prefetch() -> None:
+        with contextlib.suppress(Exception):  # advice: the reads themselves report errors
+            for g in later:
+                store.prefetch(g)
+
+    ahead = threading.Thread(target=prefetch, name="pagewatch-prefetch", daemon=True)
+    if later:
+        with contextlib.suppress(RuntimeError):  # no thread (interpreter exit): no advice
+            ahead.start()
     try:
         for name, steps in plan.items():
             arr = make_array(steps[-1][1])
@@ -199,6 +215,8 @@ def _materialise(store: Store, n: int, verify: bool = True) -> dict[str, np.ndar
     finally:
         for r in readers.values():
             r.close()
+        if ahead.is_alive():
+            ahead.join()
     return out
 
 

@@ -19,6 +19,7 @@ a writer (``write``) or a reader (``size``, ``pread_into``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -461,7 +462,8 @@ def read_entry(r: Reader, index: dict[str, Any], entry: dict[str, Any], dest: np
     h = new_hash() if new_hash is not None else None
     if (h is not None and target is not None and not zstd and raw_len >= _Behind.MIN
             and (os.cpu_count() or 1) > 1):
-        h = _Behind(h)  # it hashes what was read into target while the next chunk is read
+        with contextlib.suppress(RuntimeError):  # no thread (interpreter exit): in line
+            h = _Behind(h)  # it hashes what was read into target while the next is read
     dec = _zstd().ZstdDecompressor().decompressobj() if zstd else None
     got = 0
     off = sec["offset"]
