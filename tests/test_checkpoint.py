@@ -690,8 +690,8 @@ def test_a_byte_flipped_in_any_part_is_named_by_load_and_verify(
 @pytest.mark.kernel_independent
 def test_a_large_state_loads_bit_exact_with_its_checksums_computed_beside_the_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    n = 2 * fmt._Behind.MIN
-    made = _count_checksum_threads(monkeypatch)
+    n = 32 << 20
+    made = _count_checksum_threads(monkeypatch, min_bytes=n // 2)
     rng = np.random.default_rng(5)
     state = {"big": aligned(n), "small": aligned(PAGE_SIZE)}
     state["big"][:] = rng.integers(0, 256, n, dtype=np.uint8)
