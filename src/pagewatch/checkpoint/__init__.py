@@ -542,7 +542,6 @@ class Checkpoint(Closeable):
         # Only now: a Checkpoint refused the lock must not release it (close, finaliser)
         self._store: Store | IcechunkStore = where
         self._last: int | None = None  # the generation the next delta builds on
-        self._number: int | None = None  # local: the next generation's number
         self._chain = 0  # deltas since the last base
         self._chain_bytes = 0  # their data bytes
         try:
@@ -601,14 +600,14 @@ class Checkpoint(Closeable):
                 or self._chain_bytes > self.max_chain_ratio * total)
         try:
             parts = self._parts(arrays, base)  # reset first, copy after (never lose a write)
-            if self._number is None:  # listed once: the lock keeps other writers out
-                self._number = max(self._store.generations(), default=-1) + 1
-            n = self._number
+            # The lock keeps other writers out: after a save of ours the next number is
+            # known; listed only at first and after a failure (whose name may be taken)
+            n = (self._last + 1 if self._last is not None
+                 else max(self._store.generations(), default=-1) + 1)
             idx = _write(self._store, n, None if base else self._last, _time.time(), parts,
                          PAGE_SIZE, self.checksum, self.compression)
         except BaseException:
             self._last = None  # trackers were reset: only a base is right after this
-            self._number = None  # the name may be taken (a commit failing after its rename)
             raise
         if base:
             self._chain, self._chain_bytes = 0, 0
@@ -616,7 +615,6 @@ class Checkpoint(Closeable):
             self._chain += 1
             self._chain_bytes += sum(e["data"]["raw_length"] for e in idx["arrays"])
         self._last = n
-        self._number = n + 1
         return _gen(idx)
 
     def _parts(self, arrays: dict[str, np.ndarray], base: bool) -> list[ArrayPart]:
