@@ -131,8 +131,9 @@ def test_a_save_writes_only_the_pages_written_since_the_previous_one(tmp_path: P
             a[p * PAGE_SIZE + 9] = p
         g = ck.save()
         assert g.pages == len(pages)
-        assert len(pages) * PAGE_SIZE < g.nbytes < len(pages) * PAGE_SIZE + 4096
-        assert full.nbytes >= a.nbytes
+        # the pages, then runs, index and trailer padded to the next 4 KiB (the file's end)
+        assert g.nbytes == len(pages) * PAGE_SIZE + 4096
+        assert full.nbytes >= a.nbytes and full.nbytes % 4096 == 0
         idx = fmt.read_index(LocalStore(tmp_path / "ck").open(1), 1)
         assert [e["kind"] for e in idx["arrays"]] == ["delta"]
         assert idx["parent"] == 0
@@ -298,45 +299,101 @@ def _direct_series_is(plain: list[bytes], path: Path, monkeypatch: pytest.Monkey
     assert same_state(pw.checkpoint.load(path), models[-1])
 
 
+class _FakeAio:
+    """An AIO context whose writes happen only when reaped, newest first: a block refilled
+    (or a file closed) before its write completed would show in the file's bytes.
+    ``result(count, fd, n)`` may say what the count-th write does instead: ``-errno`` (it
+    writes nothing), or a byte count (it writes that many: a short write)."""
+
+    def __init__(self, result: Any = None) -> None:
+        self.queue: list[tuple[int, np.ndarray, int, int, int]] = []
+        self.submitted = 0
+        self.result = result
+
+    def open(self) -> bool:
+        return True
+
+    def submit(self, fd: int, block: np.ndarray, offset: int, tag: int) -> None:
+        self.submitted += 1
+        self.queue.append((self.submitted, block, fd, offset, tag))
+
+    def reap(self, wait: int, interruptible: bool = True) -> list[tuple[int, int]]:
+        out = []
+        while self.queue and len(out) < max(wait, 1):
+            count, block, fd, offset, tag = self.queue.pop()
+            res = block.size if self.result is None else self.result(count, fd, block.size)
+            if res > 0:
+                os.pwrite(fd, block[:res].data, offset)
+            out.append((tag, res))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _no_aio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AIO here (a kernel without CONFIG_AIO): the saver writes in line."""
+    import errno
+
+    from pagewatch import _native
+
+    def refuse(nr: int) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(_native, "aio_setup", refuse)
+
+
+def _with_aio(monkeypatch: pytest.MonkeyPatch, fake: _FakeAio) -> None:
+    from pagewatch.checkpoint import _store
+
+    monkeypatch.setattr(_store, "_Aio", lambda: fake)
+
+
 @pytest.mark.kernel_independent
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_direct_io_writes_the_same_files_as_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
-    # Deltas (by default) or every generation go out through two reused blocks and a worker
-    # thread: the bytes must be those the plain writes put in the file, block edges and
-    # all (a lost, doubled or reordered block would differ).
-    import time
+    # Deltas (by default) or every generation go out through the store's blocks by AIO, or
+    # in line without it: the bytes must be those the plain writes put in the file, block
+    # edges and all (a lost, doubled, reordered or early-refilled block would differ).
+    from pagewatch.checkpoint import _store
 
     plain, models = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch,
                                  compression)
-    real_pwrite = os.pwrite
-
-    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
-        time.sleep(0.005)  # a slow disk: a block refilled before its write ends would show
-        return real_pwrite(fd, data, offset)
-
-    for i, (kw, slow) in enumerate([({}, False), ({"direct": True}, False),
-                                    ({"direct": True}, True)]):
+    fakes = {"late": _FakeAio(), "short": _FakeAio(lambda count, fd, n: n // 2 or n)}
+    for how in ["aio", "aio-all", "late", "short", "in line"]:
         with monkeypatch.context() as m:
-            if slow:
-                m.setattr(os, "pwrite", slow_pwrite)
-            files, _ = _save_series(tmp_path / f"d{i}", kw, monkeypatch, compression)
+            if how in fakes:
+                _with_aio(m, fakes[how])
+                m.setattr(_store, "DEPTH", 2)  # blocks reused within a save: after reaping
+            if how == "in line":
+                _no_aio(m)
+            files, _ = _save_series(tmp_path / how, {} if how == "aio" else {"direct": True},
+                                    monkeypatch, compression)
         assert [len(f) for f in files] == [len(f) for f in plain]
         assert files == plain
         for g, want in enumerate(models):
-            assert same_state(pw.checkpoint.load(tmp_path / f"d{i}", g), want)
-    if compression == "none":  # the big delta went through both blocks, twice
+            assert same_state(pw.checkpoint.load(tmp_path / how, g), want)
+    assert all(f.submitted > 6 and not f.queue for f in fakes.values())
+    if compression == "none":  # the big delta went through several blocks
         assert len(plain[2]) > 2 * (1 << 20)
 
 
 @pytest.mark.kernel_independent
-@pytest.mark.parametrize("where", ["open", "write"])
+@pytest.mark.parametrize("where", ["open", "submit", "completion", "in line"])
 def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     import errno
+    import fcntl
+
+    from pagewatch.checkpoint import _store
 
     plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
     refused = []
+
+    def is_direct(fd: int) -> bool:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
     real_open, real_pwrite = os.open, os.pwrite
 
     def fake_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
@@ -346,59 +403,117 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
         return real_open(path, flags, *args, **kw)
 
     def fake_pwrite(fd: int, data: Any, offset: int) -> int:
-        import fcntl
-
-        if where == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        if where == "in line" and is_direct(fd):
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
+    def at_completion(count: int, fd: int, n: int) -> int:
+        if is_direct(fd):
+            refused.append(fd)
+            return -errno.EINVAL
+        return n
+
+    fake = _FakeAio(at_completion if where == "completion" else None)
+    real_submit = fake.submit
+
+    def refusing_submit(fd: int, block: np.ndarray, offset: int, tag: int) -> None:
+        if where == "submit" and is_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_submit(fd, block, offset, tag)
+
+    fake.submit = refusing_submit  # type: ignore[method-assign]
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "pwrite", fake_pwrite)
+    if where == "in line":
+        _no_aio(monkeypatch)
+    else:
+        _with_aio(monkeypatch, fake)
     _direct_series_is(plain, tmp_path / "d", monkeypatch)
     assert refused  # the refusal happened and was met
+    assert _store._Aio is not None
+
+
+@pytest.mark.kernel_independent
+def test_without_aio_the_saver_writes_its_blocks_in_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
+    _no_aio(monkeypatch)
+    real_pwrite = os.pwrite
+    direct = []
+
+    def counting(fd: int, data: Any, offset: int) -> int:
+        import fcntl
+
+        direct.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", counting)
+    _direct_series_is(plain, tmp_path / "d", monkeypatch)
+    assert direct and all(direct)
 
 
 @pytest.mark.kernel_independent
 @pytest.mark.timeout(120)
-def test_a_worker_that_cannot_start_leaves_the_writes_to_the_saver(
+def test_a_load_where_no_thread_can_start_reads_ahead_nothing_and_hashes_in_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # At interpreter exit (Python 3.12+) or at a thread limit no thread starts: the save
-    # writes its blocks itself (it hung, waiting for a write never queued), a load reads
-    # without asking ahead and hashes in line.
-    plain, _ = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
+    # At interpreter exit (Python 3.12+) or at a thread limit no thread starts: a load
+    # neither asks for its deltas ahead nor hashes on a thread, and does not fail
+    plain, models = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch)
 
     def refuse(self: threading.Thread) -> None:
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
-    # and a load, whose prefetch and checksum threads (entries from 1 MiB here) cannot start
-    monkeypatch.setattr(fmt._Behind, "MIN", 1 << 20)
-    _direct_series_is(plain, tmp_path / "d", monkeypatch)
+    monkeypatch.setattr(fmt._Behind, "MIN", 1 << 20)  # entries from 1 MiB on: the big one
+    for g, want in enumerate(models):
+        assert same_state(pw.checkpoint.load(tmp_path / "plain", g), want)
+    _direct_series_is(plain, tmp_path / "d", monkeypatch)  # and saves need no thread
 
 
 @pytest.mark.kernel_independent
 @pytest.mark.timeout(120)
-def test_an_interrupt_while_the_worker_starts_fails_the_save_without_a_hang(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a = aligned(600 * PAGE_SIZE)
-    with pw.Checkpoint(tmp_path / "ck", a) as ck:
-        ck.save()
-        a[::PAGE_SIZE] = 1  # a delta of three blocks: the worker is needed
-        real_start = threading.Thread.start
+@pytest.mark.parametrize("when", ["submit", "wait"])
+def test_an_interrupt_with_writes_in_flight_fails_the_save_once_they_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    # Ctrl-C while the kernel still reads the blocks: the failed save returns only after
+    # those writes completed (the next save refills the blocks), and leaves nothing.
+    from pagewatch.checkpoint import _store
 
-        def interrupted(self: threading.Thread) -> None:
+    fake = _FakeAio()
+    real_submit, real_reap = fake.submit, fake.reap
+    armed = False
+
+    def submit(fd: int, block: np.ndarray, offset: int, tag: int) -> None:
+        if armed and when == "submit" and fake.submitted == 3:
             raise KeyboardInterrupt
+        real_submit(fd, block, offset, tag)
 
-        with monkeypatch.context() as m:
-            m.setattr(threading.Thread, "start", interrupted)
-            with pytest.raises(KeyboardInterrupt):
-                ck.save()
-        assert threading.Thread.start is real_start
+    def reap(wait: int, interruptible: bool = True) -> list[tuple[int, int]]:
+        if armed and when == "wait" and interruptible and len(fake.queue) >= 2:
+            raise KeyboardInterrupt  # a signal in io_getevents, the handler raising
+        return real_reap(wait, interruptible)
+
+    fake.submit, fake.reap = submit, reap  # type: ignore[method-assign]
+    _with_aio(monkeypatch, fake)
+    monkeypatch.setattr(_store, "DEPTH", 2)  # so the save waits for a block to be free
+    a = aligned(1024 * PAGE_SIZE)
+    with pw.Checkpoint(LocalStore(tmp_path / "ck", direct=True), a) as ck:
+        ck.save()
+        assert not fake.queue
+        a[::PAGE_SIZE] = 1  # every page: a delta of five blocks
+        fake.submitted = 0
+        armed = True
+        with pytest.raises(KeyboardInterrupt):
+            ck.save()
+        armed = False
+        assert not fake.queue  # every write in flight was reaped before the save returned
+        assert fake.submitted >= 2
         assert [g.number for g in ck.generations()] == [0]
         assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
         a[3 * PAGE_SIZE] = 2
-        assert ck.save().pages == 600  # a base, then deltas again
+        assert ck.save().pages == 1024  # a base, then deltas again
         a[4 * PAGE_SIZE] = 3
         assert ck.save().pages == 1
     assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
@@ -406,20 +521,35 @@ def test_an_interrupt_while_the_worker_starts_fails_the_save_without_a_hang(
 
 @pytest.mark.kernel_independent
 def test_a_forked_child_saving_does_not_write_into_the_parents_blocks(tmp_path: Path) -> None:
+    # The blocks are private, and the child's writes go through an AIO context of its own
+    # (the parent's cannot be used from the child's memory)
+    from pagewatch.checkpoint import _store
+
     store = LocalStore(tmp_path / "ck", direct=True)
     a = aligned(8 * PAGE_SIZE)
     with pw.Checkpoint(store, a) as ck:
         ck.save()
-        blocks, _ = store._direct()
-        before = blocks[0][:64].tobytes()
+        block = store._block(0)
+        before = block[:64].tobytes()
+        out = str(tmp_path / "child")
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
-                blocks[0][:64] = ord("A")  # what the child's own save would put there
+                block[:PAGE_SIZE] = ord("A")  # what the child's own save would put there
+                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+                if store._aio.open():
+                    store._aio.submit(fd, block[:PAGE_SIZE], 0, 5)
+                    code = 0 if store._aio.reap(1) == [(5, PAGE_SIZE)] else 2
             finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-        assert blocks[0][:64].tobytes() == before
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert Path(out).read_bytes() == b"A" * PAGE_SIZE
+        assert block[:64].tobytes() == before
+        a[0] = 1
+        assert ck.save().pages == 1  # the parent's context still works
+    assert isinstance(store._aio, _store._Aio)
 
 
 @pytest.mark.kernel_independent
@@ -439,33 +569,51 @@ def test_a_second_writer_on_the_same_store_object_is_refused(tmp_path: Path) -> 
 
 
 @pytest.mark.kernel_independent
-def test_a_write_failing_on_the_worker_thread_fails_the_save_and_leaves_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a = aligned(1024 * PAGE_SIZE)
-    real_pwrite = os.pwrite
-    calls = []
+@pytest.mark.parametrize("aio", [True, False])
+def test_a_write_failing_fails_the_save_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aio: bool) -> None:
+    import errno
 
-    def failing(fd: int, data: Any, offset: int) -> int:
+    a = aligned(1024 * PAGE_SIZE)
+    calls = []
+    real_pwrite = os.pwrite
+
+    def failing(count: int, fd: int, n: int) -> int:
+        calls.append(count)
+        return -errno.ENOSPC if count == 2 else n  # the second block: the first is on disk
+
+    def failing_pwrite(fd: int, data: Any, offset: int) -> int:
         calls.append(offset)
-        if len(calls) == 2:  # the second block: the first is already on disk
-            raise OSError(28, "No space left on device")
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
+    fake = _FakeAio()
+    if aio:
+        _with_aio(monkeypatch, fake)
+    else:
+        _no_aio(monkeypatch)
     with pw.Checkpoint(tmp_path / "ck", a) as ck:
         ck.save()
-        a[::PAGE_SIZE] = 1  # every page: a delta of three blocks
+        a[::PAGE_SIZE] = 1  # every page: a delta of five blocks
+        fake.submitted = 0
         with monkeypatch.context() as m:
-            m.setattr(os, "pwrite", failing)
+            if aio:
+                fake.result = failing
+            else:
+                m.setattr(os, "pwrite", failing_pwrite)
             with pytest.raises(OSError, match="No space"):
                 ck.save()
-        assert len(calls) == 2
+        fake.result = None
+        assert 2 in calls if aio else len(calls) == 2
+        assert not fake.queue
         assert [g.number for g in ck.generations()] == [0]
         assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
         a[5] = 2
         g = ck.save()  # a base: the failed save's reset lost nothing
         assert g.number == 1 and g.pages == 1024
         a[7 * PAGE_SIZE] = 3
-        assert ck.save().pages == 1  # and the worker writes the next delta
+        assert ck.save().pages == 1  # and the next delta is written
     assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
 
 

@@ -38,7 +38,8 @@ PyMODINIT_FUNC PyInit__native(void)
     if (!m)
         return NULL;
     PyMethodDef *tables[] = {pw_core_methods, pw_track_methods, pw_inject_methods,
-                             pw_tracer_methods, pw_freeze_methods, pw_bench_methods, pw_copy_methods};
+                             pw_tracer_methods, pw_freeze_methods, pw_bench_methods, pw_copy_methods,
+                             pw_aio_methods};
     for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++)
         if (add_table(m, tables[i]) < 0) {
             Py_DECREF(m);

@@ -108,5 +108,6 @@ extern PyMethodDef pw_tracer_methods[];   /* tracer.c: pagewatch run's tracer */
 extern PyMethodDef pw_freeze_methods[];   /* freeze.c: every thread of a process stopped */
 extern PyMethodDef pw_bench_methods[];    /* bench.c: writers and the C reference floor */
 extern PyMethodDef pw_copy_methods[];     /* copy.c: Snapshot's page-run copy and madvise loops */
+extern PyMethodDef pw_aio_methods[];      /* aio.c: a checkpoint's direct writes, fallocate */
 
 #endif

@@ -8,7 +8,8 @@ The layout (README, "Checkpoints") is::
                or one zstd frame of them)
     index      UTF-8 JSON: generation, parent, time, page size, checksum and compression
                names, and per array: name, dtype descr, shape, order, byte size, kind
-               ("full" or "delta"), and the offset, length and checksum of its runs and data
+               ("full" or "delta"), and the offset, length and checksum of its runs and data;
+               padded with spaces so the file's length is a multiple of 4 KiB
     trailer    24 bytes   u64 index offset, u32 index length, u32 CRC32 of the index,
                b"PWCKEND\\0"
 
@@ -47,6 +48,8 @@ TRAILER = struct.Struct("<QII8s")
 CHUNK = 1 << 20
 #: pages put into a direct writer's block at a time (its first write goes out sooner)
 PIECE = 64
+#: a file's length is a multiple of this (the index is padded with spaces)
+ALIGN = 4096
 
 CHECKSUMS = ("crc32", "xxh3_64")
 COMPRESSIONS = ("none", "zstd")
@@ -161,7 +164,7 @@ def check_options(checksum: str, compression: str) -> None:
 class Writer(Protocol):
     """Where a generation's bytes go.  One may also have ``reserve()`` and ``advance(n)``
     (see :class:`~pagewatch.checkpoint.GenerationWriter`): then the bytes are put straight
-    into its buffer."""
+    into its buffer; and ``expect(n)``: told first how many bytes will come, less the index."""
 
     def write(self, data: Any) -> None: ...
 
@@ -215,6 +218,11 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
         out.write(data)
         pos += len(memoryview(data).cast("B"))
 
+    expect = getattr(sink, "expect", None)
+    if callable(expect):  # what follows, less the index: room for it may be made at once
+        expect(PREAMBLE.size + sum(
+            flat_bytes(p.array).size if p.runs is None
+            else 16 * len(p.runs) + int((p.runs[:, 1] - p.runs[:, 0]).sum()) for p in parts))
     emit(PREAMBLE.pack(MAGIC, VERSION, generation))
     entries = []
     buf = np.empty(CHUNK, np.uint8)
@@ -331,6 +339,9 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
              "compression": compression, "arrays": entries,
              "pages": int(sum(e["pages"] for e in entries))}
     blob = json.dumps(index, separators=(",", ":")).encode()
+    # Spaces (still JSON) so the file ends on a 4 KiB boundary: a direct write's last block
+    # is then the file's end, with no zeros past it to cut off (an ftruncate per save)
+    blob += b" " * (-(pos + len(blob) + TRAILER.size) % ALIGN)
     index_at = pos
     emit(blob)
     emit(TRAILER.pack(index_at, len(blob), zlib.crc32(blob), END_MAGIC))
