@@ -437,7 +437,9 @@ class LocalStore(Store):
     ``direct`` says which generations are written with direct I/O (``O_DIRECT``, see the
     module's docstring): ``None`` (default) a durable store's deltas, ``True`` every
     generation, ``False`` none.  The files are the same bytes either way; a file system
-    without direct I/O gets them through the page cache.
+    without direct I/O gets them through the page cache.  Writing directly, the store keeps
+    1 MiB blocks of memory for its life, as many as its largest generation filled (16 at
+    most), and an AIO context until :meth:`unlock`.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, durable: bool = True,
