@@ -299,15 +299,23 @@ def _direct_series_is(plain: list[bytes], path: Path, monkeypatch: pytest.Monkey
     assert same_state(pw.checkpoint.load(path), models[-1])
 
 
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
 class _FakeAio:
-    """An AIO context whose writes happen only when reaped, newest first: a block refilled
-    (or a file closed) before its write completed would show in the file's bytes.
-    ``result(count, fd, n)`` may say what the count-th write does instead: ``-errno`` (it
-    writes nothing), or a byte count (it writes that many: a short write)."""
+    """An AIO context whose writes happen only when reaped, newest first (or when it is
+    closed: io_destroy waits for them): a block refilled (or a file closed) before its
+    write completed would show in the file's bytes.  ``result(count, n, direct)`` may say
+    what the count-th write (``n`` bytes, submitted with O_DIRECT or not) does instead:
+    ``-errno`` (it writes nothing), or a byte count (it writes that many: a short write)."""
 
     def __init__(self, result: Any = None) -> None:
-        self.queue: list[tuple[int, np.ndarray, int, int, int]] = []
+        self.queue: list[tuple[int, np.ndarray, int, int, int, bool]] = []
         self.submitted = 0
+        self.closed = 0
         self.result = result
 
     def open(self) -> bool:
@@ -315,20 +323,27 @@ class _FakeAio:
 
     def submit(self, fd: int, block: np.ndarray, offset: int, tag: int) -> None:
         self.submitted += 1
-        self.queue.append((self.submitted, block, fd, offset, tag))
+        self.queue.append((self.submitted, block, fd, offset, tag, _is_direct(fd)))
+
+    def _complete(self) -> tuple[int, int]:
+        count, block, fd, offset, tag, direct = self.queue.pop()
+        res = block.size if self.result is None else self.result(count, block.size, direct)
+        if res > 0:
+            os.pwrite(fd, block[:res].data, offset)
+        return tag, res
 
     def reap(self, wait: int, interruptible: bool = True) -> list[tuple[int, int]]:
+        if wait and not self.queue:
+            raise AssertionError("io_getevents would wait for ever: nothing is in flight")
         out = []
         while self.queue and len(out) < max(wait, 1):
-            count, block, fd, offset, tag = self.queue.pop()
-            res = block.size if self.result is None else self.result(count, fd, block.size)
-            if res > 0:
-                os.pwrite(fd, block[:res].data, offset)
-            out.append((tag, res))
+            out.append(self._complete())
         return out
 
     def close(self) -> None:
-        pass
+        self.closed += 1
+        while self.queue:
+            self._complete()
 
 
 def _no_aio(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,7 +375,7 @@ def test_direct_io_writes_the_same_files_as_the_page_cache(
 
     plain, models = _save_series(tmp_path / "plain", {"direct": False}, monkeypatch,
                                  compression)
-    fakes = {"late": _FakeAio(), "short": _FakeAio(lambda count, fd, n: n // 2 or n)}
+    fakes = {"late": _FakeAio(), "short": _FakeAio(lambda count, n, direct: n // 2 or n)}
     for how in ["aio", "aio-all", "late", "short", "in line"]:
         with monkeypatch.context() as m:
             if how in fakes:
@@ -408,9 +423,9 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
-    def at_completion(count: int, fd: int, n: int) -> int:
-        if is_direct(fd):
-            refused.append(fd)
+    def at_completion(count: int, n: int, direct: bool) -> int:
+        if direct:  # each write made with O_DIRECT, in flight beside the first refused
+            refused.append(count)
             return -errno.EINVAL
         return n
 
@@ -432,6 +447,8 @@ def test_a_file_system_refusing_direct_io_gets_the_same_bytes_through_the_page_c
         _with_aio(monkeypatch, fake)
     _direct_series_is(plain, tmp_path / "d", monkeypatch)
     assert refused  # the refusal happened and was met
+    if where == "completion":  # several writes in flight, each refused
+        assert len(refused) > 1
     assert _store._Aio is not None
 
 
@@ -474,11 +491,14 @@ def test_a_load_where_no_thread_can_start_reads_ahead_nothing_and_hashes_in_line
 
 @pytest.mark.kernel_independent
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("when", ["submit", "wait"])
+@pytest.mark.parametrize("when", ["before a submit", "after a submit", "in a wait",
+                                  "after a reap"])
 def test_an_interrupt_with_writes_in_flight_fails_the_save_once_they_complete(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
-    # Ctrl-C while the kernel still reads the blocks: the failed save returns only after
-    # those writes completed (the next save refills the blocks), and leaves nothing.
+    # Ctrl-C while the kernel still reads the blocks, at any point of the bookkeeping (a
+    # signal's handler runs as soon as a call returns): the failed save returns only after
+    # those writes completed (the next save refills the blocks), leaves nothing, and the
+    # next saves neither hang nor mistake an old completion for theirs.
     from pagewatch.checkpoint import _store
 
     fake = _FakeAio()
@@ -486,14 +506,19 @@ def test_an_interrupt_with_writes_in_flight_fails_the_save_once_they_complete(
     armed = False
 
     def submit(fd: int, block: np.ndarray, offset: int, tag: int) -> None:
-        if armed and when == "submit" and fake.submitted == 3:
+        if armed and when == "before a submit" and fake.submitted == 3:
             raise KeyboardInterrupt
         real_submit(fd, block, offset, tag)
+        if armed and when == "after a submit" and fake.submitted == 3:
+            raise KeyboardInterrupt
 
     def reap(wait: int, interruptible: bool = True) -> list[tuple[int, int]]:
-        if armed and when == "wait" and interruptible and len(fake.queue) >= 2:
+        if armed and when == "in a wait" and interruptible and len(fake.queue) >= 2:
             raise KeyboardInterrupt  # a signal in io_getevents, the handler raising
-        return real_reap(wait, interruptible)
+        got = real_reap(wait, interruptible)
+        if armed and when == "after a reap" and fake.submitted >= 3:
+            raise KeyboardInterrupt  # the completions taken, not yet booked
+        return got
 
     fake.submit, fake.reap = submit, reap  # type: ignore[method-assign]
     _with_aio(monkeypatch, fake)
@@ -508,14 +533,43 @@ def test_an_interrupt_with_writes_in_flight_fails_the_save_once_they_complete(
         with pytest.raises(KeyboardInterrupt):
             ck.save()
         armed = False
-        assert not fake.queue  # every write in flight was reaped before the save returned
-        assert fake.submitted >= 2
+        assert not fake.queue  # every write in flight ended before the save returned
+        assert fake.submitted >= 2 and fake.closed == 1
         assert [g.number for g in ck.generations()] == [0]
         assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
         a[3 * PAGE_SIZE] = 2
         assert ck.save().pages == 1024  # a base, then deltas again
         a[4 * PAGE_SIZE] = 3
-        assert ck.save().pages == 1
+        a[900 * PAGE_SIZE:] = 4
+        assert ck.save().pages == 125
+        assert pw.checkpoint.verify(tmp_path / "ck") == []
+    assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
+
+
+@pytest.mark.kernel_independent
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_room_allocated_ahead_and_not_filled_is_cut_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str) -> None:
+    # fallocate failing part way (ENOSPC) keeps what it allocated and the file's size with
+    # it; a zstd delta fills less than its pages' size: no file may end in unused room
+    import errno
+
+    from pagewatch import _native
+
+    def partial(fd: int, mode: int, offset: int, length: int) -> None:
+        os.ftruncate(fd, offset + length + 5 * PAGE_SIZE)  # more than the save will fill
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_native, "fallocate", partial)
+    a = aligned(300 * PAGE_SIZE)
+    a[:] = 7  # compresses well
+    with pw.Checkpoint(LocalStore(tmp_path / "ck", direct=True), a,
+                       compression=compression) as ck:
+        for g in range(3):
+            a[g * 100 * PAGE_SIZE:(g * 100 + 50) * PAGE_SIZE] = g
+            info = ck.save()
+            assert os.path.getsize(tmp_path / "ck" / f"{g:08d}.pwg") == info.nbytes
+    assert pw.checkpoint.verify(tmp_path / "ck") == []
     assert same(pw.checkpoint.load(tmp_path / "ck")["arr_0"], a)
 
 
@@ -578,7 +632,7 @@ def test_a_write_failing_fails_the_save_and_leaves_nothing(
     calls = []
     real_pwrite = os.pwrite
 
-    def failing(count: int, fd: int, n: int) -> int:
+    def failing(count: int, n: int, direct: bool) -> int:
         calls.append(count)
         return -errno.ENOSPC if count == 2 else n  # the second block: the first is on disk
 

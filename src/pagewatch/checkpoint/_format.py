@@ -219,7 +219,8 @@ def write_generation(out: Writer, *, generation: int, parent: int | None, time: 
         pos += len(memoryview(data).cast("B"))
 
     expect = getattr(sink, "expect", None)
-    if callable(expect):  # what follows, less the index: room for it may be made at once
+    if callable(expect) and compression == "none":
+        # What follows, less the index (known exactly: not compressed): room made at once
         expect(PREAMBLE.size + sum(
             flat_bytes(p.array).size if p.runs is None
             else 16 * len(p.runs) + int((p.runs[:, 1] - p.runs[:, 0]).sum()) for p in parts))

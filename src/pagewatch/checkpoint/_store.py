@@ -205,11 +205,13 @@ class _Aio:
         return _native.aio_reap(self._ctx, wait, DEPTH, interruptible)
 
     def close(self) -> None:
-        if self._ctx is not None and self._pid == os.getpid():
+        """Wait for every write in flight and drop the context (and its completions not
+        reaped); the next :meth:`open` makes a new one."""
+        ctx, mine = self._ctx, self._pid == os.getpid()
+        self._ctx, self._pid = None, 0  # first: an interrupt below leaves no dead context
+        if ctx is not None and mine:
             with contextlib.suppress(OSError):
-                _native.aio_destroy(self._ctx)  # waits for writes in flight
-        self._ctx = None
-        self._pid = 0
+                _native.aio_destroy(ctx)
 
 
 class _Staged:
@@ -228,7 +230,9 @@ class _Staged:
         self._fill = 0
         self.length = 0  # bytes handed out to be written so far
         self._end = 0  # the file's size: allocated ahead or written, whichever is further
-        self._busy: dict[int, tuple[int, int]] = {}  # block -> (offset, bytes) in flight
+        # block -> (offset, bytes, O_DIRECT or not) in flight
+        self._busy: dict[int, tuple[int, int, bool]] = {}
+        self._direct = True  # the file was opened with O_DIRECT; cleared on a refusal
         self._error: BaseException | None = None
 
     def expect(self, nbytes: int) -> None:
@@ -240,6 +244,8 @@ class _Staged:
             try:
                 _native.fallocate(self._fd, 0, self._end, n - self._end)
             except OSError:  # EOPNOTSUPP and the like: the writes extend the file instead
+                # (ENOSPC part way: ext4 keeps what it allocated, and the size with it)
+                self._end = max(self._end, os.fstat(self._fd).st_size)
                 return
             self._end = n
 
@@ -270,14 +276,15 @@ class _Staged:
             if self._aio is None:
                 self._write(block[:write], off)
             else:
+                # Booked first: an interrupt right after the submit must not lose it
+                self._busy[i] = (off, write, self._direct)
                 try:
                     self._aio.submit(self._fd, block[:write], off, i)
                 except OSError as exc:
-                    if not self._refused(exc.errno):
+                    del self._busy[i]
+                    if not self._refused(exc.errno, self._direct):
                         raise
                     self._write(block[:write], off)
-                else:
-                    self._busy[i] = (off, write)
         self._end = max(self._end, off + write)
         carry = self._fill - n
         self.length += n
@@ -296,27 +303,33 @@ class _Staged:
         try:
             _pwrite_all(self._fd, data.data, offset)
         except OSError as exc:
-            if not self._refused(exc.errno):
+            if not self._refused(exc.errno, self._direct):
                 raise
             _pwrite_all(self._fd, data.data, offset)
 
-    def _refused(self, err: int | None) -> bool:
-        """Whether ``err`` is a refusal of direct I/O, now turned off for this file."""
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        if err != errno.EINVAL or not flags & os.O_DIRECT:
+    def _refused(self, err: int | None, direct: bool) -> bool:
+        """Whether ``err``, from a write made with ``O_DIRECT`` or not, is a refusal of
+        direct I/O; direct I/O is then off for this file (the writes in flight beside that
+        one were made with it too: each is refused and redone)."""
+        if err != errno.EINVAL or not direct:
             return False
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        if self._direct:
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self._direct = False
         return True
 
     def _reap(self, wait: int, interruptible: bool = True) -> None:
         assert self._aio is not None
-        # Every completion is taken off the books first: an exception while one is handled
-        # must not leave another counted as in flight (stop() would wait for it for ever)
+        # Every completion is taken off the books first, so an error handling one leaves
+        # the others counted right.  (An interrupt may still come between the reap and
+        # this: the save then fails, and stop() waits by closing the context, not by
+        # counting.)
         done = [(tag, res, *self._busy.pop(tag))
                 for tag, res in self._aio.reap(wait, interruptible)]
-        for tag, res, off, n in done:
+        for tag, res, off, n, direct in done:
             try:
-                if res < 0 and not self._refused(-res):
+                if res < 0 and not self._refused(-res, direct):
                     raise OSError(-res, os.strerror(-res))
                 if res < n:  # refused (redone through the page cache), or short
                     got = max(res, 0)
@@ -333,7 +346,8 @@ class _Staged:
             size = -(-fill // ALIGN) * ALIGN
             self._store._block(self._cur)[fill:size] = 0
             self._submit(fill, size)
-        self.stop()
+        while self._busy:
+            self._reap(1, interruptible=False)
         if self._error is not None:
             raise self._error
         if self._end != self.length:  # zeros written past the end, or room left unused
@@ -341,10 +355,13 @@ class _Staged:
         return self.length
 
     def stop(self) -> None:
-        """Wait for the writes in flight (on an error too): until they complete the kernel
-        reads the blocks, which the next save refills."""
-        while self._busy:
-            self._reap(1, interruptible=False)
+        """After a failure: wait for the writes in flight, whose blocks the next save
+        refills.  Not by counting completions (an interrupt may have come between a reap
+        and its bookkeeping): closing the context waits for all of its writes and drops
+        their completions; the next save makes a new one."""
+        self._busy.clear()
+        if self._aio is not None:
+            self._aio.close()
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -413,9 +430,14 @@ class _FileWriter(GenerationWriter):
             _fsync_dir(self._store.path)
 
     def abort(self) -> None:
-        if self._staged is not None:
-            self._staged.stop()
-            self._staged = None
+        try:
+            if self._staged is not None:
+                staged, self._staged = self._staged, None
+                staged.stop()
+        finally:
+            self._close_unlink()
+
+    def _close_unlink(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
