@@ -18,7 +18,7 @@ touch of such a page costs ~10 us, so a 1 % save of 1 GiB spent 26 of its 31 ms 
 into the page cache.  Direct I/O writes from blocks of this process's own memory, reused
 from save to save (``_Staged``); the file's room is allocated first and the blocks are
 queued by Linux AIO as they fill, up to 16 in flight (a thread calling ``pwrite`` kept one
-in flight: the same save took 8-9 ms, 6 ms now, its 10 MiB alone 3.6 ms of disk time).
+in flight: the same save took 8-9 ms, 6-7.5 ms now, its 10 MiB alone 3.6 ms of disk time).
 A base goes through the page cache, like ``np.save``'s file: every load of its chain reads
 it whole.
 """
@@ -169,8 +169,9 @@ BLOCK = 1 << 20
 ALIGN = 4096
 #: the first write goes out once this much is filled, so the disk starts sooner
 FIRST = 256 << 10
-#: blocks, so writes in flight, at most.  Measured here (a 1 % save of 1 GiB, 10 MiB):
-#: 6.8 ms with 16, 7.4 with 8, 8.0 with 4; a thread calling pwrite (one in flight) 9.1
+#: blocks, so writes in flight, at most.  Measured here (tests/evidence/checkpoint_depth.py,
+#: a 1 % save of 1 GiB, 10 MiB): 7.4-7.5 ms with 16, 7.3-7.5 with 8, 8.0-8.1 with 4,
+#: 8.5-8.6 with 2, 10.3-10.8 with none (in line)
 DEPTH = 16
 
 
