@@ -93,3 +93,69 @@ def test_memory_replaced_at_the_same_address_between_two_collects_is_reported_wh
         assert pages_at(p.collect(), buf, 8) == set()
         assert target.cmd(f"flip 6 {PROT_READ | 2}") == "ok"
         assert pages_at(p.collect(), buf, 8) == {6}
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+def test_a_write_before_part_of_the_memory_is_replaced_during_the_collect_is_reported(
+        target: Target, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target replaces the end of a mapping after the collect read the maps and before
+    it scans (the scan stops at the new memory with EPERM, having reset the pages before
+    it): the page written before is reported by this collect or the next, never lost.
+    The race is made certain by handing the collect the maps it read before."""
+    buf = int(target.cmd("buf"))
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        stale = p._maps_now()
+        p.collect()  # the same layout twice: its scan plan is reused
+        assert target.cmd("part 1 5") == "ok"
+        with monkeypatch.context() as m:
+            m.setattr(p, "_maps_now", lambda: stale)
+            first = pages_at(p.collect(), buf, 8)
+        second = pages_at(p.collect(), buf, 8)
+        assert 1 in first | second
+        assert {5, 6, 7} <= first | second  # the new memory: reported whole
+        assert target.cmd(f"flip 2 {PROT_READ | 2}") == "ok"  # and the rest still tracked
+        assert pages_at(p.collect(), buf, 8) == {2}
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+def test_a_mapping_rescanned_after_a_refusal_keeps_what_its_failed_scan_reset(
+        target: Target, backend: str) -> None:
+    """The per-mapping scan (a mapping new to the plan, or one the batched scan was refused
+    on) meets memory replaced since the maps were read: what it walked and reset before the
+    refusal is reported, not dropped with the error."""
+    buf = int(target.cmd("buf"))
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        _, everything = p._maps_now()
+        m = next(x for x in everything if x.start <= buf < x.end)
+        assert target.cmd("part 1 5") == "ok"
+        runs, _ = p._collect_uffd(m, True, register=True)
+        got = {(a - buf) // PAGE_SIZE for s, e in runs.tolist()
+               for a in range(s, e, PAGE_SIZE) if buf <= a < buf + 8 * PAGE_SIZE}
+        assert {1, 5, 6, 7} <= got
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+def test_a_write_before_a_refused_scan_is_reported_when_the_new_memory_is_gone_again(
+        target: Target, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched scan is refused by memory mapped over the mapping's end after the maps
+    were read, and that memory is unmapped again before the mapping is rescanned (the
+    rescan then meets no refusal): the page written before is still reported."""
+    buf = int(target.cmd("buf"))
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        stale = p._maps_now()
+        p.collect()
+        assert target.cmd("part 1 5") == "ok"
+        real = p._collect_uffd
+
+        def gone_first(*args: object, **kw: object) -> object:
+            assert target.cmd("unmap 5") == "ok"
+            return real(*args, **kw)  # type: ignore[arg-type]
+
+        with monkeypatch.context() as mp:
+            mp.setattr(p, "_maps_now", lambda: stale)
+            mp.setattr(p, "_collect_uffd", gone_first)
+            first = pages_at(p.collect(), buf, 8)
+        assert 1 in first | pages_at(p.collect(), buf, 8)

@@ -11,6 +11,9 @@
  *                       write, as RELRO's are); prints the address
  *   remap PAGE          replace the buffer by new memory at the same address (munmap +
  *                       mmap MAP_FIXED, the same line in the maps), write PAGE of it
+ *   part PAGE FROM      write PAGE of the buffer, then replace its pages from FROM on by
+ *                       new memory (mmap MAP_FIXED over them: the buffer's VMA split)
+ *   unmap FROM          unmap the buffer's pages from FROM on
  *
  * PROT: 0 none, 1 read, 5 read + exec.  The byte written is 100 of each page.
  */
@@ -83,6 +86,22 @@ int main(void)
                 exit(3);
             }
             buf[(size_t)a * PG + 100] = ++counter;
+            printf("ok\n");
+        } else if (!strcmp(cmd, "part")) {
+            /* page a written, then pages [b, NBUF) replaced by new memory: the mapping's
+             * start is still the memory that was tracked */
+            buf[(size_t)a * PG + 100] = ++counter;
+            if (mmap(buf + (size_t)b * PG, (size_t)(NBUF - b) * PG, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != buf + (size_t)b * PG) {
+                perror("part");
+                exit(3);
+            }
+            printf("ok\n");
+        } else if (!strcmp(cmd, "unmap")) {
+            if (munmap(buf + (size_t)a * PG, (size_t)(NBUF - a) * PG)) {
+                perror("unmap");
+                exit(3);
+            }
             printf("ok\n");
         } else if (!strcmp(cmd, "anon") || !strcmp(cmd, "file")) {
             int fd = -1;

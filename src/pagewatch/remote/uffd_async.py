@@ -153,15 +153,23 @@ class UffdAsyncMethod(TrackedMemory):
                                          first_sight=True)
         else:
             new, is_new = _EMPTY_RUNS, False
+        got: list[np.ndarray] = []
         for _attempt in range(3):
             try:
-                got = [_runs_of(self._scan(s, e, category_mask=_WRITTEN, return_mask=_WRITTEN,
-                                           wp_matching=reset, check_wpasync=True))
-                       for s, e in self._ours.within(m.start, m.end)]
+                for s, e in self._ours.within(m.start, m.end):
+                    # kept part by part: a part scanned (and reset) stays reported if a
+                    # later one fails
+                    got.append(_runs_of(self._scan(s, e, category_mask=_WRITTEN,
+                                                   return_mask=_WRITTEN, wp_matching=reset,
+                                                   check_wpasync=True)))
                 break
             except InvalidRange as exc:
                 if exc.errno != errno.EPERM:
                     raise
+                if reset:
+                    # The scan walked (and reset) the part up to the memory it refused, and
+                    # its runs are lost with the error: report the whole part, not less
+                    got.append(np.array([[s, e]], np.int64))
             # A range we registered was unmapped and mapped again (or moved by mremap): its
             # new VMA is not registered.  Its old content is gone, so all of it is reported
             # (a page that held data and now reads zero has changed too).  Register it, scan
@@ -289,10 +297,16 @@ class UffdAsyncMethod(TrackedMemory):
                                                             _WRITTEN)
             scanned = np.asarray(rows, np.uint64)[:, :2].astype(np.int64)
             redo: set[int] = set()
+            refused: dict[int, list[tuple[int, int]]] = {}
             for i in np.flatnonzero(errs).tolist():
                 err = int(errs[i])
                 if err == errno.EPERM:
                     redo.add(int(owner_of_range[i]))  # replaced since: see _collect_uffd
+                    if reset:
+                        # Its scan reset what it walked before the memory it refused, and
+                        # the runs went with the error: the whole range is reported
+                        refused.setdefault(int(owner_of_range[i]), []).append(
+                            (int(ranges[i, 0]), int(ranges[i, 1])))
                     continue
                 start, end = int(ranges[i, 0]), int(ranges[i, 1])
                 if err == -1:
@@ -304,6 +318,8 @@ class UffdAsyncMethod(TrackedMemory):
             for i in sorted(redo):
                 m = entries[i]
                 runs, is_new = self._collect_uffd(m, reset, register=self._select(m))
+                if i in refused:
+                    runs = np.concatenate([runs, np.array(refused[i], np.int64)])
                 extra.append((m, runs))
                 if is_new:
                     new.add(m)
