@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -149,13 +150,75 @@ def test_a_write_before_a_refused_scan_is_reported_when_the_new_memory_is_gone_a
         p.collect()
         assert target.cmd("part 1 5") == "ok"
         real = p._collect_uffd
+        rescanned = []
 
-        def gone_first(*args: object, **kw: object) -> object:
+        def gone_first(m: Any, *args: Any, **kw: Any) -> Any:
+            rescanned.append(m.start <= buf < m.end)
             assert target.cmd("unmap 5") == "ok"
-            return real(*args, **kw)  # type: ignore[arg-type]
+            return real(m, *args, **kw)
 
         with monkeypatch.context() as mp:
             mp.setattr(p, "_maps_now", lambda: stale)
             mp.setattr(p, "_collect_uffd", gone_first)
             first = pages_at(p.collect(), buf, 8)
+        assert rescanned == [True]  # only the refused mapping, after the batched scan
         assert 1 in first | pages_at(p.collect(), buf, 8)
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+@pytest.mark.parametrize("error", [-1, 12])  # no progress, ENOMEM
+def test_writes_a_failed_collect_had_reset_are_reported_by_the_next(
+        target: Target, backend: str, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    """The batched scan resets every range, then one range's scan failed (not a refusal):
+    the collect raises, and what it had reset (in the other ranges too) is reported by the
+    next collect, not lost with the error."""
+    from pagewatch import _native
+    from pagewatch.errors import PagewatchError
+
+    buf = int(target.cmd("buf"))
+    real = _native.pagemap_scan_ranges
+
+    def one_fails(fd: int, ranges: Any, flags: int, *args: Any) -> Any:
+        rows, owner, errs = real(fd, ranges, flags, *args)
+        if flags & 1:  # a resetting scan: another range than the buffer's failed
+            errs = errs.copy()
+            errs[next(i for i, (a, b) in enumerate(ranges.tolist()) if not a <= buf < b)] = error
+        return rows, owner, errs
+
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        p.collect()
+        assert target.cmd(f"flip 2 {PROT_READ | 2}") == "ok"
+        with monkeypatch.context() as m:
+            m.setattr(_native, "pagemap_scan_ranges", one_fails)
+            with pytest.raises((PagewatchError, OSError)):
+                p.collect()
+        assert pages_at(p.collect(), buf, 8) == {2}
+        assert pages_at(p.collect(), buf, 8) == set()
+
+
+@pytest.mark.parametrize("backend", [UFFD])
+def test_writes_a_failed_per_mapping_scan_had_reset_are_reported_by_the_next_collect(
+        target: Target, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the per-mapping scan: it reset the mapping's pages, then failed."""
+    from pagewatch.errors import PagewatchError
+
+    buf = int(target.cmd("buf"))
+    with ProcessTracker(target.pid, backend=backend) as p:
+        p.collect()
+        _, everything = p._maps_now()
+        m = next(x for x in everything if x.start <= buf < x.end)
+        assert target.cmd(f"flip 2 {PROT_READ | 2}") == "ok"
+        real = p._scan
+
+        def reset_then_fail(start: int, end: int, **kw: Any) -> Any:
+            rows = real(start, end, **kw)
+            if kw.get("wp_matching"):
+                raise PagewatchError("failed after its reset")
+            return rows
+
+        with monkeypatch.context() as mp:
+            mp.setattr(p, "_scan", reset_then_fail)
+            with pytest.raises(PagewatchError):
+                p._collect_uffd(m, True, register=True)
+        assert 2 in pages_at(p.collect(), buf, 8)

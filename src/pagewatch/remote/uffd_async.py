@@ -154,44 +154,53 @@ class UffdAsyncMethod(TrackedMemory):
         else:
             new, is_new = _EMPTY_RUNS, False
         got: list[np.ndarray] = []
-        for _attempt in range(3):
-            try:
-                for s, e in self._ours.within(m.start, m.end):
-                    # kept part by part: a part scanned (and reset) stays reported if a
-                    # later one fails
-                    got.append(_runs_of(self._scan(s, e, category_mask=_WRITTEN,
-                                                   return_mask=_WRITTEN, wp_matching=reset,
-                                                   check_wpasync=True)))
-                break
-            except InvalidRange as exc:
-                if exc.errno != errno.EPERM:
-                    raise
-                if reset:
-                    # The scan walked (and reset) the part up to the memory it refused, and
-                    # its runs are lost with the error: report the whole part, not less
-                    got.append(np.array([[s, e]], np.int64))
-            # A range we registered was unmapped and mapped again (or moved by mremap): its
-            # new VMA is not registered.  Its old content is gone, so all of it is reported
-            # (a page that held data and now reads zero has changed too).  Register it, scan
-            # again.
-            replaced = [r for s, e in self._ours.within(m.start, m.end)
-                        for r in self._unregistered(s, e)]
-            for a, b in replaced:
-                self._ours.remove(a, b)
-            if register:
-                more, _ = self._register(m, self._ours.missing(m.start, m.end),
-                                         first_sight=True)
+        part = (m.start, m.start)
+        try:
+            for _attempt in range(3):
+                try:
+                    for part in self._ours.within(m.start, m.end):
+                        # kept part by part: a part scanned (and reset) stays reported if a
+                        # later one fails
+                        got.append(_runs_of(self._scan(*part, category_mask=_WRITTEN,
+                                                       return_mask=_WRITTEN, wp_matching=reset,
+                                                       check_wpasync=True)))
+                    break
+                except InvalidRange as exc:
+                    if exc.errno != errno.EPERM:
+                        raise
+                    if reset:
+                        # The scan walked (and reset) the part up to the memory it refused,
+                        # and its runs are lost with the error: report the whole part
+                        got.append(np.array([part], np.int64))
+                # A range we registered was unmapped and mapped again (or moved by mremap):
+                # its new VMA is not registered.  Its old content is gone, so all of it is
+                # reported (a page that held data and now reads zero has changed too).
+                # Register it, scan again.
+                replaced = [r for s, e in self._ours.within(m.start, m.end)
+                            for r in self._unregistered(s, e)]
+                for a, b in replaced:
+                    self._ours.remove(a, b)
+                if register:
+                    more, _ = self._register(m, self._ours.missing(m.start, m.end),
+                                             first_sight=True)
+                else:
+                    more = _EMPTY_RUNS
+                new = np.concatenate([new, more, np.array(replaced, np.int64).reshape(-1, 2)])
+                is_new = True
             else:
-                more = _EMPTY_RUNS
-            new = np.concatenate([new, more, np.array(replaced, np.int64).reshape(-1, 2)])
-            is_new = True
-        else:
-            # The target keeps remapping this range: report all of it rather than miss a write.
-            return np.array([[m.start, m.end]], np.int64), True
-        if not reset and len(new):
-            self._pending = np.concatenate([self._pending, new])
-            new = _EMPTY_RUNS
-        return np.concatenate([new, *got]) if got else new, is_new
+                # The target keeps remapping this range: report all of it rather than miss a write.
+                if not reset and len(new):  # (and the replaced memory again after a reset)
+                    self._pending = np.concatenate([self._pending, new])
+                return np.array([[m.start, m.end]], np.int64), True
+            if not reset and len(new):
+                self._pending = np.concatenate([self._pending, new])
+                new = _EMPTY_RUNS
+            return np.concatenate([new, *got]) if got else new, is_new
+        except BaseException:
+            if reset:  # what this failed scan reset is the next collect's to report
+                self._pending = np.concatenate([self._pending, new, *got,
+                                                np.array([part], np.int64)])
+            raise
 
 
     def _plan_uffd(self, text: bytes, everything: list[Mapping]
@@ -279,6 +288,9 @@ class UffdAsyncMethod(TrackedMemory):
         _, entries, ranges, owner_of_range, candidates, layout = self._plan
         extra: list[tuple[Mapping, np.ndarray]] = []
         fd = self._pagemap.fileno()
+        scanned = _EMPTY_RUNS
+        errored = _EMPTY_RUNS
+        done = False
         try:
             if candidates:
                 # Read-only memory that holds data of its own now: written while writable.
@@ -296,6 +308,7 @@ class UffdAsyncMethod(TrackedMemory):
             rows, owner, errs = _native.pagemap_scan_ranges(fd, ranges, flags, _WRITTEN, 0, 0,
                                                             _WRITTEN)
             scanned = np.asarray(rows, np.uint64)[:, :2].astype(np.int64)
+            errored = ranges[errs != 0]
             redo: set[int] = set()
             refused: dict[int, list[tuple[int, int]]] = {}
             for i in np.flatnonzero(errs).tolist():
@@ -324,8 +337,15 @@ class UffdAsyncMethod(TrackedMemory):
                 if is_new:
                     new.add(m)
                 self._forget_plan()
+            done = True
         except TargetGone as exc:
             self._raise_gone(exc.errno, None)  # nothing scanned can be trusted: see below
+        finally:
+            if not done and reset:
+                # The scans reset what they reported: what this failed collect cannot
+                # return is the next one's to report (a failed range whole), not lost
+                self._pending = np.concatenate([self._pending, scanned, errored, *firsts,
+                                                *(r for _, r in extra)])
         if not self._maps_alive():
             # The program exited or executed another during the scans.  PAGEMAP_SCAN takes
             # no hold on the memory, so a scan may have walked page tables being emptied,
